@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh Debian machine with Python 3.11 and root:
+#   make demo   - set up, then run Lastmile with synthetic studies (until then: `lastmile up`)
+#   make test   - set up, then run the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
+
+.PHONY: setup system-packages demo up test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+setup: $(BIN)/python system-packages
+	$(BIN)/pip install -q -e '.[test]'
+
+demo: setup
+	$(BIN)/lastmile up
+
+up: setup
+	$(BIN)/lastmile up
+
+test: setup
+	$(BIN)/ruff check events ingest engine projections dashboards lastmile tests
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check events ingest engine projections dashboards lastmile tests
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/lastmile bench events

@@ -1,0 +1,393 @@
+"""The event catalogue: every fact Lastmile records, as a frozen typed struct.
+
+Names are past tense and dotted ``<domain>.<entity>.<what happened>``; the dotted
+name is the stable identity stored in the log (see DESIGN.md, "Events").
+
+Patient identity never appears here. A patient is referred to only by
+``patient_pseudonym`` (HMAC-SHA256 with the site secret, ``events.pseudonym``);
+subgroup analysis gets a sex code and a ten-year age band, never a birth date.
+DICOM UIDs may appear: PACS deep links need them, and exports can remap them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+from events.base import Event
+
+# --------------------------------------------------------------------------- shared
+
+
+class CompletionReason(StrEnum):
+    """Why a study (or series) was declared complete. Recorded, never guessed silently."""
+
+    QUIET_PERIOD = "quiet_period"
+    EXPECTED_SERIES = "expected_series"
+    ASSOCIATION_RELEASED = "association_released"
+    FORCED = "forced"
+    MAX_WAIT = "max_wait"
+
+
+class Stage(StrEnum):
+    """A deployed pipeline's stage: the paper's test-VM-then-production path."""
+
+    STAGING = "staging"
+    SILENT = "silent"
+    VALIDATION = "validation"
+    CLINICAL = "clinical"
+
+
+class SeriesSummary(msgspec.Struct, frozen=True, kw_only=True):
+    series_uid: str
+    modality: str | None = None
+    series_description: str | None = None
+    instance_count: int = 0
+
+
+class Measurement(msgspec.Struct, frozen=True, kw_only=True):
+    """One named quantity of a result: a volume in mL, a score, a % change."""
+
+    name: str
+    value: float
+    unit: str
+    label: str | None = None
+
+
+class Finding(msgspec.Struct, frozen=True, kw_only=True):
+    """A classification or detection: e.g. left hip = fracture, p=0.93, with a box."""
+
+    label: str
+    classification: str
+    probability: float | None = None
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 in pixels
+    sop_instance_uid: str | None = None
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+class InstanceStored(Event, frozen=True, kw_only=True, tag="ingest.instance.stored"):
+    """A DICOM instance is durable in the content-addressed store.
+
+    v2 (current): ``size`` renamed ``size_bytes``; ``store_key`` replaces an absolute
+    ``path`` so a store can move (see ``events.upcasting``).
+    """
+
+    SCHEMA_VERSION = 2
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    sha256: str
+    size_bytes: int
+    store_key: str
+    version: int = 1  # >1 when the same SOP Instance UID arrives with different bytes
+    calling_ae: str
+    called_ae: str
+    source_address: str | None = None
+    association_id: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    instance_number: int | None = None
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    station_name: str | None = None
+    institution: str | None = None
+    patient_pseudonym: str | None = None
+    patient_sex: str | None = None
+    age_band: str | None = None
+    study_date: str | None = None
+    accession_pseudonym: str | None = None
+
+
+class InstanceRejected(Event, frozen=True, kw_only=True, tag="ingest.instance.rejected"):
+    """An instance was refused; the sender received ``status`` (a DICOM failure status)."""
+
+    reason: str
+    status: int
+    status_name: str
+    calling_ae: str
+    called_ae: str
+    source_address: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+
+class InstanceDuplicated(Event, frozen=True, kw_only=True, tag="ingest.instance.duplicated"):
+    """Identical bytes of an instance already stored arrived again; nothing new was kept."""
+
+    sop_instance_uid: str
+    sha256: str
+    calling_ae: str
+    called_ae: str
+
+
+class SeriesCompleted(Event, frozen=True, kw_only=True, tag="ingest.series.completed"):
+    series_uid: str
+    reason: CompletionReason
+    instance_count: int
+    modality: str | None = None
+    series_description: str | None = None
+
+
+class StudyCompleted(Event, frozen=True, kw_only=True, tag="ingest.study.completed"):
+    """A study is complete for a pipeline, with the rule that decided it.
+
+    v2 (current): ``reason`` is a ``CompletionReason`` (v1 wrote free strings such as
+    "quiet" and "manifest") and ``latency_s`` (last instance → completion) was added.
+    """
+
+    SCHEMA_VERSION = 2
+
+    reason: CompletionReason
+    series_count: int
+    instance_count: int
+    latency_s: float
+    first_instance_at: str | None = None  # ISO-8601 UTC
+    last_instance_at: str | None = None
+    series: tuple[SeriesSummary, ...] = ()
+    patient_pseudonym: str | None = None
+
+
+class StudyAmended(Event, frozen=True, kw_only=True, tag="ingest.study.amended"):
+    """Instances arrived after the study was declared complete."""
+
+    new_instance_count: int
+    series_uids: tuple[str, ...]
+    rerun: bool
+
+
+class RouteMatched(Event, frozen=True, kw_only=True, tag="ingest.route.matched"):
+    rule_ids: tuple[str, ...]
+    pipelines: tuple[str, ...]
+    called_ae: str
+    reasons: tuple[str, ...] = ()
+
+
+class RouteUnmatched(Event, frozen=True, kw_only=True, tag="ingest.route.unmatched"):
+    called_ae: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class PipelineDeployed(Event, frozen=True, kw_only=True, tag="engine.pipeline.deployed"):
+    name: str
+    version: str
+    file_sha256: str
+    model_sha256: str | None = None
+    stage: Stage = Stage.STAGING
+    ae_title: str | None = None
+    model_card: str | None = None
+    reason: str | None = None
+
+
+class PipelineStageChanged(Event, frozen=True, kw_only=True, tag="engine.pipeline.stage_changed"):
+    name: str
+    version: str
+    from_stage: Stage
+    to_stage: Stage
+    reason: str
+
+
+class PipelineRetired(Event, frozen=True, kw_only=True, tag="engine.pipeline.retired"):
+    name: str
+    version: str
+    reason: str
+
+
+class InferenceRequested(Event, frozen=True, kw_only=True, tag="engine.inference.requested"):
+    run_key: str  # (study, pipeline, model hash): one result per key, ever
+    model_sha256: str | None = None
+    stage: Stage | None = None
+    trigger: str = "study_completed"
+
+
+class InferenceStarted(Event, frozen=True, kw_only=True, tag="engine.inference.started"):
+    run_key: str
+    worker_id: str
+    attempt: int = 1
+    runtime: str | None = None
+
+
+class OperatorFinished(Event, frozen=True, kw_only=True, tag="engine.operator.finished"):
+    run_key: str
+    operator: str
+    index: int
+    duration_s: float
+    detail: str | None = None
+
+
+class InferenceCompleted(Event, frozen=True, kw_only=True, tag="engine.inference.completed"):
+    run_key: str
+    model_name: str
+    model_version: str
+    model_sha256: str | None = None
+    runtime: str
+    runtime_reason: str
+    duration_s: float
+    inference_s: float
+    selected_series: tuple[str, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    score: float | None = None
+    result_keys: tuple[str, ...] = ()
+    progression: bool | None = None
+    blinding_hash: str | None = None
+
+
+class InferenceSkipped(Event, frozen=True, kw_only=True, tag="engine.inference.skipped"):
+    run_key: str
+    reason: str
+    rejected_series: tuple[str, ...] = ()
+
+
+class InferenceFailed(Event, frozen=True, kw_only=True, tag="engine.inference.failed"):
+    run_key: str
+    operator: str
+    error: str
+    attempt: int
+    final: bool
+
+
+class ResultPublished(Event, frozen=True, kw_only=True, tag="engine.result.published"):
+    run_key: str
+    destination: str  # "pacs:ORTHANC", "xnat:https://…", "store"
+    kind: str  # "SEG", "SR", "PNG"
+    sop_instance_uid: str | None = None
+    attempt: int = 1
+
+
+class PublishFailed(Event, frozen=True, kw_only=True, tag="engine.result.publish_failed"):
+    run_key: str
+    destination: str
+    error: str
+    attempt: int
+    will_retry: bool
+
+
+class MeasurementRecomputed(
+    Event, frozen=True, kw_only=True, tag="engine.measurement.recomputed"
+):
+    """After a clinician's edit: volumes recomputed, Dice against the AI mask."""
+
+    run_key: str
+    edit_event_id: str
+    measurements: tuple[Measurement, ...]
+    dice: dict[str, float] = {}
+
+
+# --------------------------------------------------------------------------- review
+
+
+class QcPassed(Event, frozen=True, kw_only=True, tag="review.qc.passed"):
+    run_key: str
+    seconds_on_case: float | None = None
+    comment: str | None = None
+
+
+class QcRejected(Event, frozen=True, kw_only=True, tag="review.qc.rejected"):
+    run_key: str
+    reason: str
+    seconds_on_case: float | None = None
+
+
+class CaseAssigned(Event, frozen=True, kw_only=True, tag="review.case.assigned"):
+    run_key: str
+    reader: str
+    blinded_label: str | None = None  # salted hash shown to the reader (LTS)
+
+
+class ReviewSubmitted(Event, frozen=True, kw_only=True, tag="review.review.submitted"):
+    """A reader's verdict on an AI result, and their own read where the form asks for it."""
+
+    run_key: str
+    reader: str
+    agree: dict[str, bool] = {}  # per finding label
+    reads: dict[str, str] = {}  # reader's own classification per label
+    confidence: int | None = None  # 1..5
+    comment: str | None = None
+    seconds_on_case: float | None = None
+    blinded_label: str | None = None
+    source: str = "lastmile"  # or "xnat"
+
+
+class EditSubmitted(Event, frozen=True, kw_only=True, tag="review.edit.submitted"):
+    run_key: str
+    reader: str
+    store_key: str  # the corrected SEG in the instance store
+    sha256: str
+    source: str = "lastmile"
+
+
+# --------------------------------------------------------------------------- projections
+
+
+class DriftAlertRaised(Event, frozen=True, kw_only=True, tag="projections.drift.alert_raised"):
+    feature: str
+    psi: float
+    threshold: float
+    window_start: str
+    window_end: str
+    baseline_start: str
+    baseline_end: str
+
+
+# --------------------------------------------------------------------------- system
+
+
+class DeliveryFailed(Event, frozen=True, kw_only=True, tag="system.delivery.failed"):
+    """Dead letter: a message that could not be handled, and why.
+
+    The original stays in the stream at ``stream_sequence``; only its hash and
+    size are copied here, so a malformed message can never carry patient data
+    into a second place.
+    """
+
+    consumer: str
+    subject: str
+    stream_sequence: int
+    deliveries: int
+    reason: str
+    original_type: str | None = None
+    original_event_id: str | None = None
+    payload_sha256: str | None = None
+    payload_size: int | None = None
+
+
+ALL_EVENT_TYPES: tuple[type[Event], ...] = (
+    InstanceStored,
+    InstanceRejected,
+    InstanceDuplicated,
+    SeriesCompleted,
+    StudyCompleted,
+    StudyAmended,
+    RouteMatched,
+    RouteUnmatched,
+    PipelineDeployed,
+    PipelineStageChanged,
+    PipelineRetired,
+    InferenceRequested,
+    InferenceStarted,
+    OperatorFinished,
+    InferenceCompleted,
+    InferenceSkipped,
+    InferenceFailed,
+    ResultPublished,
+    PublishFailed,
+    MeasurementRecomputed,
+    QcPassed,
+    QcRejected,
+    CaseAssigned,
+    ReviewSubmitted,
+    EditSubmitted,
+    DriftAlertRaised,
+    DeliveryFailed,
+)

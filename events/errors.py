@@ -1,0 +1,18 @@
+"""One error root for the events package; messages say what to do."""
+
+
+class EventsError(Exception):
+    """Root of every error raised by ``events``."""
+
+
+class CodecError(EventsError):
+    """Bytes on a subject are not a valid Lastmile event (not our codec, unknown type,
+    failed validation, or written by a newer version). The message is the reason."""
+
+
+class BusUnavailable(EventsError):
+    """The NATS server cannot be reached or did not acknowledge in time."""
+
+
+class PublishError(EventsError):
+    """JetStream refused or did not acknowledge a publish within the retry budget."""

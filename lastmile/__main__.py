@@ -1,0 +1,3 @@
+from lastmile.cli import main
+
+main()

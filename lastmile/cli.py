@@ -1,0 +1,277 @@
+"""The ``lastmile`` command line (names as in DESIGN.md).
+
+Exit codes: 0 done; 1 the operation failed; 2 wrong usage; 3 bad configuration;
+4 NATS unreachable or refusing; 5 nothing found (e.g. an unknown study).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from events.base import Event
+from events.codec import to_builtins
+from events.errors import BusUnavailable, CodecError, EventsError, PublishError
+from lastmile.settings import ConfigError, Settings, load_settings
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 3
+EXIT_BUS = 4
+EXIT_NOT_FOUND = 5
+
+app = typer.Typer(
+    name="lastmile",
+    help="Lastmile: take radiology ML models into the clinic and prove they work.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks against real servers, with a peer in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="State directory [./.lastmile].")] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(help="Use this NATS server/cluster (comma-separated) instead of the "
+                     "embedded one."),
+    ] = None,
+    nats_user: Annotated[str | None, typer.Option(help="NATS user.")] = None,
+    nats_password: Annotated[
+        str | None, typer.Option(help="NATS password (prefer LASTMILE_NATS_PASSWORD).")
+    ] = None,
+    nats_creds: Annotated[Path | None, typer.Option(help="NATS .creds file.")] = None,
+    nats_tls_ca: Annotated[Path | None, typer.Option(help="CA for NATS TLS.")] = None,
+    nats_tls_cert: Annotated[Path | None, typer.Option(help="Client certificate.")] = None,
+    nats_tls_key: Annotated[Path | None, typer.Option(help="Client key.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+) -> None:
+    settings = load_settings(
+        config,
+        state_dir=state_dir,
+        nats_url=nats_url,
+        nats_user=nats_user,
+        nats_password=nats_password,
+        nats_creds=nats_creds,
+        nats_tls_ca=nats_tls_ca,
+        nats_tls_cert=nats_tls_cert,
+        nats_tls_key=nats_tls_key,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+    )
+    ctx.obj = settings
+
+
+# --------------------------------------------------------------------------- up
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Start NATS (embedded unless --nats-url) and Lastmile's services; stop with Ctrl-C."""
+    from lastmile.runtime import Supervisor, embedded_server
+    from lastmile.services import services_for
+
+    settings = _settings(ctx)
+
+    async def ready(bus: Any) -> None:
+        seq = await bus.last_sequence()
+        out.print(f"[green]Lastmile is up[/]: NATS {', '.join(settings.nats_servers())}, "
+                  f"stream {bus.settings.stream} at event #{seq}. Ctrl-C stops.")
+
+    async def run() -> None:
+        await Supervisor(settings, services_for(settings), on_ready=ready).run()
+
+    if settings.embedded_nats:
+        with embedded_server(settings) as server:
+            out.print(f"embedded nats-server pid {server.pid} on {server.url} "
+                      f"(data {settings.state_dir / 'nats'}, sync {settings.nats_sync})")
+            asyncio.run(run())
+    else:
+        asyncio.run(run())
+    out.print("stopped cleanly")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def _summary(event: Event) -> str:
+    skip = {"event_id", "schema_version", "occurred_at", "recorded_at", "correlation_id",
+            "causation_id", "actor", "study_uid", "pipeline", "type"}
+    parts = []
+    for key, value in to_builtins(event).items():
+        if key in skip or value in (None, "", [], {}):
+            continue
+        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        parts.append(f"{key}={text if len(text) < 60 else text[:57] + '...'}")
+    return " ".join(parts)
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The full event history of one study (reads only that study's subject)."""
+    from lastmile.runtime import open_bus
+
+    async def run() -> list[tuple[int, Event]]:
+        async with open_bus(_settings(ctx)) as bus:
+            return await bus.history(study_uid)
+
+    history = asyncio.run(run())
+    if not history and not as_json:
+        err.print(f"no events for study {study_uid}")
+        raise typer.Exit(EXIT_NOT_FOUND)
+    if as_json:
+        print(json.dumps([{"sequence": s, **to_builtins(e)} for s, e in history], indent=1))
+    else:
+        table = Table(title=f"study {study_uid}: {len(history)} events")
+        for col in ("#", "occurred (UTC)", "type", "actor", "pipeline", "what"):
+            table.add_column(col, overflow="fold")
+        for seq, ev in history:
+            table.add_row(str(seq), ev.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                          ev.type_name(), ev.actor, ev.pipeline or "", _summary(ev))
+        out.print(table)
+    if not history:
+        raise typer.Exit(EXIT_NOT_FOUND)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@app.command()
+def replay(
+    ctx: typer.Context,
+    to: Annotated[
+        tuple[str, Path] | None,
+        typer.Option(help="Write to a format and directory: --to parquet DIR. "
+                     "Without it, JSON lines go to stdout."),
+    ] = None,
+    deidentify: Annotated[
+        bool, typer.Option(help="Remap every DICOM UID consistently (2.25.<hmac>).")
+    ] = False,
+    study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
+    from_sequence: Annotated[int, typer.Option(help="Start at this stream sequence.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Replay the event log in order: to stdout, or exported for audit and retraining."""
+    from events.export import ParquetExporter, UidRemapper, event_row
+    from lastmile.runtime import open_bus
+
+    settings = _settings(ctx)
+    if to is not None and to[0] != "parquet":
+        err.print(f"unknown format {to[0]!r}: the only one is parquet (--to parquet DIR)")
+        raise typer.Exit(2)
+    remapper = UidRemapper(settings.secret()) if deidentify else None
+
+    async def run() -> tuple[int, int]:
+        exporter = ParquetExporter(to[1], remapper=remapper) if to else None
+        n = bad = 0
+        async with open_bus(settings) as bus:
+            async for seq, ev, _ in bus.read(study_uid=study, from_sequence=from_sequence):
+                if isinstance(ev, CodecError):
+                    bad += 1
+                    continue
+                n += 1
+                if exporter is not None:
+                    exporter.add(seq, ev)
+                else:
+                    row = event_row(seq, ev, remapper)
+                    sys.stdout.write(json.dumps({"sequence": seq, **json.loads(row["body"])})
+                                     + "\n")
+        if exporter is not None:
+            exporter.close()
+        return n, bad
+
+    n, bad = asyncio.run(run())
+    if to is not None:
+        summary = {"events": n, "undecodable": bad, "path": str(to[1] / "events.parquet"),
+                   "deidentified": deidentify}
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            out.print(f"wrote {n} events to {summary['path']}"
+                      + (" (UIDs remapped)" if deidentify else "")
+                      + (f"; {bad} undecodable messages skipped" if bad else ""))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@bench_app.command("events")
+def bench_events(
+    count: Annotated[int, typer.Option(min=1000, help="Events to publish and consume.")] = 100_000,
+    sync: Annotated[str, typer.Option(help='JetStream fsync: "2m" (server default) or '
+                                      '"always".')] = "2m",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Publish + consume N events on a real JetStream file store; peer: plain nats-py."""
+    from lastmile.bench_events import run_events_bench
+
+    result = asyncio.run(run_events_bench(count, sync))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=1))
+        return
+    table = Table(title=f"bench events: {count} events of ~{result.event_bytes} B, sync {sync}")
+    for col in ("path", "publish /s", "consume /s"):
+        table.add_column(col)
+    table.add_row("lastmile (codec + adapter)", f"{result.lastmile_publish_per_s:,.0f}",
+                  f"{result.lastmile_consume_per_s:,.0f}")
+    table.add_row("plain nats-py loop (peer)", f"{result.plain_publish_per_s:,.0f}",
+                  f"{result.plain_consume_per_s:,.0f}")
+    table.add_row("ratio", f"{result.publish_ratio:.2f}", f"{result.consume_ratio:.2f}")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def main() -> None:
+    """Entry point: domain errors become one clear line and a meaningful exit code."""
+    try:
+        app(standalone_mode=True)
+    except ConfigError as exc:
+        err.print(f"[red]configuration:[/] {exc}")
+        sys.exit(EXIT_CONFIG)
+    except BusUnavailable as exc:
+        err.print(f"[red]NATS:[/] {exc}")
+        sys.exit(EXIT_BUS)
+    except PublishError as exc:
+        err.print(f"[red]NATS:[/] {exc}")
+        sys.exit(EXIT_BUS)
+    except EventsError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

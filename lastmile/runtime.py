@@ -1,0 +1,112 @@
+"""Wiring shared by the commands: reaching the bus, the embedded server, the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from events.jetstream import EventBus
+from events.nats_server import EmbeddedNats
+from lastmile.settings import Settings
+
+log = logging.getLogger("lastmile")
+
+
+def embedded_server(settings: Settings) -> EmbeddedNats:
+    return EmbeddedNats(
+        store_dir=settings.state_dir / "nats",
+        host=settings.nats_host,
+        port=settings.nats_port,
+        sync=settings.nats_sync,
+        user=settings.nats_user,
+        password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+    )
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@contextlib.asynccontextmanager
+async def open_bus(settings: Settings) -> AsyncIterator[EventBus]:
+    """A connected bus. In embedded mode with no server running (no `lastmile up`),
+    the embedded server is started on the state dir for the duration, so `audit` and
+    `replay` work on a stopped installation too."""
+    server: EmbeddedNats | None = None
+    if settings.embedded_nats and not _listening(settings.nats_host, settings.nats_port):
+        server = embedded_server(settings).start()
+    try:
+        bus = await EventBus.connect(settings.bus())
+        try:
+            yield bus
+        finally:
+            await bus.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+class Service:
+    """A long-running part of `lastmile up` (SCP, worker, projector, ...)."""
+
+    name: str = "service"
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Supervisor:
+    """Runs services until a signal, restarting a crashed one with backoff.
+
+    This is the one place that catches every exception: a crashing service must
+    not take the others down, and its error must be visible.
+    """
+
+    settings: Settings
+    services: Sequence[Service]
+    on_ready: Callable[[EventBus], Awaitable[None]] | None = None
+    max_restart_delay_s: float = 30.0
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        async with open_bus(self.settings) as bus:
+            tasks = [asyncio.create_task(self._keep(s, bus, stop), name=s.name)
+                     for s in self.services]
+            if self.on_ready is not None:
+                await self.on_ready(bus)
+            await stop.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep(self, service: Service, bus: EventBus, stop: asyncio.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await service.run(bus, stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - supervisor top loop
+                log.exception("service %s crashed; restarting in %.1fs", service.name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_restart_delay_s)
+
+
+def state_path(settings: Settings, *parts: str) -> Path:
+    path = settings.state_dir.joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

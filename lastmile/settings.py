@@ -1,0 +1,189 @@
+"""Settings: one validated object, from a TOML file and ``LASTMILE_*`` variables.
+
+Precedence (highest first): command-line flags, environment (``LASTMILE_NATS_URL``
+...), the TOML file (``--config`` or ``LASTMILE_CONFIG``, else ``./lastmile.toml``
+if present), defaults. A bad file is refused with its line and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from events.jetstream import BusSettings
+
+SECRET_FILE = "site_secret"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the file, line and key when known."""
+
+
+class Settings(BaseSettings):
+    """Everything a Lastmile process needs to know about its site."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LASTMILE_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    state_dir: Path = Field(Path(".lastmile"), description="Events, instances, databases")
+    site_secret: SecretStr | None = Field(
+        None, description="HMAC key for patient pseudonyms; generated into state_dir if unset"
+    )
+    # --- NATS
+    nats_url: str | None = Field(
+        None, description="Use this NATS (comma-separated for a cluster); unset = embedded"
+    )
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_creds: Path | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    nats_host: str = "127.0.0.1"
+    nats_port: int = Field(4222, ge=1, le=65535)
+    nats_sync: str = Field(
+        "always", description='Embedded server fsync: "always" or an interval such as "2m"'
+    )
+    stream_replicas: int = Field(1, ge=1, le=5, description="1 embedded, 3 on a cluster")
+    stream_duplicate_window_s: float = Field(120.0, gt=0)
+    stream_max_age_days: float = Field(0.0, ge=0, description="0 keeps events forever")
+    stream_max_bytes: int = Field(-1, description="-1 = unlimited; when full, writes fail")
+    publish_retry_s: float = Field(30.0, gt=0)
+    # --- DICOM ingest
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    dicom_general_ae: str = Field("LASTMILE", description="AE title that applies routing rules")
+    dicom_max_pdu: int = Field(0, ge=0, description="Maximum PDU we receive; 0 = unlimited")
+    dicom_max_associations: int = Field(10, ge=1)
+    dicom_max_instance_mb: int = Field(2048, ge=1, description="Larger datasets are refused")
+    dicom_min_free_mb: int = Field(1024, ge=0, description="Refuse new data below this")
+    dicom_allowed_calling_aes: tuple[str, ...] = Field((), description="Empty = any")
+    dicom_allowed_addresses: tuple[str, ...] = Field((), description="Empty = any")
+    routing_rules: Path | None = Field(None, description="Routing rules YAML")
+    # --- engine
+    pipelines_dir: Path = Field(Path("pipelines"), description="Pipeline YAML files")
+    worker_id: str | None = Field(None, description="Defaults to host:pid")
+    # --- pages
+    dashboard_port: int = Field(8501, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def instances_dir(self) -> Path:
+        """The content-addressed DICOM store; ``store_key`` in events is relative to it."""
+        return self.state_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.state_dir / "results"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.state_dir / "lastmile.duckdb"
+
+    @field_validator("nats_sync")
+    @classmethod
+    def _sync(cls, v: str) -> str:
+        if v != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", v):
+            raise ValueError('must be "always" or a duration such as "1s", "2m"')
+        return v
+
+    @property
+    def embedded_nats(self) -> bool:
+        return not self.nats_url
+
+    def nats_servers(self) -> tuple[str, ...]:
+        if self.nats_url:
+            return tuple(u.strip() for u in self.nats_url.split(",") if u.strip())
+        return (f"nats://{self.nats_host}:{self.nats_port}",)
+
+    def bus(self) -> BusSettings:
+        def s(p: Path | None) -> str | None:
+            return str(p) if p else None
+
+        return BusSettings(
+            servers=self.nats_servers(),
+            user=self.nats_user,
+            password=self.nats_password.get_secret_value() if self.nats_password else None,
+            creds_file=s(self.nats_creds),
+            tls_ca=s(self.nats_tls_ca),
+            tls_cert=s(self.nats_tls_cert),
+            tls_key=s(self.nats_tls_key),
+            replicas=self.stream_replicas,
+            duplicate_window_s=self.stream_duplicate_window_s,
+            max_age_s=self.stream_max_age_days * 86400.0,
+            max_bytes=self.stream_max_bytes,
+            publish_retry_s=self.publish_retry_s,
+        )
+
+    def secret(self) -> bytes:
+        """The site secret: from the environment/config, else the 0600 file in state_dir,
+        generated on first use. Refuses a secret file others can read."""
+        if self.site_secret is not None:
+            return self.site_secret.get_secret_value().encode("utf-8")
+        path = self.state_dir / SECRET_FILE
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{path} is readable by others (mode {mode:o}); run `chmod 600 {path}`"
+                )
+            return path.read_bytes().strip()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode("ascii"))
+        return path.read_bytes().strip()
+
+
+def _line_of(text: str, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=", re.MULTILINE)
+    m = pattern.search(text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from file + environment + overrides (flags), or raise ``ConfigError``."""
+    path = config or (Path(os.environ["LASTMILE_CONFIG"]) if "LASTMILE_CONFIG" in os.environ else None)
+    if path is None and Path("lastmile.toml").exists():
+        path = Path("lastmile.toml")
+    file_values: dict[str, Any] = {}
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text()
+            file_values = tomllib.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    env_keys = {
+        k[len("LASTMILE_") :].lower()
+        for k in os.environ
+        if k.startswith("LASTMILE_") and k != "LASTMILE_CONFIG"
+    }
+    # environment beats file: drop file keys that the environment sets
+    init = {k: v for k, v in file_values.items() if k not in env_keys}
+    init.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "?"
+            where = ""
+            if path is not None and key in file_values and key not in overrides:
+                line = _line_of(text, key)
+                where = f"{path}:{line}: " if line else f"{path}: "
+            elif key.upper() in {k[len("LASTMILE_") :] for k in os.environ}:
+                where = f"environment LASTMILE_{key.upper()}: "
+            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}{key}: {msg}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
