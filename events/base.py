@@ -9,6 +9,7 @@ classes can be renamed or moved without breaking old data.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self, TypeVar
@@ -104,7 +105,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     def type(self) -> str:
         return self.type_name()
 
-    def caused(self, cls: type[E], *, actor: str, **payload: Any) -> E:
+    def caused(self, cls: builtins.type[E], *, actor: str, **payload: Any) -> E:
         """A follow-up event of ``cls`` caused by this one (same study, correlation)."""
         payload.setdefault("pipeline", self.pipeline)
         payload.setdefault("study_uid", self.study_uid)

@@ -102,6 +102,7 @@ class InstanceStored(Event, frozen=True, kw_only=True, tag="ingest.instance.stor
     age_band: str | None = None
     study_date: str | None = None
     accession_pseudonym: str | None = None
+    pixel_spacing_mm: float | None = None  # in-plane PixelSpacing (row), for drift monitoring
 
 
 class InstanceRejected(Event, frozen=True, kw_only=True, tag="ingest.instance.rejected"):

@@ -18,6 +18,7 @@ Everything that talks to NATS lives here. The rest of Lastmile sees ``EventBus``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -147,6 +148,7 @@ class EventBus:
             # unlimited once connected, see below
             "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
+            "drain_timeout": 5,
         }
         conn_log = _ConnectionLog()
         options.update(conn_log.callbacks())
@@ -182,8 +184,9 @@ class EventBus:
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
-            except (nats.errors.Error, TimeoutError):
-                await self.nc.close()
+            except (nats.errors.Error, TimeoutError, OSError):
+                with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+                    await self.nc.close()
 
     async def __aenter__(self) -> EventBus:
         return self
@@ -226,6 +229,7 @@ class EventBus:
                 return Published(ack.seq, bool(ack.duplicate))
             except (
                 TimeoutError,
+                ConnectionError,
                 nats.errors.TimeoutError,
                 nats.errors.ConnectionClosedError,
                 nats.errors.OutboundBufferLimitError,
@@ -327,10 +331,8 @@ class EventBus:
                     if meta.num_pending == 0 or seq >= end:
                         return
         finally:
-            try:
+            with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
 
     async def history(self, study_uid: str) -> list[tuple[int, Event]]:
         """Every decodable event of one study, in order."""
@@ -365,15 +367,19 @@ class EventBus:
         """
         sub = await self.durable(durable, filter_subjects, max_attempts, ack_wait_s)
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=idle_timeout_s)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            for msg in msgs:
-                await self._deliver(durable, msg, handler, max_attempts)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(batch, timeout=idle_timeout_s)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                for msg in msgs:
+                    await self._deliver(durable, msg, handler, max_attempts)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def durable(
         self,

@@ -144,14 +144,15 @@ class Settings(BaseSettings):
 
 
 def _line_of(text: str, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=", re.MULTILINE)
+    pattern = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE)
     m = pattern.search(text)
     return text.count("\n", 0, m.start()) + 1 if m else None
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from file + environment + overrides (flags), or raise ``ConfigError``."""
-    path = config or (Path(os.environ["LASTMILE_CONFIG"]) if "LASTMILE_CONFIG" in os.environ else None)
+    env_config = os.environ.get("LASTMILE_CONFIG")
+    path = config or (Path(env_config) if env_config else None)
     if path is None and Path("lastmile.toml").exists():
         path = Path("lastmile.toml")
     file_values: dict[str, Any] = {}
