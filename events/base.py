@@ -38,7 +38,7 @@ def deterministic_id(*parts: object) -> str:
     return str(uuid.uuid5(LASTMILE_NAMESPACE, key))
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
     """Envelope fields shared by every event.
 
     ``type`` is the tag (set per subclass); ``schema_version`` the payload version

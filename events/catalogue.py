@@ -169,11 +169,13 @@ class RouteMatched(Event, frozen=True, kw_only=True, tag="ingest.route.matched")
     pipelines: tuple[str, ...]
     called_ae: str
     reasons: tuple[str, ...] = ()
+    series_uid: str | None = None  # routing is decided once per series
 
 
 class RouteUnmatched(Event, frozen=True, kw_only=True, tag="ingest.route.unmatched"):
     called_ae: str
     reason: str
+    series_uid: str | None = None
 
 
 # --------------------------------------------------------------------------- engine

@@ -44,7 +44,7 @@ from nats.js.api import (
 
 from events.base import Event, deterministic_id
 from events.catalogue import DeliveryFailed
-from events.codec import HDR_TYPE, decode, encode
+from events.codec import decode, encode
 from events.errors import BusUnavailable, CodecError, PublishError
 from events.subjects import ALL_EVENTS, study_filter
 
@@ -409,9 +409,7 @@ class EventBus:
         return await self.js.pull_subscribe_bind(durable=durable, stream=self.settings.stream)
 
     async def _deliver(self, consumer: str, msg: Msg, handler: Handler, max_attempts: int) -> None:
-        meta = msg.metadata
-        seq = int(meta.sequence.stream)
-        attempt = int(meta.num_delivered)
+        seq, attempt = _ack_info(msg)
         try:
             event = decode(msg.data, msg.headers)
         except CodecError as exc:
@@ -453,8 +451,7 @@ class EventBus:
     async def _dead_letter(
         self, consumer: str, msg: Msg, event: Event | None, deliveries: int, reason: str
     ) -> None:
-        seq = int(msg.metadata.sequence.stream)
-        headers = msg.headers or {}
+        seq, _ = _ack_info(msg)
         dead = DeliveryFailed.new(
             event_id=deterministic_id("dead-letter", self.settings.stream, consumer, seq),
             actor=f"consumer:{consumer}",
@@ -467,7 +464,7 @@ class EventBus:
             stream_sequence=seq,
             deliveries=deliveries,
             reason=reason[:2000],
-            original_type=event.type_name() if event else headers.get(HDR_TYPE),
+            original_type=event.type_name() if event else _type_from_subject(msg.subject),
             original_event_id=event.event_id if event else None,
             payload_sha256=hashlib.sha256(msg.data).hexdigest(),
             payload_size=len(msg.data),
@@ -479,6 +476,27 @@ class EventBus:
             await self.publish(dead)
             log.error("%s: seq=%d dead-lettered: %s", consumer, seq, reason)
         await msg.term()
+
+
+def _ack_info(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, delivery count) from the ack subject, without building nats-py's
+    full metadata object (a measurable cost per message on the consume path).
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` or the
+    12+-token form with domain and account hash first (ADR-15).
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[4])
+    if len(tokens) >= 12:
+        return int(tokens[7]), int(tokens[6])
+    meta = msg.metadata
+    return int(meta.sequence.stream), int(meta.num_delivered)
+
+
+def _type_from_subject(subject: str) -> str | None:
+    parts = subject.split(".", 3)  # lm.ev.<study token>.<type>
+    return parts[3] if len(parts) == 4 else None
 
 
 class _ConnectionLog:

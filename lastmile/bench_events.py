@@ -33,6 +33,8 @@ class EventsBench:
     lastmile_consume_per_s: float
     plain_publish_per_s: float
     plain_consume_per_s: float
+    plain_dedupe_publish_per_s: float
+    plain_dedupe_consume_per_s: float
     publish_ratio: float
     consume_ratio: float
     server: str
@@ -55,23 +57,29 @@ def _events(n: int) -> list[Event]:
     ]
 
 
-async def _plain(url: str, bodies: list[bytes]) -> tuple[float, float]:
-    """The peer: nats-py publish_async with acks gathered per 1000, fetch(1000) + ack."""
+async def _plain(url: str, bodies: list[bytes], ids: list[str] | None,
+                 name: str) -> tuple[float, float]:
+    """The peer: nats-py publish_async with acks gathered per 1000, fetch(1000) + ack.
+
+    With ``ids``, each message also carries ``Nats-Msg-Id`` (JetStream de-duplication),
+    which isolates what de-duplication costs from what our codec costs."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="PLAIN", subjects=["plain.>"], storage=StorageType.FILE,
-                                     duplicate_window=120.0))
+    subject = name.lower()
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{subject}.>"],
+                                     storage=StorageType.FILE, duplicate_window=120.0))
     t0 = time.perf_counter()
     futs = []
     for i, body in enumerate(bodies):
-        futs.append(await js.publish_async(f"plain.{i % 64}", body))
+        headers = {"Nats-Msg-Id": ids[i]} if ids else None
+        futs.append(await js.publish_async(f"{subject}.{i % 64}", body, headers=headers))
         if len(futs) >= 1000:
             await asyncio.gather(*futs)
             futs.clear()
     await asyncio.gather(*futs)
     pub = len(bodies) / (time.perf_counter() - t0)
 
-    sub = await js.pull_subscribe("plain.>", durable="plain", stream="PLAIN",
+    sub = await js.pull_subscribe(f"{subject}.>", durable=subject, stream=name,
                                   config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
     got = 0
     t0 = time.perf_counter()
@@ -116,7 +124,9 @@ async def run_events_bench(count: int = 100_000, sync: str = "2m") -> EventsBenc
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-") as tmp:
         with EmbeddedNats(Path(tmp) / "nats", port=free_port(), sync=sync) as server:
             # peer first, then ours, on the same server and store
-            plain_pub, plain_con = await _plain(server.url, bodies)
+            plain_pub, plain_con = await _plain(server.url, bodies, None, "PLAIN")
+            dedupe_pub, dedupe_con = await _plain(server.url, bodies,
+                                                  [e.event_id for e in events], "PLAINID")
             our_pub, our_con = await _ours(server.url, events)
     return EventsBench(
         count=count,
@@ -126,6 +136,8 @@ async def run_events_bench(count: int = 100_000, sync: str = "2m") -> EventsBenc
         lastmile_consume_per_s=round(our_con),
         plain_publish_per_s=round(plain_pub),
         plain_consume_per_s=round(plain_con),
+        plain_dedupe_publish_per_s=round(dedupe_pub),
+        plain_dedupe_consume_per_s=round(dedupe_con),
         publish_ratio=round(our_pub / plain_pub, 3),
         consume_ratio=round(our_con / plain_con, 3),
         server="embedded nats-server, JetStream file store in a fresh temp dir",

@@ -246,7 +246,10 @@ def bench_events(
                   f"{result.lastmile_consume_per_s:,.0f}")
     table.add_row("plain nats-py loop (peer)", f"{result.plain_publish_per_s:,.0f}",
                   f"{result.plain_consume_per_s:,.0f}")
-    table.add_row("ratio", f"{result.publish_ratio:.2f}", f"{result.consume_ratio:.2f}")
+    table.add_row("plain nats-py + Nats-Msg-Id", f"{result.plain_dedupe_publish_per_s:,.0f}",
+                  f"{result.plain_dedupe_consume_per_s:,.0f}")
+    table.add_row("ratio lastmile / plain", f"{result.publish_ratio:.2f}",
+                  f"{result.consume_ratio:.2f}")
     out.print(table)
 
 
