@@ -1,0 +1,100 @@
+"""Ingest as running parts: the SCP (with its store, index and rules) and the detector.
+
+``IngestApp`` is what ``lastmile up`` runs (through ``lastmile.ingest_wiring``) and what
+the tests and the benchmark start on free ports: the same code path in all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from events.jetstream import EventBus
+from ingest.completion import Release
+from ingest.dicom_scp import ScpConfig, StorageScp
+from ingest.jetstream import CompletionDetector, ThreadPublisher, fold_index
+from ingest.receiver import InstanceReceiver, ReceiverConfig
+from ingest.rules_file import RulesFile
+from ingest.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    instances_dir: Path
+    scp: ScpConfig = field(default_factory=ScpConfig)
+    rules_path: Path | None = None
+    max_instance_bytes: int = 2048 * 2**20
+    min_free_bytes: int = 1024 * 2**20
+    rules_poll_s: float = 1.0
+
+
+@dataclass
+class ScpRunner:
+    """The SCP, bound to a bus: store + index (folded from the log) + receiver + listener."""
+
+    options: IngestOptions
+    secret: bytes
+    rules: RulesFile
+    on_release: Callable[[Release], None] | None = None
+    port: int | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    receiver: InstanceReceiver | None = None
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        store = InstanceStore(self.options.instances_dir,
+                              min_free_bytes=self.options.min_free_bytes)
+        cleaned = store.clean_tmp()
+        if cleaned:
+            log.warning("removed %d partial files left by an interrupted write", cleaned)
+        index = await fold_index(bus)
+        publisher = ThreadPublisher(bus, asyncio.get_running_loop())
+        self.receiver = InstanceReceiver(
+            store=store, publish=publisher, secret=self.secret, rules=self.rules,
+            config=ReceiverConfig(general_ae=self.options.scp.general_ae,
+                                  max_instance_bytes=self.options.max_instance_bytes),
+            index=index,
+        )
+        scp = StorageScp(self.options.scp, self.receiver, self.rules, publisher,
+                         self.on_release)
+        self.port = await asyncio.to_thread(scp.start)
+        self.started.set()
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), self.options.rules_poll_s)
+                except TimeoutError:
+                    await asyncio.to_thread(self.rules.poll)
+        finally:
+            # handlers may be waiting on this loop for acks: stop from a thread
+            await asyncio.to_thread(scp.stop)
+            self.started.clear()
+
+
+@dataclass
+class IngestApp:
+    """SCP and completion detector together, sharing rules and release hints."""
+
+    options: IngestOptions
+    secret: bytes
+    rules: RulesFile
+    detector_durable: str = "ingest-completion"
+
+    def __post_init__(self) -> None:
+        self.detector: CompletionDetector | None = None
+        self.scp = ScpRunner(self.options, self.secret, self.rules, on_release=self._hint)
+
+    def _hint(self, release: Release) -> None:
+        if self.detector is not None:
+            self.detector.hint(release)
+
+    async def run_detector(self, bus: EventBus, stop: asyncio.Event) -> None:
+        self.detector = CompletionDetector(bus, self.rules, durable=self.detector_durable)
+        await self.detector.run(stop)
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        await asyncio.gather(self.run_detector(bus, stop), self.scp.run(bus, stop))

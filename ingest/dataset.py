@@ -1,0 +1,325 @@
+"""What one received dataset is: structure check, file meta, and the facts events carry.
+
+Pure functions over bytes and pydicom datasets (no network, no disk). The dataset is
+stored exactly as received (no transcoding); we only prepend a deterministic File Meta
+Information group (PS3.10 section 7.1), so identical dataset bytes always give an
+identical file and the same SHA-256, whoever sent them.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+from events.pseudonym import age_band, pseudonym, sex_code
+from ingest.errors import BadInstance
+from ingest.rules import TagValues
+from ingest.statuses import StoreStatus
+
+
+class _NoValues(logging.Filter):
+    """pydicom reports an invalid value verbatim, and the value may be a patient's name
+    or ID: such records are dropped (the element itself is still read)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Invalid value for VR" not in record.getMessage()
+
+
+_FILTER = _NoValues()
+
+
+def silence_value_warnings() -> None:
+    """Keep DICOM values out of logs and warnings (idempotent; called when ingest starts)."""
+    logger = logging.getLogger("pydicom")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    warnings.filterwarnings("ignore", message="Invalid value for VR")
+
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"  # Lastmile ingest
+IMPLEMENTATION_VERSION = "LASTMILE_010"
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"SV",
+                       b"UV", b"UC", b"UR"})
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\x00"  # UIDs pad with NUL, PS3.5 section 9.1
+    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
+    if vr == b"OB":
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian, PS3.10
+    section 7.1): deterministic for the same UIDs, so the same dataset always hashes
+    the same."""
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", sop_class_uid.encode("ascii")),
+        _element(0x00020003, b"UI", sop_instance_uid.encode("ascii")),
+        _element(0x00020010, b"UI", transfer_syntax_uid.encode("ascii")),
+        _element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+        _element(0x00020013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
+    ))
+    group_length = _element(0x00020000, b"UL", b"")[:6] + struct.pack("<HI", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, nested: bool) -> int:
+    """Walk data element headers from ``pos``; return where the dataset (or item) ends.
+
+    Raises ``ValueError`` saying where the bytes stop making sense. Values are skipped,
+    not decoded; undefined-length sequences and encapsulated pixel data are followed
+    item by item (PS3.5 section 7.5).
+    """
+    e = "<" if little else ">"
+    while pos < end:
+        if pos + 8 > end:
+            raise ValueError(f"truncated element header at byte {pos}")
+        group, elem = struct.unpack_from(e + "HH", buf, pos)
+        tag = group << 16 | elem
+        if tag == _ITEM_END and nested:
+            return pos + 8
+        if tag in (_ITEM, _ITEM_END, _SEQ_END):
+            raise ValueError(f"unexpected item tag {tag:08X} at byte {pos}")
+        if implicit:
+            (length,) = struct.unpack_from(e + "I", buf, pos + 4)
+            pos += 8
+        else:
+            vr = buf[pos + 4 : pos + 6]
+            if len(vr) != 2 or not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise ValueError(f"invalid VR {vr!r} for element {tag:08X} at byte {pos}")
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise ValueError(f"truncated element header at byte {pos}")
+                (length,) = struct.unpack_from(e + "I", buf, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(e + "H", buf, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            pos = _walk_items(buf, pos, end, implicit, little, tag)
+        elif pos + length > end:
+            raise ValueError(f"element {tag:08X} needs {length} bytes, only {end - pos} remain")
+        else:
+            pos += length
+    if nested:
+        raise ValueError("item without its delimiter")
+    return pos
+
+
+def _walk_items(buf: bytes, pos: int, end: int, implicit: bool, little: bool, owner: int) -> int:
+    e = "<" if little else ">"
+    while True:
+        if pos + 8 > end:
+            raise ValueError(f"element {owner:08X}: sequence not closed before the end")
+        group, elem = struct.unpack_from(e + "HH", buf, pos)
+        (length,) = struct.unpack_from(e + "I", buf, pos + 4)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise ValueError(f"element {owner:08X}: expected an item, found {tag:08X}")
+        if length == _UNDEFINED:
+            pos = _walk(buf, pos, end, implicit, little, nested=True)
+        elif pos + length > end:
+            raise ValueError(f"element {owner:08X}: item needs {length} bytes, "
+                             f"only {end - pos} remain")
+        else:
+            pos += length
+
+
+def check_structure(dataset: bytes, transfer_syntax_uid: str) -> None:
+    """Raise ``BadInstance`` (Cannot understand) unless the bytes are whole DICOM elements."""
+    data = dataset
+    if transfer_syntax_uid == DEFLATED:
+        try:
+            data = zlib.decompress(dataset, -15)
+        except zlib.error as exc:
+            raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
+                              f"deflated dataset does not inflate: {exc}") from None
+    if not data:
+        raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND, "empty dataset")
+    try:
+        _walk(data, 0, len(data), transfer_syntax_uid == IMPLICIT_LE,
+              transfer_syntax_uid != EXPLICIT_BE, nested=False)
+    except (ValueError, struct.error) as exc:
+        raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
+                          f"not a valid DICOM dataset ({exc})") from None
+
+
+def parse(meta: bytes, dataset: bytes) -> Dataset:
+    """Decode the stored file's header elements (nothing is converted or kept)."""
+    try:
+        # pixel data is not needed for any fact; check_structure already vouched for it
+        return pydicom.dcmread(BytesIO(meta + dataset), force=True, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
+        raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
+                          f"pydicom cannot decode the dataset ({type(exc).__name__})") from None
+
+
+def text(ds: Dataset, keyword: str) -> str | None:
+    """A tag's value as stripped text, or None (absent, empty or undecodable)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed value is as good as absent here
+        return None
+    if value is None:
+        return None
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    out = str(value).strip().strip("\x00").strip()
+    return out or None
+
+
+def integer(ds: Dataset, keyword: str) -> int | None:
+    raw = text(ds, keyword)
+    try:
+        return int(float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def tag_values(ds: Dataset, tags: frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """The values of the tags rules read, as text (absent tags are left out)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in tags:
+        try:
+            elem = ds.get(Tag(int(name, 16)) if _is_hex(name) else name)
+            if elem is None:
+                continue
+            value = elem.value if hasattr(elem, "value") else elem
+        except Exception:  # noqa: BLE001 - undecodable value: treat as absent
+            continue
+        if isinstance(value, bytes):
+            out[name] = ()
+        elif isinstance(value, MultiValue | list | tuple):
+            out[name] = tuple(str(v).strip() for v in value)
+        elif value is None or value == "":
+            out[name] = ()
+        else:
+            out[name] = (str(value).strip(),)
+    return out
+
+
+def _is_hex(name: str) -> bool:
+    return len(name) == 8 and all(c in "0123456789ABCDEF" for c in name)
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What events may say about an instance: UIDs, acquisition context, pseudonyms.
+
+    Never a name, an ID or a birth date: those are read here, in memory, to derive the
+    pseudonym and the age band, and then dropped.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    instance_number: int | None
+    manufacturer: str | None
+    manufacturer_model: str | None
+    station_name: str | None
+    institution: str | None
+    patient_pseudonym: str | None
+    patient_sex: str | None
+    age_band: str | None
+    study_date: str | None
+    accession_pseudonym: str | None
+    pixel_spacing_mm: float | None = None
+
+    def series_tags(self) -> TagValues:
+        return series_tag_values(self.modality, self.series_description, self.series_number,
+                                 self.series_uid, self.manufacturer, self.manufacturer_model,
+                                 self.station_name, self.institution)
+
+
+def series_tag_values(
+    modality: str | None, description: str | None, number: int | None, series_uid: str,
+    manufacturer: str | None = None, model: str | None = None, station: str | None = None,
+    institution: str | None = None,
+) -> TagValues:
+    """A series as manifest rules see it (``ingest.rules.SERIES_TAGS``)."""
+    pairs = {
+        "Modality": modality, "SeriesDescription": description,
+        "SeriesNumber": None if number is None else str(number), "SeriesInstanceUID": series_uid,
+        "Manufacturer": manufacturer, "ManufacturerModelName": model, "StationName": station,
+        "InstitutionName": institution,
+    }
+    return {k: (v,) for k, v in pairs.items() if v is not None}
+
+
+def facts(ds: Dataset, secret: bytes) -> InstanceFacts:
+    """Extract the event facts, or raise ``BadInstance`` for a missing Type 1 UID."""
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = text(ds, keyword)
+        if not value:
+            raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID, f"{keyword} is missing")
+        if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+            raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID,
+                              f"{keyword} is not a valid UID")
+        uids[keyword] = value
+    patient_id = text(ds, "PatientID")
+    issuer = text(ds, "IssuerOfPatientID") or ""
+    accession = text(ds, "AccessionNumber")
+    study_date = text(ds, "StudyDate")
+    return InstanceFacts(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        modality=text(ds, "Modality"),
+        series_number=integer(ds, "SeriesNumber"),
+        series_description=text(ds, "SeriesDescription"),
+        instance_number=integer(ds, "InstanceNumber"),
+        manufacturer=text(ds, "Manufacturer"),
+        manufacturer_model=text(ds, "ManufacturerModelName"),
+        station_name=text(ds, "StationName"),
+        institution=text(ds, "InstitutionName"),
+        patient_pseudonym=pseudonym(secret, patient_id, issuer=issuer) if patient_id else None,
+        patient_sex=sex_code(text(ds, "PatientSex")),
+        age_band=age_band(text(ds, "PatientAge"), text(ds, "PatientBirthDate"), study_date),
+        study_date=study_date,
+        accession_pseudonym=(pseudonym(secret, accession, kind="accession")
+                             if accession else None),
+        pixel_spacing_mm=_spacing(ds),
+    )
+
+
+def _spacing(ds: Dataset) -> float | None:
+    """In-plane row spacing (PixelSpacing, else ImagerPixelSpacing), for drift metrics."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        raw = text(ds, keyword)
+        if raw:
+            try:
+                value = float(raw.split("\\")[0])
+            except ValueError:
+                continue
+            if value > 0:
+                return value
+    return None

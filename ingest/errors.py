@@ -1,0 +1,28 @@
+"""One error root for the ingest package; messages say what to do."""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """Root of every error raised by ``ingest``."""
+
+
+class RulesError(IngestError):
+    """A routing rules file is invalid. The message names the file, line and key."""
+
+
+class StoreError(IngestError):
+    """The instance store could not make an instance durable (disk, permissions)."""
+
+
+class OutOfSpace(StoreError):
+    """Free disk space is below the configured threshold; new data is refused."""
+
+
+class BadInstance(IngestError):
+    """A received dataset cannot be accepted; carries the named status to return."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason

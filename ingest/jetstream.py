@@ -1,0 +1,145 @@
+"""The ingest parts that talk to JetStream: publishing from SCP threads, folding the
+log at start, and the study-completion detector service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from events.base import Event, utcnow
+from events.catalogue import InstanceStored
+from events.errors import CodecError, PublishError
+from events.jetstream import Delivery, EventBus
+from events.subjects import PREFIX, type_filter
+from ingest.completion import CompletionTracker, Release
+from ingest.receiver import InstanceIndex
+from ingest.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+#: every ingest event, across studies: what the completion fold reads at start
+INGEST_EVENTS = f"{PREFIX}.*.ingest.>"
+COMPLETION_INPUTS = tuple(type_filter(t) for t in (
+    "ingest.instance.stored", "ingest.route.matched", "ingest.study.completed",
+    "ingest.study.amended",
+))
+
+
+@dataclass
+class ThreadPublisher:
+    """Publish from a non-async thread (pynetdicom's) on the bus's loop; wait for the acks.
+
+    Events are published in order, each acknowledged before the next, so a routing
+    decision is in the log before the instance it routed.
+    """
+
+    bus: EventBus
+    loop: asyncio.AbstractEventLoop
+    timeout_s: float = 35.0
+
+    async def _publish(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            await self.bus.publish(ev)
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        future = asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
+        try:
+            future.result(self.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise PublishError(
+                f"JetStream did not acknowledge within {self.timeout_s:.0f}s") from None
+
+
+async def fold_index(bus: EventBus) -> InstanceIndex:
+    """Which SOP Instances (and which bytes of each) the log says are stored."""
+    index = InstanceIndex()
+    n = 0
+    async for _seq, ev, _msg in bus.read(filter_subject=type_filter("ingest.instance.stored")):
+        if isinstance(ev, InstanceStored):
+            index.observe(ev)
+            n += 1
+    log.info("instance index rebuilt from %d stored events (%d SOP instances)", n, len(index))
+    return index
+
+
+@dataclass
+class CompletionDetector:
+    """Decides when studies are complete; survives restarts by folding the log first.
+
+    Start: fold every ingest event up to the current end of the log (state as it was),
+    then follow new events through a durable consumer (skipping what the fold saw), and
+    tick: what is due gets published and folded back in. Association-release hints come
+    from the SCP in the same process (``hint``, thread-safe); without them (another
+    process, or after a restart) the quiet period and max wait still complete studies.
+    """
+
+    bus: EventBus
+    rules: Callable[[], RuleSet]
+    durable: str = "ingest-completion"
+    tick_s: float = 0.1
+    tracker: CompletionTracker | None = None
+    _hints: queue.SimpleQueue[Release] = field(default_factory=queue.SimpleQueue, init=False)
+    ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def hint(self, release: Release) -> None:
+        self._hints.put(release)
+
+    async def rebuild(self) -> int:
+        tracker = CompletionTracker(self.rules())
+        last = await self.bus.last_sequence()
+        n = 0
+        async for _seq, ev, _msg in self.bus.read(filter_subject=INGEST_EVENTS,
+                                                  to_sequence=last):
+            if not isinstance(ev, CodecError):
+                tracker.observe(ev)
+                n += 1
+        self.tracker = tracker
+        log.info("completion state rebuilt from %d ingest events (%d studies pending)",
+                 n, tracker.pending())
+        return last
+
+    async def run(self, stop: asyncio.Event) -> None:
+        last = await self.rebuild()
+        tracker = self.tracker
+        assert tracker is not None
+
+        async def handle(event: Event, delivery: Delivery) -> None:
+            if delivery.sequence > last:
+                tracker.observe(event)
+
+        consumer = asyncio.create_task(self.bus.consume(
+            self.durable, handle, filter_subjects=COMPLETION_INPUTS, stop=stop,
+            idle_timeout_s=0.5, batch=200))
+        self.ready.set()
+        try:
+            while not stop.is_set():
+                await self.tick()
+                try:
+                    await asyncio.wait_for(stop.wait(), self.tick_s)
+                except TimeoutError:
+                    pass
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+
+    async def tick(self) -> int:
+        tracker = self.tracker
+        assert tracker is not None
+        tracker.rules = self.rules()
+        while True:
+            try:
+                tracker.release(self._hints.get_nowait())
+            except queue.Empty:
+                break
+        decided = tracker.due(utcnow())
+        for ev in decided:
+            await self.bus.publish(ev)
+            tracker.observe(ev)
+            log.info("%s %s for %s (%s)", ev.type_name(), ev.study_uid, ev.pipeline,
+                     getattr(ev, "reason", "amended"))
+        return len(decided)

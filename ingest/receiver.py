@@ -1,0 +1,367 @@
+"""What one C-STORE becomes: a durable file and an acknowledged event, or a named refusal.
+
+``InstanceReceiver.receive`` is the store-and-publish path, free of pynetdicom so it can
+be driven directly (the hypothesis test feeds it mutated bytes). It is called from the
+SCP's association threads; ``publish`` blocks until JetStream acknowledged the events.
+
+Order of work, and why: refuse cheaply first (size, disk space, element structure,
+Affected SOP Instance UID); then, under a per-SOP-Instance lock, hash and write the file
+(bytes fsynced, renamed into place) in a worker thread while this thread decodes the
+header and checks its UIDs and SOP Class against the request (a refusal there removes
+the file again); identical bytes already in the log are a duplicate, anything else a new
+version. Then publish (routing decision, then ``instance stored``) while the directory
+entry is fsynced, and only when both are done answer Success. If the publish fails, a
+file this call created is removed and the sender gets a failure status, so it retries
+and nothing is half-recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from events.base import Event, deterministic_id
+from events.catalogue import (
+    InstanceDuplicated,
+    InstanceRejected,
+    InstanceStored,
+    RouteMatched,
+    RouteUnmatched,
+)
+from events.errors import EventsError
+from ingest.dataset import (
+    InstanceFacts,
+    check_structure,
+    facts,
+    file_meta,
+    parse,
+    silence_value_warnings,
+    tag_values,
+)
+from ingest.errors import BadInstance, OutOfSpace, StoreError
+from ingest.rules import RuleSet, route
+from ingest.statuses import StoreStatus
+from ingest.store import InstanceStore, StoredFile
+
+log = logging.getLogger(__name__)
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    try:
+        future.result()
+    except StoreError as exc:
+        log.error("store directory sync failed: %s", exc)
+
+
+def _settle(future: Future[tuple[str, StoredFile | None]]) -> tuple[str, StoredFile | None]:
+    """The outcome of a write we no longer want (its error, if any, is moot)."""
+    try:
+        return future.result()
+    except StoreError:
+        return "", None
+
+
+class _BadWithFacts(BadInstance):
+    """A refusal after the header was decoded: the event can name the study."""
+
+    def __init__(self, status: int, reason: str, facts: InstanceFacts) -> None:
+        super().__init__(status, reason)
+        self.facts = facts
+
+
+class _RecordFailed(Exception):
+    """The event log did not acknowledge (kept apart from refusals of the instance)."""
+
+    def __init__(self, error: EventsError, facts: InstanceFacts) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.facts = facts
+
+Publish = Callable[[Sequence[Event]], None]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One C-STORE request as the association delivered it."""
+
+    dataset: bytes  # encoded as received, without file meta
+    transfer_syntax_uid: str
+    sop_class_uid: str  # the request's Affected SOP Class (= the presentation context's)
+    sop_instance_uid: str | None  # the request's Affected SOP Instance
+    calling_ae: str
+    called_ae: str
+    source_address: str | None = None
+    association_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: StoreStatus
+    reason: str
+    study_uid: str | None = None
+    events: tuple[Event, ...] = ()
+    stored: StoredFile | None = None
+
+
+class InstanceIndex:
+    """SOP Instance UID -> {sha256: version}: what the log says is stored.
+
+    Rebuilt from ``ingest.instance.stored`` events at start, so duplicates and versions
+    survive a restart. Guarded by striped locks so associations run in parallel but the
+    same SOP Instance is decided one at a time.
+    """
+
+    STRIPES = 64
+
+    def __init__(self) -> None:
+        self._versions: dict[str, dict[str, int]] = {}
+        self._locks = [threading.Lock() for _ in range(self.STRIPES)]
+
+    def lock(self, sop_instance_uid: str) -> threading.Lock:
+        return self._locks[hash(sop_instance_uid) % self.STRIPES]
+
+    def observe(self, event: InstanceStored) -> None:
+        self._versions.setdefault(event.sop_instance_uid, {})[event.sha256] = event.version
+
+    def version_of(self, sop_instance_uid: str, sha256: str) -> int | None:
+        return self._versions.get(sop_instance_uid, {}).get(sha256)
+
+    def next_version(self, sop_instance_uid: str) -> int:
+        known = self._versions.get(sop_instance_uid, {})
+        return max(known.values(), default=0) + 1
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+
+@dataclass
+class ReceiverConfig:
+    general_ae: str = "LASTMILE"
+    max_instance_bytes: int = 2048 * 2**20
+    route_cache_size: int = 4096
+    actor_prefix: str = "scp"
+
+
+@dataclass
+class InstanceReceiver:
+    store: InstanceStore
+    publish: Publish
+    secret: bytes
+    rules: Callable[[], RuleSet]
+    config: ReceiverConfig = field(default_factory=ReceiverConfig)
+    index: InstanceIndex = field(default_factory=InstanceIndex)
+
+    def __post_init__(self) -> None:
+        silence_value_warnings()
+        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+        self._routes: OrderedDict[tuple[str, str, str, str], tuple[str, ...]] = OrderedDict()
+        self._routes_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ entry
+
+    def receive(self, r: Received) -> Outcome:
+        """Never raises: every problem becomes a named status (and an event when possible)."""
+        facts_: InstanceFacts | None = None
+        try:
+            self._precheck(r)
+            assert r.sop_instance_uid is not None
+            with self.index.lock(r.sop_instance_uid):
+                return self._store_and_publish(r)
+        except BadInstance as exc:
+            facts_ = exc.facts if isinstance(exc, _BadWithFacts) else None
+            return self._reject(r, StoreStatus(exc.status), exc.reason, facts_)
+        except OutOfSpace as exc:
+            return self._reject(r, StoreStatus.REFUSED_OUT_OF_RESOURCES, str(exc), None)
+        except StoreError as exc:
+            log.error("store failed: %s", exc)
+            return self._reject(r, StoreStatus.PROCESSING_FAILURE, str(exc), None)
+        except _RecordFailed as exc:
+            log.error("event log failed: %s", exc.error)
+            return self._reject(r, StoreStatus.PROCESSING_FAILURE,
+                                f"the event log did not acknowledge: {exc.error}", exc.facts)
+
+    def _precheck(self, r: Received) -> None:
+        """The cheap refusals, before any byte is written."""
+        size = len(r.dataset)
+        if size > self.config.max_instance_bytes:
+            raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
+                              f"dataset of {size} bytes exceeds the limit of "
+                              f"{self.config.max_instance_bytes} (LASTMILE_DICOM_MAX_INSTANCE_MB)")
+        self.store.check_space(size)
+        check_structure(r.dataset, r.transfer_syntax_uid)
+        if not r.sop_instance_uid:
+            raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID,
+                              "the request has no Affected SOP Instance UID")
+
+    def _admit(self, r: Received, meta: bytes) -> tuple[InstanceFacts, Dataset]:
+        """Decode the header and check it against the request (raises ``BadInstance``)."""
+        ds = parse(meta, r.dataset)
+        f = facts(ds, self.secret)
+        if f.sop_class_uid != r.sop_class_uid:
+            raise _BadWithFacts(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                f"dataset SOP Class {f.sop_class_uid} differs from the "
+                                f"association's {r.sop_class_uid}", f)
+        if f.sop_instance_uid != r.sop_instance_uid:
+            raise _BadWithFacts(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                f"dataset SOP Instance {f.sop_instance_uid} differs from the "
+                                f"request's {r.sop_instance_uid}", f)
+        return f, ds
+
+    # ------------------------------------------------------------------ store
+
+    def _hash_and_put(self, sop_instance_uid: str, meta: bytes,
+                      dataset: bytes) -> tuple[str, StoredFile | None]:
+        """In a worker thread: hash, and write durably unless these bytes are stored
+        already (then None). Hashing and fsync release the GIL, so this overlaps with
+        decoding the header on the association's thread."""
+        h = hashlib.sha256(meta)
+        h.update(dataset)
+        sha = h.hexdigest()
+        if self.index.version_of(sop_instance_uid, sha) is not None:
+            return sha, None
+        return sha, self.store.put((meta, dataset), sha, sync_name=False)
+
+    def _store_and_publish(self, r: Received) -> Outcome:
+        """Called holding the SOP Instance's lock: decide, write, record."""
+        assert r.sop_instance_uid is not None
+        meta = file_meta(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid)
+        written = self._workers.submit(self._hash_and_put, r.sop_instance_uid, meta, r.dataset)
+        try:
+            f, ds = self._admit(r, meta)
+        except BaseException:
+            _, maybe = _settle(written)
+            if maybe is not None:
+                self.store.discard(maybe)
+            raise
+        sha, stored = written.result()
+        actor = f"{self.config.actor_prefix}:{r.called_ae}"
+        if stored is None:
+            dup = InstanceDuplicated.new(
+                actor=actor, study_uid=f.study_uid, sop_instance_uid=f.sop_instance_uid,
+                sha256=sha, calling_ae=r.calling_ae, called_ae=r.called_ae,
+            )
+            self._record(f, [dup])
+            return Outcome(StoreStatus.SUCCESS, "duplicate of a stored instance",
+                           f.study_uid, (dup,))
+        version = self.index.next_version(f.sop_instance_uid)
+        # the bytes are durable and renamed into place; the directory entry's fsync runs
+        # while the event is published, and Success waits for both
+        name_synced = self._workers.submit(self.store.sync_name, stored)
+        try:
+            events = self._events(r, f, ds, stored, version, actor)
+            self._record(f, events)
+        except BaseException:
+            _wait_quietly(name_synced)
+            self.store.discard(stored)
+            raise
+        self.index.observe(events[-1])  # type: ignore[arg-type]
+        # a failed directory sync after the event was recorded: the file is complete and
+        # in place, so it stays; the sender is told to retry (and gets a duplicate)
+        name_synced.result()
+        return Outcome(StoreStatus.SUCCESS, "stored", f.study_uid, tuple(events), stored)
+
+    def _record(self, f: InstanceFacts, events: list[Event]) -> None:
+        try:
+            self.publish(events)
+        except EventsError as exc:
+            raise _RecordFailed(exc, f) from None
+
+    def _events(self, r: Received, f: InstanceFacts, ds: Dataset, stored: StoredFile,
+                version: int, actor: str) -> list[Event]:
+        events: list[Event] = []
+        rules = self.rules()
+        pipeline = rules.ae_titles().get(r.called_ae)
+        if pipeline is None:  # the general AE: rules decide, once per series
+            key = (f.study_uid, f.series_uid, r.called_ae, rules.sha256)
+            with self._routes_lock:
+                known = self._routes.get(key)
+            if known is None:
+                decision = route(rules, tag_values(ds, rules.tags()))
+                eid = deterministic_id("route", f.study_uid, f.series_uid, r.called_ae,
+                                       ",".join(decision.rule_ids))
+                if decision.pipelines:
+                    events.append(RouteMatched.new(
+                        actor=actor, study_uid=f.study_uid, event_id=eid,
+                        rule_ids=decision.rule_ids, pipelines=decision.pipelines,
+                        called_ae=r.called_ae, reasons=decision.reasons,
+                        series_uid=f.series_uid,
+                    ))
+                else:
+                    why = ("; ".join(decision.reasons) if decision.reasons
+                           else "no rule matched and there is no fallback rule")
+                    events.append(RouteUnmatched.new(
+                        actor=actor, study_uid=f.study_uid, event_id=eid,
+                        called_ae=r.called_ae, reason=why, series_uid=f.series_uid,
+                    ))
+                with self._routes_lock:
+                    self._routes[key] = decision.pipelines
+                    while len(self._routes) > self.config.route_cache_size:
+                        self._routes.popitem(last=False)
+        events.append(InstanceStored.new(
+            actor=actor,
+            study_uid=f.study_uid,
+            pipeline=pipeline,
+            event_id=deterministic_id(f.sop_instance_uid, stored.sha256),
+            sop_instance_uid=f.sop_instance_uid,
+            sop_class_uid=f.sop_class_uid,
+            series_uid=f.series_uid,
+            transfer_syntax_uid=r.transfer_syntax_uid,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            store_key=stored.store_key,
+            version=version,
+            calling_ae=r.calling_ae,
+            called_ae=r.called_ae,
+            source_address=r.source_address,
+            association_id=r.association_id,
+            modality=f.modality,
+            series_number=f.series_number,
+            series_description=f.series_description,
+            instance_number=f.instance_number,
+            manufacturer=f.manufacturer,
+            manufacturer_model=f.manufacturer_model,
+            station_name=f.station_name,
+            institution=f.institution,
+            patient_pseudonym=f.patient_pseudonym,
+            patient_sex=f.patient_sex,
+            age_band=f.age_band,
+            study_date=f.study_date,
+            accession_pseudonym=f.accession_pseudonym,
+            pixel_spacing_mm=f.pixel_spacing_mm,
+        ))
+        return events
+
+    # ------------------------------------------------------------------ refuse
+
+    def _reject(self, r: Received, status: StoreStatus, reason: str,
+                f: InstanceFacts | None) -> Outcome:
+        rejected = InstanceRejected.new(
+            actor=f"{self.config.actor_prefix}:{r.called_ae}",
+            study_uid=f.study_uid if f else None,
+            reason=reason[:1000],
+            status=int(status),
+            status_name=status.name,
+            calling_ae=r.calling_ae,
+            called_ae=r.called_ae,
+            source_address=r.source_address,
+            sop_instance_uid=(f.sop_instance_uid if f else r.sop_instance_uid),
+            sop_class_uid=r.sop_class_uid,
+            sha256=hashlib.sha256(r.dataset).hexdigest(),
+            size_bytes=len(r.dataset),
+        )
+        try:
+            self.publish([rejected])
+        except EventsError as exc:
+            log.error("could not record the rejection of %s (%s): %s",
+                      r.sop_instance_uid, status.name, exc)
+            return Outcome(status, reason, rejected.study_uid)
+        log.warning("rejected %s from %s: %s (%s)", r.sop_instance_uid, r.calling_ae,
+                    status.name, reason)
+        return Outcome(status, reason, rejected.study_uid, (rejected,))

@@ -1,0 +1,163 @@
+"""The durable, content-addressed instance store (the file system edge).
+
+An instance is written to a temporary file in the store's own ``tmp/`` folder (same
+file system), fsynced, renamed to ``ab/cd/<sha256>.dcm`` and the folder fsynced: after
+``put`` returns, the bytes survive a crash, and a reader never sees half a file. The
+key (``store_key`` in events) is the path relative to the store root, so the store can
+move. Identical bytes land on the same key, so writing them twice keeps one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest.errors import OutOfSpace, StoreError
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    sha256: str
+    store_key: str
+    size_bytes: int
+    created: bool  # False when the same bytes were already on disk
+    #: directories whose entries still need an fsync (``sync_name``), parent first
+    unsynced_dirs: tuple[Path, ...] = ()
+
+
+def key_for(sha256: str) -> str:
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class InstanceStore:
+    """Content-addressed files under ``root``; thread-safe (associations write in parallel)."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def path(self, store_key: str) -> Path:
+        return self.root / store_key
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise ``OutOfSpace`` if writing ``incoming`` bytes would leave less than the
+        threshold free."""
+        if self.min_free_bytes <= 0:
+            return
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfSpace(
+                f"only {free // 2**20} MiB free under {self.root}; the store refuses new data "
+                f"below {self.min_free_bytes // 2**20} MiB (LASTMILE_DICOM_MIN_FREE_MB)"
+            )
+
+    def put(self, chunks: tuple[bytes, ...] | list[bytes], sha256: str | None = None, *,
+            sync_name: bool = True) -> StoredFile:
+        """Make ``b"".join(chunks)`` durable under its SHA-256; raise ``StoreError`` if not.
+
+        ``sha256`` may be passed when the caller already hashed the bytes. With
+        ``sync_name=False`` the bytes are durable and visible under their final name when
+        this returns, but the caller must call ``sync_name`` before relying on the name
+        surviving a power failure (the receiver overlaps it with the event publish).
+        """
+        size = sum(len(c) for c in chunks)
+        self.check_space(size)
+        if sha256 is None:
+            h = hashlib.sha256()
+            for c in chunks:
+                h.update(c)
+            sha256 = h.hexdigest()
+        key = key_for(sha256)
+        final = self.root / key
+        if final.exists() and final.stat().st_size == size:
+            return StoredFile(sha256, key, size, created=False)
+        tmp_name: str | None = None
+        try:
+            parent = final.parent
+            created_in: tuple[Path, ...] = ()
+            if parent not in self._known_dirs:
+                created_in = self._make_dirs(parent, sync=sync_name)
+                self._known_dirs.add(parent)
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-", suffix=".part")
+            with os.fdopen(fd, "wb") as f:
+                for c in chunks:
+                    f.write(c)
+                f.flush()
+                os.fdatasync(f.fileno())  # data + size; the rename is made durable below
+            os.replace(tmp_name, final)
+            tmp_name = None
+            if sync_name:
+                _fsync_dir(parent)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write instance {sha256[:12]}… to {self.root} ({exc.strerror}); "
+                "check free space and permissions of the state directory"
+            ) from None
+        finally:
+            if tmp_name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+        unsynced = () if sync_name else (*created_in, parent)
+        return StoredFile(sha256, key, size, created=True, unsynced_dirs=unsynced)
+
+    def sync_name(self, stored: StoredFile) -> None:
+        """Make the file's directory entry durable (fsync of ``ab/cd``, and of the folders
+        above it that ``put`` had to create)."""
+        try:
+            for folder in stored.unsynced_dirs or ((self.root / stored.store_key).parent,):
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise StoreError(f"cannot sync the store directory of {stored.store_key} "
+                             f"({exc.strerror})") from None
+
+    def _make_dirs(self, parent: Path, *, sync: bool) -> tuple[Path, ...]:
+        """Create ``ab/cd``; a new directory's entry is fsynced in its parent now
+        (``sync``) or later by ``sync_name`` (returned: the parents to fsync)."""
+        pending: list[Path] = []
+        for level in (parent.parent, parent):
+            try:
+                level.mkdir()
+            except FileExistsError:
+                continue
+            if sync:
+                _fsync_dir(level.parent)
+            else:
+                pending.append(level.parent)
+        return tuple(pending)
+
+    def discard(self, stored: StoredFile) -> None:
+        """Undo a ``put`` whose event could not be recorded (only a file it created)."""
+        if stored.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / stored.store_key)
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files left by a crash mid-write (removed by ``clean_tmp``)."""
+        return sorted(self.tmp.glob("in-*.part"))
+
+    def clean_tmp(self) -> int:
+        n = 0
+        for p in self.leftovers():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+        return n

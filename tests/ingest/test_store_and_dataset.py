@@ -1,0 +1,80 @@
+"""The content-addressed store on a real file system, and dataset checks on real files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from ingest.dataset import check_structure, file_meta, parse
+from ingest.errors import BadInstance, OutOfSpace
+from ingest.statuses import StoreStatus
+from ingest.store import InstanceStore
+
+REAL_FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+              "emri_small_RLE.dcm", "liver.dcm", "JPEG2000.dcm", "eCT_Supplemental.dcm"]
+
+
+def dataset_bytes(path: str) -> tuple[bytes, str]:
+    """The dataset part of a file (what a C-STORE carries) and its transfer syntax."""
+    raw = Path(path).read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    # group 0002 length: the meta group ends at 132 + 12 + group length
+    group_length = int(ds.file_meta.FileMetaInformationGroupLength)
+    return raw[132 + 12 + group_length:], str(ds.file_meta.TransferSyntaxUID)
+
+
+def test_put_is_durable_content_addressed_and_idempotent(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    data = (b"\x00" * 128, b"DICM", b"payload")
+    first = store.put(data)
+    assert first.created and first.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
+    assert first.store_key == f"{first.sha256[:2]}/{first.sha256[2:4]}/{first.sha256}.dcm"
+    assert store.path(first.store_key).read_bytes() == b"".join(data)
+    again = store.put(data)
+    assert not again.created and again.store_key == first.store_key
+    assert store.leftovers() == []
+    store.discard(again)  # did not create it: keeps the file
+    assert store.path(first.store_key).exists()
+    store.discard(first)
+    assert not store.path(first.store_key).exists()
+
+
+def test_free_space_threshold_refuses_new_data(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, min_free_bytes=2**62)
+    with pytest.raises(OutOfSpace, match="LASTMILE_DICOM_MIN_FREE_MB"):
+        store.put((b"x",))
+    assert list(tmp_path.glob("*/*/*.dcm")) == []
+
+
+def test_interrupted_writes_are_cleaned_at_start(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    (store.tmp / "in-crashed.part").write_bytes(b"half")
+    assert store.clean_tmp() == 1 and store.leftovers() == []
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_files_pass_the_structure_check_and_truncations_do_not(name: str) -> None:
+    dataset, ts = dataset_bytes(get_testdata_file(name))
+    check_structure(dataset, ts)
+    for cut in (len(dataset) - 1, len(dataset) // 2, 7):
+        with pytest.raises(BadInstance) as info:
+            check_structure(dataset[:cut], ts)
+        assert info.value.status == StoreStatus.ERROR_CANNOT_UNDERSTAND
+
+
+def test_file_meta_is_deterministic_and_parses() -> None:
+    dataset, ts = dataset_bytes(get_testdata_file("CT_small.dcm"))
+    ds0 = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    meta = file_meta(ds0.SOPClassUID, ds0.SOPInstanceUID, ts)
+    assert meta == file_meta(ds0.SOPClassUID, ds0.SOPInstanceUID, ts)
+    ds = parse(meta, dataset)
+    assert ds.SOPInstanceUID == ds0.SOPInstanceUID
+    assert "PixelData" not in ds  # facts never need the pixels
+    whole = pydicom.dcmread(io.BytesIO(meta + dataset))
+    assert whole.PixelData == ds0.PixelData
+    assert whole.file_meta.TransferSyntaxUID == ts
