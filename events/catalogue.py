@@ -244,6 +244,8 @@ class InferenceCompleted(Event, frozen=True, kw_only=True, tag="engine.inference
     result_keys: tuple[str, ...] = ()
     progression: bool | None = None
     blinding_hash: str | None = None
+    patient_pseudonym: str | None = None  # for longitudinal comparison (BTS)
+    study_date: str | None = None  # YYYYMMDD, orders a patient's results
 
 
 class InferenceSkipped(Event, frozen=True, kw_only=True, tag="engine.inference.skipped"):

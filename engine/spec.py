@@ -1,0 +1,268 @@
+"""Pipeline files: typed, versioned YAML, validated with the file, line and key of each error.
+
+A pipeline file names everything a run needs and nothing else: series selection rules,
+the ordered operators with their parameters, the model (ONNX path + SHA-256 + model
+card), the runtime, outputs and publishers. A new ONNX model of a known task type
+(``segmentation3d``, ``detection2d``) deploys with a file alone.
+
+``load_pipeline(path)`` parses and validates; ``file_sha256`` (of the file's bytes) is
+what deployment events carry, so the log says exactly which file ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from engine.errors import ModelIntegrityError, SpecError
+from engine.ops.selection import SelectionRule
+from engine.runtimes import RUNTIME_NAMES, verify_model
+
+SPEC_VERSION = 1
+Stage = Literal["staging", "silent", "validation", "clinical"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionSpec(_Strict):
+    modalities: tuple[str, ...] = ()
+    description_regex: str | None = None
+    exclude_regex: str | None = None
+    orientation: Literal["axial", "coronal", "sagittal"] | None = None
+    min_slices: int = Field(1, ge=1)
+    max_slices: int | None = Field(None, ge=1)
+    max_spacing_mm: float | None = Field(None, gt=0)
+    multiple: bool = False
+
+    @field_validator("description_regex", "exclude_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule(**self.model_dump())
+
+
+class OperatorSpec(_Strict):
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    card: Path | None = None
+    labels: dict[int, str] = Field(default_factory=dict)  # segmentation label values
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[int, str]) -> dict[int, str]:
+        if any(k <= 0 for k in v):
+            raise ValueError("label values start at 1 (0 is background)")
+        return v
+
+
+class PublisherSpec(_Strict):
+    kind: Literal["store", "pacs"]
+    ae_title: str | None = Field(None, max_length=16)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(1.0, ge=0)
+    # the stages in which this destination receives results: PACS only once readers
+    # may see them (silent trials keep results from clinicians)
+    stages: tuple[Stage, ...] = ("staging", "silent", "validation", "clinical")
+
+    @model_validator(mode="after")
+    def _pacs_address(self) -> PublisherSpec:
+        if self.kind == "pacs" and not (self.ae_title and self.host and self.port):
+            raise ValueError("a pacs publisher needs ae_title, host and port")
+        return self
+
+
+class OutputSpec(_Strict):
+    seg: bool = False
+    sr: bool = True
+    series_description: str = Field("Lastmile AI result", max_length=64)
+    blinding_hash: bool = False  # LTS: salted hash in the SEG series description
+
+
+class PipelineSpec(_Strict):
+    spec_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    version: str = Field(min_length=1, max_length=32)
+    description: str = ""
+    task: Literal["segmentation3d", "detection2d"]
+    ae_title: str = Field(max_length=16, pattern=r"^[A-Z0-9_ ]+$")
+    selection: SelectionSpec
+    operators: tuple[OperatorSpec, ...] = Field(min_length=1)
+    model: ModelSpec
+    runtime: str = "auto"
+    fp16: bool = False
+    outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
+    publishers: tuple[PublisherSpec, ...] = Field(
+        default_factory=lambda: (PublisherSpec.model_validate({"kind": "store"}),))
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        if v not in RUNTIME_NAMES:
+            raise ValueError(f"unknown runtime {v!r}; one of {', '.join(RUNTIME_NAMES)}")
+        return v
+
+
+class LoadedPipeline(BaseModel):
+    """A validated pipeline file, with where it came from and its hash."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spec: PipelineSpec
+    path: Path
+    file_sha256: str
+    model_path: Path
+    card_path: Path | None
+    operator_params: tuple[BaseModel, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node along ``loc`` in the composed YAML tree."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if str(k.value) == str(key):
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return line
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _problems(path: Path, root: yaml.Node | None, errors: list[tuple[tuple[Any, ...], str]]
+              ) -> SpecError:
+    lines = []
+    for loc, msg in errors:
+        key = ".".join(str(p) for p in loc) or "(file)"
+        line = _line(root, loc)
+        lines.append(f"{path}:{line if line else '?'}: {key}: {msg}")
+    return SpecError("invalid pipeline file:\n  " + "\n  ".join(lines))
+
+
+def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> LoadedPipeline:
+    """Validate pipeline YAML ``text`` (from ``path``; relative model paths resolve
+    against its folder). Raises ``SpecError`` listing every problem with line and key."""
+    from engine.steps import OPERATORS  # the operator registry validates params
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: a pipeline file is a mapping (name:, version:, ...)")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        errs = [(tuple(e["loc"]), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()]
+        raise _problems(path, root, errs) from None
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    params: list[BaseModel] = []
+    for i, op in enumerate(spec.operators):
+        if op.op not in OPERATORS:
+            problems.append((("operators", i, "op"),
+                         f"unknown operator {op.op!r}; known: {', '.join(sorted(OPERATORS))}"))
+            continue
+        operator = OPERATORS[op.op]
+        if spec.task not in operator.tasks:
+            problems.append((("operators", i, "op"),
+                         f"operator {op.op!r} does not apply to task {spec.task}"))
+        try:
+            params.append(operator.params.model_validate(op.params))
+        except ValidationError as exc:
+            for e in exc.errors():
+                msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
+                problems.append((("operators", i, "params", *e["loc"]), msg))
+    base = path.parent
+    model_path = (base / spec.model.path).resolve()
+    card_path = (base / spec.model.card).resolve() if spec.model.card else None
+    if card_path is not None and not card_path.is_file():
+        problems.append((("model", "card"), f"model card {card_path} does not exist"))
+    if check_model:
+        try:
+            verify_model(model_path, spec.model.sha256)
+        except ModelIntegrityError as exc:
+            problems.append((("model", "sha256" if model_path.is_file() else "path"), str(exc)))
+    if problems:
+        raise _problems(path, root, problems)
+    return LoadedPipeline(
+        spec=spec,
+        path=path,
+        file_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        model_path=model_path,
+        card_path=card_path,
+        operator_params=tuple(params),
+    )
+
+
+def load_pipeline(path: Path, *, check_model: bool = True) -> LoadedPipeline:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read pipeline file {path}: {exc.strerror}") from None
+    return parse_pipeline(text, path.resolve(), check_model=check_model)
+
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "pipelines"
+
+
+def discover(dirs: list[Path]) -> dict[str, LoadedPipeline]:
+    """Every valid ``*.yaml`` pipeline in ``dirs`` by name (later dirs win).
+
+    Invalid files raise: a worker must not start with a pipeline it cannot read.
+    """
+    found: dict[str, LoadedPipeline] = {}
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.yaml")):
+            loaded = load_pipeline(path)
+            found[loaded.name] = loaded
+    return found

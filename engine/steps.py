@@ -1,0 +1,459 @@
+"""The operator registry: what a pipeline file's ``operators:`` list may name.
+
+Each step adapts one pure operator (``engine.ops``) to the run's context: it reads
+the values it needs from ``RunContext``, calls the operator, and stores the result.
+Parameters are typed models, validated when the pipeline file is loaded, so a typo
+fails at deploy time with its line, not at 3 a.m. on a patient's study.
+
+``run_steps`` executes a pipeline's steps in order, timing each; an exception becomes
+``OperatorError`` naming the step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
+
+from engine import dicom_results
+from engine.errors import EngineError, InputError, OperatorError
+from engine.ops import inference, longitudinal, postprocess, preprocess
+from engine.ops.selection import Selection, describe_series, select_series
+from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume
+
+if TYPE_CHECKING:
+    from engine.runtimes import Runtime
+    from engine.spec import LoadedPipeline
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+@dataclass(frozen=True)
+class MeasurementValue:
+    name: str
+    value: float
+    unit: str
+    label: str | None = None
+
+
+@dataclass
+class RunContext:
+    """Everything the steps of one run share. Created by the worker, filled by steps."""
+
+    pipeline: LoadedPipeline
+    runtime: Runtime
+    datasets: list[Dataset]  # every instance of the study, pixel data included
+    provenance: dicom_results.Provenance
+    study_date: str = ""
+    earlier: list[longitudinal.EarlierResult] = field(default_factory=list)
+    blinding_hash: str | None = None
+    on_progress: Callable[[str], None] | None = None
+    # filled as the steps run
+    selection: Selection | None = None
+    series: list[Dataset] = field(default_factory=list)
+    volume: Volume | None = None
+    images: list[Image2D] = field(default_factory=list)
+    tensor: np.ndarray | None = None  # (C, Z, Y, X) or (N, C, H, W)
+    work_spacing: tuple[float, ...] | None = None
+    probs: np.ndarray | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    measurements: list[MeasurementValue] = field(default_factory=list)
+    comparison: longitudinal.Comparison | None = None
+    detections: list[tuple[Dataset, postprocess.Detection]] = field(default_factory=list)
+    results: list[tuple[str, Dataset]] = field(default_factory=list)  # ("SEG"|"SR", object)
+    inference_s: float = 0.0
+
+    def require_volume(self) -> Volume:
+        if self.volume is None:
+            raise EngineError("no volume: put load_volume before this operator")
+        return self.volume
+
+    def require(self, value: np.ndarray | None, what: str, before: str) -> np.ndarray:
+        if value is None:
+            raise EngineError(f"no {what}: put {before} before this operator")
+        return value
+
+
+StepFn = Callable[[RunContext, BaseModel], str | None]  # returns a short detail line
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    params: type[BaseModel]
+    fn: StepFn
+    tasks: tuple[str, ...] = ("segmentation3d", "detection2d")
+    doc: str = ""
+
+
+OPERATORS: dict[str, Operator] = {}
+
+
+def operator(name: str, params: type[BaseModel] = NoParams,
+             tasks: tuple[str, ...] = ("segmentation3d", "detection2d")
+             ) -> Callable[[StepFn], StepFn]:
+    def register(fn: StepFn) -> StepFn:
+        OPERATORS[name] = Operator(name, params, fn, tasks, (fn.__doc__ or "").strip())
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@operator("select_series")
+def _select(ctx: RunContext, _: BaseModel) -> str:
+    """Choose the input series by the pipeline's selection rules; record why others lost."""
+    infos = describe_series(ctx.datasets)
+    ctx.selection = select_series(infos, ctx.pipeline.spec.selection.rule())
+    chosen = {s.series_uid for s in ctx.selection.chosen}
+    ctx.series = [d for d in ctx.datasets if str(d.SeriesInstanceUID) in chosen]
+    return f"{len(chosen)} chosen, {len(ctx.selection.rejected)} rejected"
+
+
+@operator("load_volume", tasks=("segmentation3d",))
+def _load_volume(ctx: RunContext, _: BaseModel) -> str:
+    """Series -> volume with geometry and rescale (single-frame or enhanced multi-frame)."""
+    if not ctx.series:
+        raise InputError("no series selected")
+    ctx.volume = series_to_volume(ctx.series)
+    ctx.tensor = ctx.volume.array[None]
+    ctx.work_spacing = ctx.volume.spacing
+    return f"{ctx.volume.array.shape} at {tuple(round(s, 3) for s in ctx.volume.spacing)} mm"
+
+
+@operator("load_images", tasks=("detection2d",))
+def _load_images(ctx: RunContext, _: BaseModel) -> str:
+    """Each selected radiograph as an image (MONOCHROME1 inverted, rescale applied)."""
+    if not ctx.series:
+        raise InputError("no images selected")
+    ctx.images = [radiograph(ds) for ds in
+                  sorted(ctx.series, key=lambda d: int(d.get("InstanceNumber", 0) or 0))]
+    return f"{len(ctx.images)} images"
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+class ResampleParams(Params):
+    spacing: tuple[float, float, float] = Field(description="target (dz, dy, dx) mm")
+
+
+@operator("resample", ResampleParams, tasks=("segmentation3d",))
+def _resample(ctx: RunContext, p: BaseModel) -> str:
+    """Resample the working volume to a target spacing (restore_grid undoes it)."""
+    assert isinstance(p, ResampleParams)
+    vol = ctx.require_volume()
+    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
+    out, spacing = preprocess.resample(tensor[0], vol.spacing, p.spacing)
+    ctx.tensor, ctx.work_spacing = out[None], spacing
+    return f"{out.shape}"
+
+
+class NormalizeParams(Params):
+    method: Literal["zscore", "window", "range"]
+    center: float | None = None
+    width: float | None = Field(None, gt=0)
+    low: float | None = None
+    high: float | None = None
+    nonzero_only: bool = True
+
+
+@operator("normalize", NormalizeParams)
+def _normalize(ctx: RunContext, p: BaseModel) -> str:
+    """Intensity normalisation: z-score, CT window, or a fixed range to [0, 1]."""
+    assert isinstance(p, NormalizeParams)
+
+    def apply(a: np.ndarray) -> np.ndarray:
+        if p.method == "zscore":
+            return preprocess.zscore(a, nonzero_only=p.nonzero_only)
+        if p.method == "window":
+            if p.center is None or p.width is None:
+                raise EngineError("normalize window needs center and width")
+            return preprocess.window(a, center=p.center, width=p.width)
+        if p.low is None or p.high is None:
+            raise EngineError("normalize range needs low and high")
+        return preprocess.scale_range(a, low=p.low, high=p.high)
+
+    if ctx.images and ctx.tensor is None:
+        ctx.images = [Image2D(apply(im.array), im.source) for im in ctx.images]
+    else:
+        tensor = ctx.require(ctx.tensor, "tensor", "load_volume or resize_2d")
+        ctx.tensor = apply(tensor)
+    return p.method
+
+
+class Resize2dParams(Params):
+    size: tuple[int, int]
+
+
+@operator("resize_2d", Resize2dParams, tasks=("detection2d",))
+def _resize_2d(ctx: RunContext, p: BaseModel) -> str:
+    """Resize each image to the model's input size; stack into (N, 1, H, W)."""
+    assert isinstance(p, Resize2dParams)
+    if not ctx.images:
+        raise EngineError("no images: put load_images before resize_2d")
+    ctx.tensor = np.stack([preprocess.resize_2d(im.array, p.size) for im in ctx.images])[:, None]
+    return f"{ctx.tensor.shape}"
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class SlidingWindowParams(Params):
+    roi: tuple[int, int, int]
+    classes: int = Field(ge=2)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    batch: int = Field(2, ge=1)
+    output: str | None = None
+
+
+@operator("sliding_window", SlidingWindowParams, tasks=("segmentation3d",))
+def _sliding(ctx: RunContext, p: BaseModel) -> str:
+    """3D sliding-window inference with overlap and Gaussian blending."""
+    assert isinstance(p, SlidingWindowParams)
+    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
+    windows = [0]
+
+    def progress(done: int, total: int) -> None:
+        windows[0] = total
+        if ctx.on_progress is not None:
+            ctx.on_progress(f"window {done}/{total}")
+
+    t0 = time.perf_counter()
+    ctx.probs = inference.sliding_window_3d(tensor, ctx.runtime.run, roi=p.roi,
+                                            classes=p.classes, overlap=p.overlap,
+                                            batch=p.batch, output=p.output, on_window=progress)
+    ctx.inference_s += time.perf_counter() - t0
+    return f"{windows[0]} windows on {ctx.runtime.name}"
+
+
+class Batch2dParams(Params):
+    batch: int = Field(8, ge=1)
+    expect: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+
+
+@operator("batch_2d", Batch2dParams, tasks=("detection2d",))
+def _batch_2d(ctx: RunContext, p: BaseModel) -> str:
+    """2D inference in batches; output shapes checked against ``expect``."""
+    assert isinstance(p, Batch2dParams)
+    tensor = ctx.require(ctx.tensor, "tensor", "resize_2d")
+    t0 = time.perf_counter()
+    ctx.outputs = inference.batches_2d(tensor, ctx.runtime.run, batch=p.batch, expect=p.expect)
+    ctx.inference_s += time.perf_counter() - t0
+    return f"{len(tensor)} images on {ctx.runtime.name}"
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+@operator("restore_grid", tasks=("segmentation3d",))
+def _restore(ctx: RunContext, _: BaseModel) -> str:
+    """Bring probabilities back to the source series' grid (after resample)."""
+    vol = ctx.require_volume()
+    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
+    if probs.shape[1:] != vol.array.shape:
+        probs = np.stack([preprocess.resize_to_shape(c, vol.array.shape) for c in probs])
+        ctx.probs = probs
+    ctx.work_spacing = vol.spacing
+    return f"{probs.shape[1:]}"
+
+
+@operator("argmax", tasks=("segmentation3d",))
+def _argmax(ctx: RunContext, _: BaseModel) -> str:
+    """Label map = most probable class per voxel."""
+    ctx.labels = postprocess.argmax_labels(ctx.require(ctx.probs, "probabilities",
+                                                       "sliding_window"))
+    return "argmax"
+
+
+class ThresholdParams(Params):
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+@operator("threshold", ThresholdParams, tasks=("segmentation3d",))
+def _threshold(ctx: RunContext, p: BaseModel) -> str:
+    """Binary mask where P(class 1) exceeds the threshold."""
+    assert isinstance(p, ThresholdParams)
+    ctx.labels = postprocess.threshold_labels(
+        ctx.require(ctx.probs, "probabilities", "sliding_window"), p.threshold)
+    return f"> {p.threshold}"
+
+
+class ComponentsParams(Params):
+    labels: tuple[int, ...]
+    keep: int = Field(1, ge=1)
+
+
+@operator("largest_component", ComponentsParams, tasks=("segmentation3d",))
+def _components(ctx: RunContext, p: BaseModel) -> str:
+    """Keep the largest connected component(s) of the listed labels."""
+    assert isinstance(p, ComponentsParams)
+    labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
+    ctx.labels = postprocess.largest_components(labels, p.labels, p.keep)
+    return f"labels {list(p.labels)}"
+
+
+@operator("volumes", tasks=("segmentation3d",))
+def _volumes(ctx: RunContext, _: BaseModel) -> str:
+    """Volume in mL of each model label, on the source grid."""
+    labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
+    vol = ctx.require_volume()
+    if labels.shape != vol.array.shape:
+        raise EngineError("labels are not on the source grid: put restore_grid first")
+    names = ctx.pipeline.spec.model.labels
+    for name, ml in postprocess.volumes_ml(labels, vol.spacing, names).items():
+        ctx.measurements.append(MeasurementValue(f"volume_{name}", ml, "mL", name))
+    return ", ".join(f"{m.label}={m.value:.2f} mL" for m in ctx.measurements)
+
+
+class LongitudinalParams(Params):
+    label: str
+    threshold_pct: float = Field(25.0, gt=0)
+
+
+@operator("longitudinal", LongitudinalParams, tasks=("segmentation3d",))
+def _longitudinal(ctx: RunContext, p: BaseModel) -> str:
+    """% change of a label's volume from baseline and prior exams; progression flag."""
+    assert isinstance(p, LongitudinalParams)
+    current = next((m for m in ctx.measurements if m.label == p.label and m.unit == "mL"), None)
+    if current is None:
+        raise EngineError(f"no volume for label {p.label!r}: put volumes before longitudinal")
+    ctx.comparison = c = longitudinal.compare(
+        current.value, ctx.study_date, ctx.earlier, threshold_pct=p.threshold_pct,
+        current_study_uid=str(ctx.datasets[0].StudyInstanceUID) if ctx.datasets else None)
+    if c.change_from_baseline_pct is not None:
+        ctx.measurements.append(MeasurementValue(
+            f"change_from_baseline_{p.label}", c.change_from_baseline_pct, "%", p.label))
+    if c.change_from_prior_pct is not None:
+        ctx.measurements.append(MeasurementValue(
+            f"change_from_prior_{p.label}", c.change_from_prior_pct, "%", p.label))
+    return "no earlier exam" if c.progression is None else f"progression={c.progression}"
+
+
+class DetectionsParams(Params):
+    regions: tuple[str, ...]
+    classes: tuple[str, ...]
+    boxes_output: str = "boxes"
+    logits_output: str = "logits"
+
+
+@operator("detections", DetectionsParams, tasks=("detection2d",))
+def _detections(ctx: RunContext, p: BaseModel) -> str:
+    """Per image: a box per region scaled to source pixels, class probabilities."""
+    assert isinstance(p, DetectionsParams)
+    boxes, logits = ctx.outputs.get(p.boxes_output), ctx.outputs.get(p.logits_output)
+    if boxes is None or logits is None:
+        raise EngineError(f"model outputs {p.boxes_output!r}/{p.logits_output!r} missing")
+    for i, im in enumerate(ctx.images):
+        for det in postprocess.detections(boxes[i], logits[i], region_labels=p.regions,
+                                          classes=p.classes,
+                                          image_shape=im.array.shape):  # type: ignore[arg-type]
+            ctx.detections.append((im.source, det))
+    return f"{len(ctx.detections)} detections"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@operator("write_seg", tasks=("segmentation3d",))
+def _write_seg(ctx: RunContext, _: BaseModel) -> str:
+    """DICOM SEG over the source series (in memory; the worker stores and publishes)."""
+    vol = ctx.require_volume()
+    labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
+    if len(vol.sources) != labels.shape[0]:
+        raise EngineError("SEG needs single-frame sources (one per slice) in this version")
+    out = ctx.pipeline.spec.outputs
+    desc = out.series_description
+    if out.blinding_hash and ctx.blinding_hash:
+        desc = f"{desc} {ctx.blinding_hash}"
+    seg = dicom_results.build_seg(vol.sources, labels, ctx.pipeline.spec.model.labels,
+                                  ctx.provenance, series_description=desc)
+    ctx.results.append(("SEG", seg))
+    return str(seg.SOPInstanceUID)
+
+
+@operator("write_sr")
+def _write_sr(ctx: RunContext, _: BaseModel) -> str:
+    """TID 1500 SR: segment volumes (+ change, progression) or detections."""
+    if ctx.pipeline.spec.task == "detection2d":
+        findings = [dicom_results.HipFinding(src, d.label, d.classification, d.probability,
+                                             d.box) for src, d in ctx.detections]
+        sr = dicom_results.build_findings_sr(findings, ctx.provenance)
+    else:
+        seg = next((ds for kind, ds in ctx.results if kind == "SEG"), None)
+        if seg is None:
+            raise EngineError("write_sr needs write_seg before it (measurements reference it)")
+        names = ctx.pipeline.spec.model.labels
+        c = ctx.comparison
+        tracked_label = None
+        for pr in ctx.pipeline.operator_params:
+            if isinstance(pr, LongitudinalParams):
+                tracked_label = pr.label
+        items = []
+        for number, value in enumerate(sorted(names), start=1):
+            label = names[value]
+            vol_ml = next(m.value for m in ctx.measurements if m.name == f"volume_{label}")
+            tracked = c is not None and label == tracked_label
+            items.append(dicom_results.SegmentMeasurement(
+                number, label, vol_ml,
+                c.change_from_baseline_pct if tracked and c else None,
+                c.change_from_prior_pct if tracked and c else None,
+                c.progression if tracked and c else None))
+        vol = ctx.require_volume()
+        sr = dicom_results.build_volume_sr(seg, vol.sources, items, ctx.provenance)
+    ctx.results.append(("SR", sr))
+    return str(sr.SOPInstanceUID)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    index: int
+    operator: str
+    duration_s: float
+    detail: str | None
+
+
+def run_steps(ctx: RunContext, *, stop_after_selection_if_empty: bool = True,
+              on_step: Callable[[StepTiming], None] | None = None) -> list[StepTiming]:
+    """Run the pipeline's operators in order. Returns their timings.
+
+    When selection finds nothing, the run stops there (the caller records a skip).
+    Any exception is re-raised as ``OperatorError`` carrying the operator's name.
+    """
+    timings = []
+    for index, (op, params) in enumerate(zip(ctx.pipeline.spec.operators,
+                                             ctx.pipeline.operator_params, strict=True)):
+        operator_ = OPERATORS[op.op]
+        t0 = time.perf_counter()
+        try:
+            detail = operator_.fn(ctx, params)
+        except OperatorError:
+            raise
+        except (EngineError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                MemoryError, RuntimeError) as exc:
+            raise OperatorError(op.op, exc) from exc
+        timing = StepTiming(index, op.op, time.perf_counter() - t0, detail)
+        timings.append(timing)
+        if on_step is not None:
+            on_step(timing)
+        if (op.op == "select_series" and stop_after_selection_if_empty and ctx.selection
+                and not ctx.selection.chosen):
+            break
+    return timings

@@ -1,0 +1,1 @@
+"""Offline training of the reference models (needs the ``train`` extra: torch)."""

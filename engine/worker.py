@@ -1,0 +1,476 @@
+"""The engine worker: a durable JetStream consumer that runs pipelines on completed studies.
+
+Any number of worker processes share one durable consumer (``engine-workers``), so
+scaling out is starting more of them, on more hosts. For each ``study completed`` (and
+``study amended`` with ``rerun``) the worker:
+
+1. finds the pipeline (``event.pipeline``) among its pipeline files and the deployed
+   state folded from the log (stage, file hash); staging runs only studies sent to the
+   pipeline's own AE title or forced by hand;
+2. derives the run key (study, pipeline, model hash [, amendment]) and looks in the
+   study's history: a run key that already completed, was skipped or failed finally is
+   never run again, so a redelivery cannot publish a second result;
+3. reads the study's files from the instance store (``InstanceStored.store_key``, the
+   latest version per SOP Instance UID), runs the operators in a thread while telling
+   JetStream the work is alive, and records each operator's duration;
+4. stores the SEG/SR files, publishes them (store, PACS by stage), and records
+   ``inference completed`` last, as the commit of the run.
+
+Bad data ends in ``inference failed`` (final at once: retrying the same bytes cannot
+help); other failures are retried up to the limit, then dead-lettered by the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from engine import pacs
+from engine.dicom_results import Provenance
+from engine.errors import (
+    EngineError,
+    InputError,
+    OperatorError,
+    PublishFailedError,
+    RuntimeUnavailable,
+)
+from engine.ops.longitudinal import EarlierResult
+from engine.registry import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
+from engine.runtimes import (
+    HostCapabilities,
+    Runtime,
+    RuntimeChoice,
+    load_runtime,
+    probe_host,
+    select_runtime,
+)
+from engine.spec import LoadedPipeline
+from engine.steps import LongitudinalParams, RunContext, StepTiming, run_steps
+from events.base import Event, deterministic_id
+from events.catalogue import (
+    CompletionReason,
+    Finding,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceRequested,
+    InferenceSkipped,
+    InferenceStarted,
+    InstanceStored,
+    Measurement,
+    OperatorFinished,
+    PublishFailed,
+    ResultPublished,
+    Stage,
+    StudyAmended,
+    StudyCompleted,
+)
+from events.jetstream import Delivery, EventBus
+from events.subjects import type_filter
+
+log = logging.getLogger(__name__)
+
+DURABLE = "engine-workers"
+Make = Callable[..., Event]  # builds a follow-up event of the trigger (see _run_pipeline)
+TRIGGERS = (type_filter("ingest.study.completed"), type_filter("ingest.study.amended"))
+
+
+def run_key(study_uid: str, pipeline: str, model_sha256: str, revision: str = "") -> str:
+    """One result per (study, pipeline, model hash [, amendment]), ever."""
+    parts = "\x1f".join((study_uid, pipeline, model_sha256, revision))
+    return hashlib.sha256(parts.encode()).hexdigest()[:32]
+
+
+def blinding_hash(secret: bytes, key: str) -> str:
+    """A salted hash shown instead of the mask's origin during blinded reading (LTS)."""
+    return hmac.new(secret, f"blind\x1f{key}".encode(), hashlib.sha256).hexdigest()[:12]
+
+
+@dataclass
+class WorkerConfig:
+    instances_dir: Path
+    results_dir: Path
+    secret: bytes
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    durable: str = DURABLE
+    max_attempts: int = 3
+    ack_wait_s: float = 60.0
+    heartbeat_s: float = 10.0
+    calling_ae: str = "LASTMILE"
+    host: HostCapabilities | None = None  # None: probe this host
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    paths: list[Path]
+    patient_pseudonym: str | None
+    study_date: str | None
+    called_aes: frozenset[str]
+
+
+def study_files(history: Sequence[tuple[int, Event]], instances_dir: Path) -> StudyFiles:
+    """Paths of the study's instances: the latest version per SOP Instance UID."""
+    latest: dict[str, InstanceStored] = {}
+    pseudonym = study_date = None
+    aes = set()
+    for _, ev in history:
+        if isinstance(ev, InstanceStored):
+            cur = latest.get(ev.sop_instance_uid)
+            if cur is None or ev.version >= cur.version:
+                latest[ev.sop_instance_uid] = ev
+            pseudonym = ev.patient_pseudonym or pseudonym
+            study_date = ev.study_date or study_date
+            aes.add(ev.called_ae)
+    paths = [instances_dir / ev.store_key for ev in latest.values()]
+    return StudyFiles(sorted(paths), pseudonym, study_date, frozenset(aes))
+
+
+def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
+    """Read every file; a missing or non-DICOM file is an input error naming it.
+
+    Values over 64 KB (pixel data) are read from disk only when used, so series that
+    selection rejects cost only their headers.
+    """
+    out: list[Dataset] = []
+    for path in paths:
+        try:
+            out.append(pydicom.dcmread(path, defer_size="64 KB"))
+        except FileNotFoundError:
+            raise InputError(f"instance file {path} is missing from the store") from None
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise InputError(f"{path.name} is not readable DICOM: {exc}") from None
+    return out
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one trigger (for tests and the bench)."""
+
+    run_key: str
+    status: str  # completed | skipped | failed | duplicate | retry
+    detail: str = ""
+    study_uid: str | None = None
+    pipeline: str | None = None
+    # seconds spent outside the operators (read files, store, publish, bus); the
+    # operators' own durations are OperatorFinished events
+    stages: dict[str, float] = field(default_factory=dict)
+    inference_s: float = 0.0
+
+
+class EngineWorker:
+    """One worker process' engine: pipelines, loaded models and the handler."""
+
+    name = "engine-worker"
+
+    def __init__(self, pipelines: dict[str, LoadedPipeline], config: WorkerConfig) -> None:
+        self.pipelines = pipelines
+        self.config = config
+        self.host = config.host or probe_host()
+        self._runtimes: dict[tuple[str, str], Runtime] = {}
+        self.loads = 0  # model loads in this process (tests check "once per process")
+        # recent outcomes, for tests and the bench (bounded: a worker runs for months)
+        self.outcomes: deque[RunOutcome] = deque(maxlen=1000)
+        self._bus: EventBus
+
+    # ------------------------------------------------------------------ service
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        self.bind(bus)
+        await bus.consume(self.config.durable, self.handle, filter_subjects=TRIGGERS,
+                          max_attempts=self.config.max_attempts,
+                          ack_wait_s=self.config.ack_wait_s, stop=stop)
+
+    # ------------------------------------------------------------------ handler
+
+    async def handle(self, event: Event, delivery: Delivery) -> None:
+        """The consumer's handler (``EventBus.consume``); see the module doc."""
+        try:
+            outcome = await self._handle(self._bus, event, delivery)
+        except EngineError as exc:
+            self.outcomes.append(RunOutcome("", "retry", str(exc)))
+            raise
+        if outcome is not None:
+            self.outcomes.append(outcome)
+
+    def bind(self, bus: EventBus) -> EngineWorker:
+        self._bus = bus
+        return self
+
+    async def _deployed(self, bus: EventBus) -> dict[str, DeployedPipeline]:
+        events = [ev async for _, ev, _ in bus.read(filter_subject=PIPELINE_EVENTS)
+                  if isinstance(ev, Event)]
+        return fold_pipelines(events)
+
+    async def _handle(self, bus: EventBus, event: Event, delivery: Delivery
+                      ) -> RunOutcome | None:
+        if not isinstance(event, StudyCompleted | StudyAmended) or not event.study_uid:
+            return None
+        if isinstance(event, StudyAmended) and not event.rerun:
+            return None
+        study = event.study_uid
+        history = await bus.history(study)
+        names = [event.pipeline] if event.pipeline else sorted(
+            {ev.pipeline for _, ev in history if isinstance(ev, StudyCompleted) and ev.pipeline})
+        last: RunOutcome | None = None
+        for name in names:
+            if name not in self.pipelines:
+                log.debug("study %s: pipeline %s is not one of this worker's", study, name)
+                continue
+            last = await self._run_pipeline(bus, event, delivery, history, self.pipelines[name])
+        return last
+
+    async def _run_pipeline(self, bus: EventBus, trigger: Event, delivery: Delivery,
+                            history: list[tuple[int, Event]], loaded: LoadedPipeline
+                            ) -> RunOutcome:
+        spec = loaded.spec
+        study = trigger.study_uid or ""
+        revision = trigger.event_id if isinstance(trigger, StudyAmended) else ""
+        key = run_key(study, spec.name, spec.model.sha256, revision)
+        actor = f"worker:{self.config.worker_id}"
+
+        def caused(cls: type[Event], event_id: str, **payload: object) -> Event:
+            return trigger.caused(cls, actor=actor, pipeline=spec.name, event_id=event_id,
+                                  **payload)
+
+        # 1. already decided? (redelivery, a second worker, a re-sent trigger). A skip
+        # decides only its own trigger: a study skipped because the pipeline was not yet
+        # deployed (or in staging) runs when completed again later.
+        for _, ev in history:
+            if getattr(ev, "run_key", None) == key and (
+                isinstance(ev, InferenceCompleted)
+                or (isinstance(ev, InferenceFailed) and ev.final)
+                or (isinstance(ev, InferenceSkipped) and ev.causation_id == trigger.event_id)
+            ):
+                return RunOutcome(key, "duplicate", f"already {ev.type_name()}")
+
+        async def skip(reason: str, rejected: tuple[str, ...] = ()) -> RunOutcome:
+            await bus.publish(caused(InferenceSkipped,
+                                     deterministic_id("skipped", key, trigger.event_id),
+                                     run_key=key, reason=reason, rejected_series=rejected))
+            return RunOutcome(key, "skipped", reason)
+
+        # 2. deployed, same file, stage allows this study?
+        deployed = (await self._deployed(bus)).get(spec.name)
+        if deployed is None or deployed.retired:
+            state = "retired" if deployed else "not deployed"
+            return await skip(f"pipeline {spec.name} is {state}")
+        if deployed.file_sha256 != loaded.file_sha256:
+            return await skip(
+                f"deployed file of {spec.name} has SHA-256 {deployed.file_sha256[:12]}, this "
+                f"worker's {loaded.path.name} has {loaded.file_sha256[:12]}: deploy it again")
+        files = study_files(history, self.config.instances_dir)
+        if deployed.stage == Stage.STAGING:
+            by_hand = spec.ae_title in files.called_aes or (
+                isinstance(trigger, StudyCompleted) and trigger.reason == CompletionReason.FORCED)
+            if not by_hand:
+                return await skip(f"{spec.name} is in staging: it runs only on studies sent "
+                                  f"to {spec.ae_title} or completed by hand")
+        if not files.paths:
+            return await skip("no stored instances for this study")
+
+        # 3. run
+        attempt = delivery.attempt
+        await bus.publish(caused(InferenceRequested, deterministic_id("requested", key),
+                                 run_key=key, model_sha256=spec.model.sha256,
+                                 stage=deployed.stage,
+                                 trigger="study_amended" if revision else "study_completed"))
+        t_start = time.perf_counter()
+        timings: list[StepTiming] = []
+        ctx: RunContext | None = None
+        stages: dict[str, float] = {}
+        try:
+            # a pipeline pinned to a GPU runtime fails here on a CPU host; not final:
+            # the redelivery may reach a worker on a GPU host (same durable consumer)
+            choice = select_runtime(spec.runtime, self.host)
+        except RuntimeUnavailable as exc:
+            return await self._failed(bus, caused, key, attempt, exc)
+        await bus.publish(caused(InferenceStarted, deterministic_id("started", key, attempt),
+                                 run_key=key, worker_id=self.config.worker_id, attempt=attempt,
+                                 runtime=choice.name))
+        try:
+            datasets = await asyncio.to_thread(read_datasets, files.paths)
+            stages["read"] = time.perf_counter() - t_start
+            t = time.perf_counter()
+            runtime = await asyncio.to_thread(self._runtime, loaded, choice)
+            stages["model_load"] = time.perf_counter() - t
+            earlier = await self._earlier(bus, spec.name, files.patient_pseudonym, loaded)
+            ctx = RunContext(
+                pipeline=loaded, runtime=runtime, datasets=datasets,
+                provenance=Provenance(spec.model.name, spec.model.version, spec.model.sha256,
+                                      spec.name, spec.version, key),
+                study_date=files.study_date or str(datasets[0].get("StudyDate", "")),
+                earlier=earlier,
+                blinding_hash=blinding_hash(self.config.secret, key)
+                if spec.outputs.blinding_hash else None,
+            )
+            work = asyncio.create_task(asyncio.to_thread(run_steps, ctx, on_step=timings.append))
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=self.config.heartbeat_s)
+                if done:
+                    break
+                await delivery.in_progress()  # alive: do not redeliver
+            await work
+        except (OperatorError, InputError, EngineError) as exc:
+            await self._publish_timings(bus, caused, key, attempt, timings)
+            return await self._failed(bus, caused, key, attempt, exc)
+        await self._publish_timings(bus, caused, key, attempt, timings)
+        assert ctx is not None
+        if ctx.selection is not None and not ctx.selection.chosen:
+            return await skip("no series matched the selection rules",
+                              ctx.selection.rejected_lines())
+
+        # 4. results: store, publish, then the commit event
+        t = time.perf_counter()
+        result_keys = await asyncio.to_thread(self._store_results, key, ctx)
+        stages["store"] = time.perf_counter() - t
+        t = time.perf_counter()
+        published = await self._publish_results(bus, caused, key, ctx, deployed.stage)
+        stages["publish"] = time.perf_counter() - t
+        duration = time.perf_counter() - t_start
+        measurements = tuple(Measurement(name=m.name, value=round(m.value, 6), unit=m.unit,
+                                         label=m.label) for m in ctx.measurements)
+        findings = tuple(Finding(label=f"{d.label}_hip" if spec.task == "detection2d"
+                                 else d.label, classification=d.classification,
+                                 probability=round(d.probability, 6),
+                                 box=tuple(round(float(v), 2) for v in d.box),  # type: ignore[arg-type]
+                                 sop_instance_uid=str(src.SOPInstanceUID))
+                         for src, d in ctx.detections)
+        await bus.publish(caused(
+            InferenceCompleted, deterministic_id("completed", key), run_key=key,
+            model_name=spec.model.name, model_version=spec.model.version,
+            model_sha256=spec.model.sha256, runtime=choice.name, runtime_reason=choice.reason,
+            duration_s=round(duration, 4), inference_s=round(ctx.inference_s, 4),
+            selected_series=tuple(s.series_uid for s in ctx.selection.chosen)
+            if ctx.selection else (),
+            measurements=measurements, findings=findings, result_keys=tuple(result_keys),
+            progression=ctx.comparison.progression if ctx.comparison else None,
+            blinding_hash=ctx.blinding_hash, patient_pseudonym=files.patient_pseudonym,
+            study_date=ctx.study_date or None,
+        ))
+        return RunOutcome(key, "completed", f"{len(published)} published", study, spec.name,
+                          stages, ctx.inference_s)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _runtime(self, loaded: LoadedPipeline, choice: RuntimeChoice) -> Runtime:
+        """The model, loaded once per process per (model hash, runtime)."""
+        cache_key = (loaded.spec.model.sha256, choice.name)
+        if cache_key not in self._runtimes:
+            self._runtimes[cache_key] = load_runtime(
+                choice, loaded.model_path, loaded.spec.model.sha256, fp16=loaded.spec.fp16,
+                cache_dir=self.config.results_dir.parent / "trt-cache")
+            self.loads += 1
+        return self._runtimes[cache_key]
+
+    async def _earlier(self, bus: EventBus, pipeline: str, pseudonym: str | None,
+                       loaded: LoadedPipeline) -> list[EarlierResult]:
+        """The same patient's earlier results of this pipeline (by pseudonym)."""
+        tracked = next((p.label for p in loaded.operator_params
+                        if isinstance(p, LongitudinalParams)), None)
+        if tracked is None or pseudonym is None:
+            return []
+        out = []
+        async for _, ev, _ in bus.read(filter_subject=type_filter("engine.inference.completed")):
+            if (isinstance(ev, InferenceCompleted) and ev.pipeline == pipeline
+                    and ev.patient_pseudonym == pseudonym and ev.study_date and ev.study_uid):
+                vol = next((m.value for m in ev.measurements
+                            if m.label == tracked and m.unit == "mL"), None)
+                if vol is not None:
+                    out.append(EarlierResult(ev.study_uid, ev.study_date, vol))
+        return out
+
+    async def _publish_timings(self, bus: EventBus, make: Make, key: str, attempt: int,
+                               timings: list[StepTiming]) -> None:
+        await bus.publish_many([
+            make(OperatorFinished, deterministic_id("operator", key, attempt, t.index),
+                 run_key=key, operator=t.operator, index=t.index,
+                 duration_s=round(t.duration_s, 6), detail=(t.detail or "")[:500])
+            for t in timings
+        ])
+
+    async def _failed(self, bus: EventBus, make: Make, key: str, attempt: int,
+                      exc: EngineError) -> RunOutcome:
+        if isinstance(exc, OperatorError):
+            operator = exc.operator
+        elif isinstance(exc, RuntimeUnavailable):
+            operator = "select_runtime"
+        elif isinstance(exc, InputError):
+            operator = "read_instances"
+        else:
+            operator = "load_model"
+        is_input = isinstance(exc, InputError) or (
+            isinstance(exc, OperatorError) and exc.is_input_error)
+        final = is_input or attempt >= self.config.max_attempts
+        await bus.publish(make(InferenceFailed,
+                               deterministic_id("failed", key, attempt), run_key=key,
+                               operator=operator, error=str(exc)[:2000], attempt=attempt,
+                               final=final))
+        log.warning("run %s failed in %s (attempt %d, final=%s): %s", key, operator, attempt,
+                    final, exc)
+        if not is_input:
+            raise exc  # the bus naks it; at max_attempts it dead-letters it
+        return RunOutcome(key, "failed", f"{operator}: {exc}")
+
+    def _store_results(self, key: str, ctx: RunContext) -> list[str]:
+        """Result files under ``results_dir/<run key>/``; keys relative to results_dir."""
+        folder = self.config.results_dir / key
+        folder.mkdir(parents=True, exist_ok=True)
+        keys = []
+        for kind, ds in ctx.results:
+            name = f"{kind.lower()}-{ds.SOPInstanceUID}.dcm"
+            tmp = folder / (name + ".tmp")
+            ds.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, folder / name)
+            keys.append(f"{key}/{name}")
+        return keys
+
+    async def _publish_results(self, bus: EventBus, make: Make, key: str, ctx: RunContext,
+                               stage: Stage) -> list[str]:
+        done = []
+        for pub in ctx.pipeline.spec.publishers:
+            if stage.value not in pub.stages:
+                continue
+            if pub.kind == "store":
+                for kind, ds in ctx.results:
+                    await bus.publish(make(ResultPublished,
+                                           deterministic_id("published", key, "store",
+                                                            ds.SOPInstanceUID),
+                                           run_key=key, destination="store", kind=kind,
+                                           sop_instance_uid=str(ds.SOPInstanceUID)))
+                done.append("store")
+                continue
+            assert pub.ae_title and pub.host and pub.port
+            dest = pacs.PacsAddress(pub.ae_title, pub.host, pub.port, self.config.calling_ae)
+            destination = f"pacs:{pub.ae_title}"
+            try:
+                outcomes = await asyncio.to_thread(
+                    pacs.c_store, [ds for _, ds in ctx.results], dest, retries=pub.retries,
+                    retry_delay_s=pub.retry_delay_s)
+            except PublishFailedError as exc:
+                await bus.publish(make(PublishFailed,
+                                       deterministic_id("publish-failed", key, destination),
+                                       run_key=key, destination=destination, error=str(exc),
+                                       attempt=pub.retries + 1, will_retry=False))
+                continue
+            kinds = {str(ds.SOPInstanceUID): kind for kind, ds in ctx.results}
+            for o in outcomes:
+                await bus.publish(make(ResultPublished,
+                                       deterministic_id("published", key, destination,
+                                                        o.sop_instance_uid),
+                                       run_key=key, destination=destination,
+                                       kind=kinds[o.sop_instance_uid],
+                                       sop_instance_uid=o.sop_instance_uid, attempt=o.attempt))
+            done.append(destination)
+        return done

@@ -1,0 +1,176 @@
+"""Pure operators: selection with reasons, preprocessing, inference tiling, post-processing,
+longitudinal comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.errors import ModelOutputError
+from engine.ops import inference, postprocess, preprocess
+from engine.ops.longitudinal import EarlierResult, compare
+from engine.ops.selection import SelectionRule, describe_series, orientation_of, select_series
+from engine.phantoms import brain_mr_study, pelvis_study, sphere_volume_ml
+
+
+def test_selection_picks_the_flair_and_says_why_the_localizer_lost() -> None:
+    study = brain_mr_study(1)
+    infos = describe_series(study.datasets)
+    rule = SelectionRule(modalities=("MR",), description_regex="FLAIR|T2",
+                         exclude_regex="LOCALI[SZ]ER", orientation="axial", min_slices=20)
+    sel = select_series(infos, rule)
+    assert [s.description for s in sel.chosen] == ["AX T2 FLAIR"]
+    (uid, reason), = sel.rejected
+    assert "LOCALIZER" in reason and "does not match" in reason
+
+
+def test_selection_reasons_for_modality_slices_spacing() -> None:
+    infos = describe_series(brain_mr_study(2).datasets)
+    flair = next(i for i in infos if i.description == "AX T2 FLAIR")
+    assert "modality MR not in ['CT']" in select_series([flair], SelectionRule(
+        modalities=("CT",))).rejected[0][1]
+    assert "40 slices, fewer than 50" in select_series([flair], SelectionRule(
+        min_slices=50)).rejected[0][1]
+    assert "exceeds 2.0 mm" in select_series([flair], SelectionRule(
+        max_spacing_mm=2.0)).rejected[0][1]
+    assert "orientation axial is not sagittal" in select_series([flair], SelectionRule(
+        orientation="sagittal")).rejected[0][1]
+
+
+def test_selection_of_radiographs_takes_every_matching_image_series() -> None:
+    study = pelvis_study(3, images=5, size=128)
+    sel = select_series(describe_series(study.datasets),
+                        SelectionRule(modalities=("CR", "DX"), multiple=True))
+    assert len(sel.chosen) == 1 and sel.chosen[0].instance_count == 5
+
+
+def test_orientation_names() -> None:
+    assert orientation_of([1, 0, 0, 0, 1, 0]) == "axial"
+    assert orientation_of([0, 1, 0, 0, 0, -1]) == "sagittal"
+    assert orientation_of([1, 0, 0, 0, 0, -1]) == "coronal"
+    assert orientation_of([1, 0, 0, 0, 0.7071, 0.7071]) == "oblique"
+
+
+def test_resample_keeps_physical_extent_and_volume() -> None:
+    vol = np.zeros((20, 40, 40), np.float32)
+    vol[5:15, 10:30, 10:30] = 1.0  # 10 x 20 x 20 voxels at (3, 1, 1) mm = 12 mL
+    out, spacing = preprocess.resample(vol, (3.0, 1.0, 1.0), (1.5, 2.0, 2.0), order=1)
+    assert out.shape == (40, 20, 20)
+    assert spacing == pytest.approx((1.5, 2.0, 2.0))
+    assert out.sum() * np.prod(spacing) == pytest.approx(vol.sum() * 3.0, rel=0.02)
+
+
+def test_window_and_zscore() -> None:
+    hu = np.array([-1000, -140, 60, 260, 3000], np.float32)
+    assert preprocess.window(hu, center=60, width=400).tolist() == [0, 0, 0.5, 1, 1]
+    z = preprocess.zscore(np.array([0, 10, 20, 30], np.float32))
+    assert z[0] == 0 and z[1:].mean() == pytest.approx(0, abs=1e-6)
+
+
+def test_crop_or_pad_and_resize_2d() -> None:
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert preprocess.crop_or_pad(a, (4, 3, 2)).shape == (4, 3, 2)
+    img = np.ones((1024, 1024), np.float32)
+    assert preprocess.resize_2d(img, (128, 128)).shape == (128, 128)
+
+
+@given(size=st.integers(1, 300), roi=st.integers(1, 64), overlap=st.floats(0, 0.9))
+def test_windows_cover_every_voxel(size: int, roi: int, overlap: float) -> None:
+    starts = inference.window_starts(size, roi, overlap)
+    covered = np.zeros(max(size, roi), bool)
+    for s in starts:
+        covered[s : s + roi] = True
+    assert covered[:size].all() and starts[0] == 0
+
+
+def _threshold_model(x: np.ndarray) -> dict[str, np.ndarray]:
+    """A 'model' whose class-1 logit is the input: foreground where input > 0."""
+    return {"logits": np.concatenate([np.zeros_like(x), x * 10.0], axis=1)}
+
+
+def test_sliding_window_blends_windows_into_the_full_volume() -> None:
+    vol = -np.ones((1, 40, 70, 50), np.float32)
+    vol[0, 10:30, 20:60, 5:45] = 1.0
+    calls = []
+    probs = inference.sliding_window_3d(vol, _threshold_model, roi=(16, 32, 32), classes=2,
+                                        overlap=0.5, on_window=lambda d, t: calls.append(t))
+    assert probs.shape == (2, 40, 70, 50)
+    labels = postprocess.argmax_labels(probs)
+    assert np.array_equal(labels == 1, vol[0] > 0)
+    assert calls and calls[-1] > 1
+
+
+def test_sliding_window_pads_a_volume_smaller_than_the_roi() -> None:
+    vol = np.ones((1, 8, 10, 12), np.float32)
+    probs = inference.sliding_window_3d(vol, _threshold_model, roi=(16, 16, 16), classes=2)
+    assert probs.shape == (2, 8, 10, 12) and (probs[1] > 0.99).all()
+
+
+def test_wrong_model_output_shape_is_a_model_output_error() -> None:
+    def bad(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": np.zeros((x.shape[0], 3, 8, 8, 8), np.float32)}
+
+    with pytest.raises(ModelOutputError, match=r"expected \(1, 2, 16, 16, 16\)"):
+        inference.sliding_window_3d(np.zeros((1, 16, 16, 16), np.float32), bad,
+                                    roi=(16, 16, 16), classes=2)
+    with pytest.raises(ModelOutputError, match="output 'boxes' has shape"):
+        inference.batches_2d(np.zeros((2, 1, 8, 8)), lambda x: {"boxes": np.zeros((2, 3))},
+                             expect={"boxes": (2, 4)})
+
+
+def test_largest_component_removes_islands_of_listed_labels_only() -> None:
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:5, 1:5, 1:5] = 1
+    labels[8, 8, 8] = 1  # island
+    labels[0, 9, 0] = 3  # other label's island, not listed
+    out = postprocess.largest_components(labels, [1])
+    assert (out == 1).sum() == 64 and out[8, 8, 8] == 0 and out[0, 9, 0] == 3
+
+
+def test_volumes_in_ml_from_voxel_counts_and_spacing() -> None:
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:5, :4, :2] = 1  # 40 voxels
+    labels[9, 9, 9] = 2
+    v = postprocess.volumes_ml(labels, (2.0, 0.5, 0.5), {1: "a", 2: "b", 3: "c"})
+    assert v == {"a": pytest.approx(0.02), "b": pytest.approx(0.0005), "c": 0.0}
+
+
+def test_phantom_lesion_volume_matches_the_sphere() -> None:
+    study = brain_mr_study(7, lesion_radius_mm=18.0)
+    vol = postprocess.volumes_ml(study.labels, study.spacing, {1: "lesion"})["lesion"]
+    assert vol == pytest.approx(sphere_volume_ml(18.0), rel=0.05)
+
+
+def test_detections_scale_boxes_and_give_probabilities() -> None:
+    boxes = np.array([[0.5, 0.25, 0.1, 0.75], [0.6, 0.1, 0.9, 0.3]], np.float32)
+    logits = np.array([[0, 5, 0], [3, 0, 0]], np.float32)
+    dets = postprocess.detections(boxes, logits, region_labels=("right", "left"),
+                                  classes=("normal", "fracture", "hardware"),
+                                  image_shape=(200, 100))
+    assert dets[0].box == pytest.approx((10.0, 50.0, 50.0, 150.0))  # corners sorted
+    assert dets[0].classification == "fracture" and dets[0].probability > 0.98
+    assert sum(dets[1].probabilities.values()) == pytest.approx(1.0)
+
+
+def test_longitudinal_change_from_baseline_and_prior() -> None:
+    earlier = [EarlierResult("s1", "20250101", 10.0), EarlierResult("s2", "20250601", 12.0),
+               EarlierResult("s9", "20270101", 1.0)]  # later than current: ignored
+    c = compare(15.0, "20260101", earlier, threshold_pct=25.0)
+    assert c.baseline and c.baseline.study_uid == "s1"
+    assert c.prior and c.prior.study_uid == "s2"
+    assert c.change_from_baseline_pct == pytest.approx(50.0)
+    assert c.change_from_prior_pct == pytest.approx(25.0)
+    assert c.progression is True
+    assert compare(12.5, "20260101", earlier, threshold_pct=30.0).progression is False
+    assert compare(5.0, "20240101", earlier, threshold_pct=25.0).progression is None
+
+
+def test_dice() -> None:
+    a = np.zeros(10, bool)
+    a[:4] = True
+    b = np.zeros(10, bool)
+    b[2:6] = True
+    assert postprocess.dice(a, b) == pytest.approx(0.5)
+    assert postprocess.dice(np.zeros(3), np.zeros(3)) == 1.0

@@ -1,0 +1,254 @@
+"""Bad input and failing models end in a clear failed/skipped event, never block the queue;
+redelivery and several workers never publish a second result."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+
+from engine.feed import completed_event, feed_study, stored_events
+from engine.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
+from engine.registry import deployed_event
+from engine.spec import LoadedPipeline, load_pipeline
+from engine.worker import EngineWorker, WorkerConfig
+from events.catalogue import (
+    CompletionReason,
+    DeliveryFailed,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceSkipped,
+    ResultPublished,
+    Stage,
+)
+from events.jetstream import EventBus
+from tests.engine.conftest import SECRET, RunningWorker, has, wait_for
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def _flair(study):  # type: ignore[no-untyped-def]
+    return [d for d in study.datasets if d.SeriesDescription == "AX T2 FLAIR"]
+
+
+async def test_bad_series_fail_clearly_and_the_next_study_still_runs(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    bts = reference["bts"]
+    await bus.publish(deployed_event(bts, actor="test", stage=Stage.VALIDATION))
+    missing = brain_mr_study(501)
+    flair = _flair(missing)
+    del flair[20]
+    unreadable = brain_mr_study(502)
+    bad = _flair(unreadable)
+    bad[10].PixelData = bad[10].PixelData[:999]
+    wrong_geometry = brain_mr_study(503)
+    wg = _flair(wrong_geometry)
+    wg[3].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    good = brain_mr_study(504)
+    async with RunningWorker(bus, EngineWorker({"bts": bts}, worker_config)):
+        for datasets in (flair, bad, wg):
+            await feed_study(bus, datasets, worker_config.instances_dir, SECRET,
+                             pipeline="bts", called_ae="LM_BTS")
+        await feed_study(bus, good.datasets, worker_config.instances_dir, SECRET,
+                         pipeline="bts", called_ae="LM_BTS")
+        await wait_for(bus, good.study_uid, has("engine.inference.completed"))
+        failures = {}
+        for study in (missing, unreadable, wrong_geometry):
+            evs = await wait_for(bus, study.study_uid, has("engine.inference.failed"))
+            (failed,) = [e for e in evs if isinstance(e, InferenceFailed)]
+            assert failed.final and failed.attempt == 1  # bad data: not retried
+            assert not any(isinstance(e, InferenceCompleted | ResultPublished) for e in evs)
+            failures[study.study_uid] = failed
+    assert failures[missing.study_uid].operator == "load_volume"
+    assert "missing or misplaced slice" in failures[missing.study_uid].error
+    assert failures[unreadable.study_uid].operator == "load_volume"
+    assert "cannot be decoded" in failures[unreadable.study_uid].error
+    assert "orientation" in failures[wrong_geometry.study_uid].error
+
+
+async def test_no_matching_series_is_skipped_with_each_reason(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    bts = reference["bts"]
+    await bus.publish(deployed_event(bts, actor="test", stage=Stage.VALIDATION))
+    ct = abdomen_ct_study(601)  # a CT sent to the brain MR pipeline
+    async with RunningWorker(bus, EngineWorker({"bts": bts}, worker_config)):
+        await feed_study(bus, ct.datasets, worker_config.instances_dir, SECRET,
+                         pipeline="bts", called_ae="LM_BTS")
+        evs = await wait_for(bus, ct.study_uid, has("engine.inference.skipped"))
+    skipped = next(e for e in evs if isinstance(e, InferenceSkipped))
+    assert skipped.reason == "no series matched the selection rules"
+    assert len(skipped.rejected_series) == 1
+    assert "modality CT not in ['MR']" in skipped.rejected_series[0]
+
+
+def _onnx_pipeline(tmp: Path, base: LoadedPipeline, name: str, graph: onnx.GraphProto
+                   ) -> LoadedPipeline:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp / f"{name}.onnx"
+    onnx.save(model, str(path))
+    data = yaml.safe_load(base.path.read_text())
+    data["model"].update(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                         card=str(base.card_path))
+    spec = tmp / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_pipeline(spec)
+
+
+def _raising_graph() -> onnx.GraphProto:
+    """Reshape to a shape that never fits: ONNX Runtime raises on every call."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 32, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [7, 3])
+    return helper.make_graph([helper.make_node("Reshape", ["image", "shape"], ["logits"])],
+                             "raises", [x], [y], [shape])
+
+
+def _wrong_shape_graph() -> onnx.GraphProto:
+    """Returns its input: one channel where the pipeline declares two classes."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 32, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 1, 32, 64, 64])
+    return helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])],
+                             "wrong", [x], [y])
+
+
+@pytest.mark.parametrize(("graph", "message"), [
+    (_raising_graph, "ModelFailed"), (_wrong_shape_graph, "expected (2, 2, 32, 64, 64)")])
+async def test_failing_model_is_retried_then_dead_lettered_and_queue_moves_on(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig, tmp_path: Path,
+    graph, message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    broken = _onnx_pipeline(tmp_path, reference["bts"], "broken", graph())
+    hfd = reference["hfd"]
+    for p in (broken, hfd):
+        await bus.publish(deployed_event(p, actor="test", stage=Stage.VALIDATION))
+    study = brain_mr_study(701)
+    other = pelvis_study(702, images=1, size=256)
+    async with RunningWorker(bus, EngineWorker({"bts": broken, "hfd": hfd}, worker_config)):
+        await feed_study(bus, study.datasets, worker_config.instances_dir, SECRET,
+                         pipeline="bts", called_ae="LM_BTS")
+        await feed_study(bus, other.datasets, worker_config.instances_dir, SECRET,
+                         pipeline="hfd", called_ae="LM_HFD")
+        await wait_for(bus, other.study_uid, has("engine.inference.completed"))
+        evs = await wait_for(bus, study.study_uid, has("system.delivery.failed"))
+    failed = sorted((e for e in evs if isinstance(e, InferenceFailed)), key=lambda e: e.attempt)
+    assert [f.attempt for f in failed] == [1, 2] and [f.final for f in failed] == [False, True]
+    assert all(f.operator == "sliding_window" and message in f.error for f in failed)
+    dead = next(e for e in evs if isinstance(e, DeliveryFailed))
+    assert dead.deliveries == 2 and dead.original_type == "ingest.study.completed"
+
+
+async def test_redelivered_trigger_never_publishes_a_second_result(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    hfd = reference["hfd"]
+    await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
+    study = pelvis_study(801, images=2, size=256)
+    worker = EngineWorker({"hfd": hfd}, worker_config)
+    async with RunningWorker(bus, worker):
+        stored, done = await feed_study(bus, study.datasets, worker_config.instances_dir,
+                                        SECRET, pipeline="hfd", called_ae="LM_HFD")
+        await wait_for(bus, study.study_uid, has("engine.inference.completed"))
+        # the same study completed again (a forced completion: a different event id)
+        again = completed_event(stored, pipeline="hfd", reason=CompletionReason.FORCED)
+        assert done is not None and again.event_id != done.event_id
+        await bus.publish(again)
+        for _ in range(100):
+            if any(o.status == "duplicate" for o in worker.outcomes):
+                break
+            await asyncio.sleep(0.1)
+    evs = [e for _, e in await bus.history(study.study_uid)]
+    assert sum(isinstance(e, InferenceCompleted) for e in evs) == 1
+    assert sum(isinstance(e, ResultPublished) for e in evs) == 1
+    assert [o.status for o in worker.outcomes] == ["completed", "duplicate"]
+
+
+async def test_two_workers_share_the_queue_and_each_study_runs_once(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    hfd = reference["hfd"]
+    await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
+    studies = [pelvis_study(900 + i, images=1, size=256) for i in range(6)]
+    w1 = EngineWorker({"hfd": hfd}, worker_config)
+    w2 = EngineWorker({"hfd": hfd}, WorkerConfig(**{**worker_config.__dict__,
+                                                    "worker_id": "second"}))
+    async with RunningWorker(bus, w1), RunningWorker(bus, w2):
+        for s in studies:
+            stored = stored_events(s.datasets, worker_config.instances_dir, SECRET,
+                                   called_ae="LM_HFD")
+            await bus.publish_many(stored)
+            await bus.publish(completed_event(stored, pipeline="hfd"))
+        for s in studies:
+            await wait_for(bus, s.study_uid, has("engine.inference.completed"))
+    runs = [o for o in w1.outcomes + w2.outcomes if o.status == "completed"]
+    assert sorted(o.study_uid for o in runs) == sorted(s.study_uid for s in studies)
+    for s in studies:
+        evs = [e for _, e in await bus.history(s.study_uid)]
+        assert sum(isinstance(e, InferenceCompleted) for e in evs) == 1
+    assert np.all([w.loads <= 1 for w in (w1, w2)])
+
+
+async def test_a_stored_file_gone_missing_fails_in_read_instances(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    hfd = reference["hfd"]
+    await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
+    study = pelvis_study(1201, images=2, size=256)
+    stored = stored_events(study.datasets, worker_config.instances_dir, SECRET,
+                           called_ae="LM_HFD")
+    (worker_config.instances_dir / stored[1].store_key).unlink()
+    async with RunningWorker(bus, EngineWorker({"hfd": hfd}, worker_config)):
+        await bus.publish_many(stored)
+        await bus.publish(completed_event(stored, pipeline="hfd"))
+        evs = await wait_for(bus, study.study_uid, has("engine.inference.failed"))
+    failed = next(e for e in evs if isinstance(e, InferenceFailed))
+    assert failed.operator == "read_instances" and failed.final
+    assert "missing from the store" in failed.error
+
+
+async def test_pipeline_pinned_to_tensorrt_on_a_cpu_host_fails_naming_the_runtime(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig, tmp_path: Path
+) -> None:
+    base = reference["hfd"]
+    data = yaml.safe_load(base.path.read_text())
+    data["runtime"] = "tensorrt"
+    data["model"].update(path=str(base.model_path), card=str(base.card_path))
+    path = tmp_path / "hfd.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    pinned = load_pipeline(path)
+    await bus.publish(deployed_event(pinned, actor="test", stage=Stage.VALIDATION))
+    study = pelvis_study(1301, images=1, size=256)
+    async with RunningWorker(bus, EngineWorker({"hfd": pinned}, worker_config)):
+        await feed_study(bus, study.datasets, worker_config.instances_dir, SECRET,
+                         pipeline="hfd", called_ae="LM_HFD")
+        evs = await wait_for(bus, study.study_uid, has("system.delivery.failed"))
+    failed = [e for e in evs if isinstance(e, InferenceFailed)]
+    assert {f.operator for f in failed} == {"select_runtime"}
+    assert "tensorrt requested but unavailable" in failed[0].error
+    assert [f.final for f in failed] == [False, True]  # another (GPU) worker may take it
+
+
+async def test_skipped_before_deployment_runs_when_completed_again_after(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig
+) -> None:
+    hfd = reference["hfd"]
+    study = pelvis_study(1401, images=1, size=256)
+    worker = EngineWorker({"hfd": hfd}, worker_config)
+    async with RunningWorker(bus, worker):
+        stored, _ = await feed_study(bus, study.datasets, worker_config.instances_dir, SECRET,
+                                     pipeline="hfd", called_ae="LM_HFD")
+        evs = await wait_for(bus, study.study_uid, has("engine.inference.skipped"))
+        assert "not deployed" in next(e for e in evs if isinstance(e, InferenceSkipped)).reason
+        await bus.publish(deployed_event(hfd, actor="test", stage=Stage.STAGING))
+        await bus.publish(completed_event(stored, pipeline="hfd",
+                                          reason=CompletionReason.FORCED))
+        await wait_for(bus, study.study_uid, has("engine.inference.completed"))
+    assert [o.status for o in worker.outcomes] == ["skipped", "completed"]
