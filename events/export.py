@@ -37,7 +37,7 @@ ENVELOPE_COLUMNS = (
 )
 
 _UID_KEYS = ("_uid", "_uids")
-_ID_KEYS = ("correlation_id",)
+_ID_KEYS = ("correlation_id", "run_key")  # run keys embed the study UID
 
 
 class UidRemapper:

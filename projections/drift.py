@@ -1,0 +1,65 @@
+"""Drift monitoring: which windows to compare, and the alerts to publish.
+
+``drift_windows`` picks the last complete week before ``now`` as the window and the
+``baseline_weeks`` before it as the baseline. ``alerts_for`` turns the rows of
+``metrics.drift`` that crossed the threshold into ``DriftAlertRaised`` events whose
+id is derived from (feature, window, baseline), so however often the check runs, an
+alert is raised once per feature and window (JetStream drops the re-publish).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from events.base import deterministic_id
+from events.catalogue import DriftAlertRaised
+from projections.metrics import DriftRow
+
+Window = tuple[datetime, datetime]
+
+
+def week_start(t: datetime) -> datetime:
+    """Monday 00:00 of t's week, naive UTC (as the read model stores times)."""
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC).replace(tzinfo=None)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day - timedelta(days=day.weekday())
+
+
+def drift_windows(now: datetime, baseline_weeks: int = 4) -> tuple[Window, Window]:
+    """(baseline, window): the last complete week before ``now`` and the weeks before it."""
+    if baseline_weeks < 1:
+        raise ValueError("baseline_weeks must be at least 1")
+    end = week_start(now)
+    start = end - timedelta(weeks=1)
+    return (start - timedelta(weeks=baseline_weeks), start), (start, end)
+
+
+def alert_id(row: DriftRow, baseline: Window, window: Window) -> str:
+    return deterministic_id("drift-alert", row.pipeline, row.feature,
+                            window[0].isoformat(), window[1].isoformat(),
+                            baseline[0].isoformat(), baseline[1].isoformat())
+
+
+def alerts_for(rows: Iterable[DriftRow], *, baseline: Window, window: Window,
+               actor: str = "projector") -> list[DriftAlertRaised]:
+    """The DriftAlertRaised events to publish for rows over their threshold."""
+    out = []
+    for row in rows:
+        if not row.alert or row.psi is None:
+            continue
+        out.append(DriftAlertRaised.new(
+            actor=actor,
+            pipeline=row.pipeline,
+            event_id=alert_id(row, baseline, window),
+            correlation_id=deterministic_id("drift", row.pipeline, row.feature),
+            feature=f"{row.pipeline}:{row.feature}",
+            psi=round(row.psi, 6),
+            threshold=row.threshold,
+            window_start=window[0].isoformat(),
+            window_end=window[1].isoformat(),
+            baseline_start=baseline[0].isoformat(),
+            baseline_end=baseline[1].isoformat(),
+        ))
+    return out
