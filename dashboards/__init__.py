@@ -1,1 +1,1 @@
-"""dashboards"""
+"""Governance dashboards: Streamlit pages over the DuckDB read model (``dashboards.app``)."""
