@@ -12,12 +12,14 @@ study (a pipeline deployed, a drift alert) use ``_``. So:
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 PREFIX = "lm.ev"
 ALL_EVENTS = f"{PREFIX}.>"
 NO_STUDY = "_"
 
 
+@lru_cache(maxsize=65536)
 def study_token(study_uid: str | None) -> str:
     if not study_uid:
         return NO_STUDY

@@ -206,8 +206,10 @@ def replay(
                     row = event_row(seq, ev, remapper)
                     sys.stdout.write(json.dumps({"sequence": seq, **json.loads(row["body"])})
                                      + "\n")
-        if exporter is not None:
-            exporter.close()
+            if exporter is not None and to is not None:
+                exporter.close()
+                await projections_wiring.export_labels_from_bus(
+                    bus, to[1], remapper=remapper, study_uid=study, from_sequence=from_sequence)
         return n, bad
 
     n, bad = asyncio.run(run())
@@ -251,6 +253,29 @@ def bench_events(
     table.add_row("ratio lastmile / plain", f"{result.publish_ratio:.2f}",
                   f"{result.consume_ratio:.2f}")
     out.print(table)
+
+
+# --------------------------------------------------------------------------- the parts' commands
+
+from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
+    dashboards_wiring,
+    engine_wiring,
+    ingest_wiring,
+    projections_wiring,
+    xnat_wiring,
+)
+
+app.add_typer(ingest_wiring.route_app, name="route")
+app.add_typer(ingest_wiring.study_app, name="study")
+app.add_typer(engine_wiring.pipelines_app, name="pipelines")
+app.add_typer(projections_wiring.projections_app, name="projections")
+app.command("metrics")(projections_wiring.metrics_command)
+app.command("dashboard")(dashboards_wiring.dashboard_command)
+app.add_typer(xnat_wiring.xnat_app, name="xnat")
+bench_app.command("ingest")(ingest_wiring.bench_ingest)
+bench_app.command("e2e")(engine_wiring.bench_e2e)
+bench_app.command("projections")(projections_wiring.bench_projections_command)
+bench_app.command("dashboards")(dashboards_wiring.bench_dashboards_command)
 
 
 # --------------------------------------------------------------------------- entry

@@ -1,12 +1,25 @@
-"""Which services `lastmile up` runs beside NATS. Each later part (the DICOM SCP,
-engine workers, the projector, the dashboard) adds its Service here."""
+"""Which services `lastmile up` runs beside NATS: the DICOM receiver and study-completion
+detector, engine workers, the projector, the dashboard, and XNAT publishing and feedback
+when an XNAT is configured."""
 
 from __future__ import annotations
 
+from lastmile import (
+    dashboards_wiring,
+    engine_wiring,
+    ingest_wiring,
+    projections_wiring,
+    xnat_wiring,
+)
 from lastmile.runtime import Service
 from lastmile.settings import Settings
 
 
 def services_for(settings: Settings) -> list[Service]:
     services: list[Service] = []
+    services += ingest_wiring.ingest_services(settings)
+    services += engine_wiring.engine_services(settings)
+    services.append(projections_wiring.ProjectorService(settings))
+    services.append(dashboards_wiring.DashboardService(settings))
+    services += xnat_wiring.xnat_services(settings)
     return services

@@ -33,6 +33,7 @@ def run(args: list[str], env: dict[str, str],
 def env(tmp_path: Path) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("LASTMILE_")}
     e.update(LASTMILE_STATE_DIR=str(tmp_path / "state"), LASTMILE_NATS_PORT=str(free_port()),
+             LASTMILE_DICOM_PORT=str(free_port()), LASTMILE_DASHBOARD_PORT=str(free_port()),
              COLUMNS="200")
     return e
 
