@@ -61,11 +61,11 @@ def test_unreachable_server_is_one_clear_line_and_exit_4(env: dict[str, str]) ->
 
 def test_bad_config_names_the_line_and_the_key(env: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "lastmile.toml"
-    config.write_text('state_dir = "x"\n\ndicom_port = "four"\nnats_snyc = "always"\n')
+    config.write_text('state_dir = "x"\n\ndicom_max_pdu = "four"\nnats_snyc = "always"\n')
     result = run(["--config", str(config), "audit", "1.2.3"], env)
     assert result.returncode == 3
     text = " ".join(result.stderr.split())
-    assert f"{config}:3: dicom_port:" in text
+    assert f"{config}:3: dicom_max_pdu:" in text
     assert f"{config}:4: nats_snyc: unknown setting" in text
 
 
