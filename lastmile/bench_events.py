@@ -43,11 +43,15 @@ class EventsBench:
         return asdict(self)
 
 
+EVENTS_PER_STUDY = 50  # a study yields tens to hundreds of events (one per instance and more)
+
+
 def _events(n: int) -> list[Event]:
+    """Events of ``n // 50`` studies: each study has its own subjects, as in real use."""
     return [
         InferenceRequested.new(
             actor="bench",
-            study_uid=f"1.2.826.0.1.3680043.8.498.{i}",
+            study_uid=f"1.2.826.0.1.3680043.8.498.{i // EVENTS_PER_STUDY}",
             pipeline="bts",
             run_key=f"bench-{i:08d}",
             model_sha256="9f" * 8,
