@@ -85,6 +85,9 @@ def main_options(
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
+    for noisy in ("highdicom", "pynetdicom", "streamlit"):  # chatty at INFO; ours is enough
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(
+            settings.log_level)))
     ctx.obj = settings
 
 
@@ -120,16 +123,26 @@ def up(ctx: typer.Context) -> None:
 # --------------------------------------------------------------------------- audit
 
 
-def _summary(event: Event) -> str:
-    skip = {"event_id", "schema_version", "occurred_at", "recorded_at", "correlation_id",
-            "causation_id", "actor", "study_uid", "pipeline", "type"}
+# envelope and provenance detail that `--json` keeps but a person scanning a timeline skips
+_AUDIT_SKIP = frozenset({
+    "event_id", "schema_version", "occurred_at", "recorded_at", "correlation_id",
+    "causation_id", "actor", "study_uid", "pipeline", "type", "sha256", "store_key",
+    "association_id", "transfer_syntax_uid", "sop_class_uid", "source_address",
+    "accession_pseudonym", "patient_pseudonym", "manufacturer_model", "station_name",
+    "institution", "pixel_spacing_mm", "series_uid", "run_key", "model_sha256",
+    "payload_sha256", "file_sha256",
+})
+
+
+def _summary(event: Event, limit: int = 200) -> str:
     parts = []
     for key, value in to_builtins(event).items():
-        if key in skip or value in (None, "", [], {}):
+        if key in _AUDIT_SKIP or value in (None, "", [], {}):
             continue
         text = json.dumps(value) if isinstance(value, list | dict) else str(value)
         parts.append(f"{key}={text if len(text) < 60 else text[:57] + '...'}")
-    return " ".join(parts)
+    line = " ".join(parts)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @app.command()
