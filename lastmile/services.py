@@ -16,10 +16,16 @@ from lastmile.settings import Settings
 
 
 def services_for(settings: Settings) -> list[Service]:
+    wanted = set(settings.services)
     services: list[Service] = []
-    services += ingest_wiring.ingest_services(settings)
-    services += engine_wiring.engine_services(settings)
-    services.append(projections_wiring.ProjectorService(settings))
-    services.append(dashboards_wiring.DashboardService(settings))
-    services += xnat_wiring.xnat_services(settings)
+    if "ingest" in wanted:
+        services += ingest_wiring.ingest_services(settings)
+    if "engine" in wanted:
+        services += engine_wiring.engine_services(settings)
+    if "projector" in wanted:
+        services.append(projections_wiring.ProjectorService(settings))
+    if "dashboard" in wanted:
+        services.append(dashboards_wiring.DashboardService(settings))
+    if "xnat" in wanted:
+        services += xnat_wiring.xnat_services(settings)
     return services

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     # --- engine
     pipelines_dir: Path = Field(Path("pipelines"), description="Pipeline YAML files")
     worker_id: str | None = Field(None, description="Defaults to host:pid")
+    # --- which services `lastmile up` runs on this host
+    services: tuple[Literal["ingest", "engine", "projector", "dashboard", "xnat"], ...] = Field(
+        ("ingest", "engine", "projector", "dashboard", "xnat"),
+        description="Scale out: extra worker hosts run only 'engine'; run 'ingest' (receiver "
+        "and study-completion detector) on one host",
+    )
     # --- pages
     dashboard_port: int = Field(8501, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

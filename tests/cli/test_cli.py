@@ -180,3 +180,18 @@ def test_bench_events_reports_both_paths(env: dict[str, str]) -> None:
                 "plain_consume_per_s"):
         assert figures[key] > 0
     assert 200 < figures["event_bytes"] < 600
+
+
+def test_services_setting_chooses_what_up_runs(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker-only host (scale-out) runs the engine and nothing else."""
+    from lastmile.services import services_for
+    from lastmile.settings import load_settings
+
+    monkeypatch.setenv("LASTMILE_SERVICES", '["engine"]')
+    names = [s.name for s in services_for(load_settings(state_dir=tmp_path))]
+    assert names == ["engine-worker"]
+    monkeypatch.delenv("LASTMILE_SERVICES")
+    everything = {s.name for s in services_for(load_settings(state_dir=tmp_path))}
+    assert {"engine-worker", "projector", "dashboard"} <= everything
+    assert len(everything) > 3
