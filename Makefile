@@ -31,6 +31,7 @@ up: setup
 
 test: setup
 	$(BIN)/ruff check events ingest engine projections dashboards lastmile tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup
