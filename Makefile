@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh Debian machine with Python 3.11 and root:
-#   make demo   - set up, then run Lastmile with synthetic studies (until then: `lastmile up`)
+#   make demo   - set up, then run Lastmile with synthetic studies (lastmile demo)
 #   make test   - set up, then run the whole test suite
 PY ?= python3
 VENV := .venv
@@ -24,7 +24,7 @@ setup: $(BIN)/python system-packages
 	$(BIN)/pip install -q -e '.[test]'
 
 demo: setup
-	$(BIN)/lastmile up
+	$(BIN)/lastmile demo
 
 up: setup
 	$(BIN)/lastmile up

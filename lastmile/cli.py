@@ -272,6 +272,7 @@ def bench_events(
 
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
     dashboards_wiring,
+    demo,
     engine_wiring,
     ingest_wiring,
     projections_wiring,
@@ -284,6 +285,7 @@ app.add_typer(engine_wiring.pipelines_app, name="pipelines")
 app.add_typer(projections_wiring.projections_app, name="projections")
 app.command("metrics")(projections_wiring.metrics_command)
 app.command("dashboard")(dashboards_wiring.dashboard_command)
+app.command("demo")(demo.demo_command)
 app.add_typer(xnat_wiring.xnat_app, name="xnat")
 bench_app.command("ingest")(ingest_wiring.bench_ingest)
 bench_app.command("e2e")(engine_wiring.bench_e2e)

@@ -1,0 +1,189 @@
+"""`lastmile demo`: the pure core (plans, simulated reads, deterministic ids) and, marked
+slow, the whole command end to end in a subprocess: real nats-server, real DICOM receiver,
+dcmtk storescu, engine worker, projector."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.phantoms import fake_patient
+from events.catalogue import InferenceCompleted, ReviewSubmitted
+from events.nats_server import free_port
+from lastmile.demo import (
+    PlannedStudy,
+    Reader,
+    Truth,
+    people_events,
+    plan,
+    seed_for,
+    simulate_read,
+)
+from lastmile.demo import random as demo_random
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def test_plan_is_deterministic_longitudinal_and_spread_over_weeks() -> None:
+    rounds = plan(3, seed=5, weeks=6)
+    assert rounds == plan(3, seed=5, weeks=6)
+    assert plan(3, seed=6, weeks=6) != rounds
+    bts = [s for r in rounds for s in r if s.pipeline == "bts"]
+    assert {s.patient for s in bts} == {0, 1, 2}
+    for p in range(3):
+        dates = [s.study_date for s in bts if s.patient == p]
+        assert len(dates) == 3 and dates == sorted(dates) and len(set(dates)) == 3
+    dates = sorted(s.study_date for r in rounds for s in r)
+    assert dates[0] == "20260105" and dates[-1] <= "20260215"  # 6 weeks from 5 January
+    assert {s.pipeline for s in rounds[0]} == {"bts", "lts", "hfd"}
+    assert {s.pipeline for s in rounds[1]} == {"bts"}
+
+
+def test_simulated_reader_follows_sensitivity_specificity_and_disagreement() -> None:
+    rng = demo_random.Random(1)
+    kw = dict(positive="fracture", negative="normal", classes=("normal", "fracture", "hardware"))
+    perfect = Reader("p", 1.0, 1.0, 0.0)
+    assert simulate_read(perfect, "fracture", rng=rng, **kw) == "fracture"  # type: ignore[arg-type]
+    assert simulate_read(perfect, "normal", rng=rng, **kw) == "normal"  # type: ignore[arg-type]
+    assert simulate_read(perfect, "hardware", rng=rng, **kw) == "hardware"  # type: ignore[arg-type]
+    blind = Reader("b", 0.0, 0.0, 0.0)
+    assert simulate_read(blind, "fracture", rng=rng, **kw) == "normal"  # type: ignore[arg-type]
+    contrary = Reader("c", 1.0, 1.0, 1.0)
+    assert simulate_read(contrary, "normal", rng=rng, **kw) != "normal"  # type: ignore[arg-type]
+    mid = Reader("m", 0.7, 0.9, 0.0)
+    hits = sum(simulate_read(mid, "fracture", rng=rng, **kw) == "fracture"  # type: ignore[arg-type]
+               for _ in range(4000))
+    assert 0.66 < hits / 4000 < 0.74
+
+
+def _completed(pipeline: str, **kw: object) -> InferenceCompleted:
+    return InferenceCompleted.new(actor="w", study_uid="2.25.1", pipeline=pipeline,
+                                  run_key="rk", model_name="m", model_version="1",
+                                  runtime="cpu", runtime_reason="test", duration_s=1.0,
+                                  inference_s=0.5, **kw)  # type: ignore[arg-type]
+
+
+def test_people_events_have_deterministic_ids_per_seed_study_reader() -> None:
+    ev = _completed("lts", blinding_hash="abc123")
+    a, b = people_events(7, "lts", ev, Truth(), None), people_events(7, "lts", ev, Truth(), None)
+    assert [e.event_id for e in a] == [e.event_id for e in b]
+    assert len({e.event_id for e in a}) == len(a) == 6  # 3 readers x (assigned, review)
+    assert {e.event_id for e in people_events(8, "lts", ev, Truth(), None)}.isdisjoint(
+        {e.event_id for e in a})
+    reviews = [e for e in a if isinstance(e, ReviewSubmitted)]
+    assert {r.blinded_label for r in reviews} == {"abc123"} and len(reviews) == 3
+    # BTS: a first exam (nothing to compare) gets no reads; a follow-up gets two readers
+    assert people_events(7, "bts", _completed("bts"), Truth(volume_ml=2.0), None) == []
+    follow = people_events(7, "bts", _completed("bts", progression=True),
+                           Truth(volume_ml=4.0), 2.0)
+    assert sorted(r.reader for r in follow if isinstance(r, ReviewSubmitted)) == [
+        "neurorad_a", "neurorad_b"]
+
+
+def test_planned_study_seeds_are_stable() -> None:
+    s = PlannedStudy("lts", 0, 0, "20260105", seed_for(7, "lts", 0))
+    assert s.phantom_seed == seed_for(7, "lts", 0) != seed_for(7, "lts", 1)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run_demo(env: dict[str, str], patients: int) -> subprocess.CompletedProcess[str]:
+    """The command in its own process group; on a timeout it gets SIGINT (a clean stop
+    of its nats-server), then the group is killed, so nothing outlives the test."""
+    args = [sys.executable, "-m", "lastmile", "demo", "--exit-when-done",
+            "--no-dashboard", "--patients", str(patients), "--seed", "11", "--weeks", "3"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"demo did not finish in 150 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def _log(env: dict[str, str]) -> list[dict[str, object]]:
+    res = subprocess.run([sys.executable, "-m", "lastmile", "replay"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
+def _count(log: list[dict[str, object]]) -> collections.Counter[tuple[object, object]]:
+    return collections.Counter((e["type"], e.get("pipeline")) for e in log)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed")
+def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "LASTMILE_STATE_DIR": str(state),
+           "LASTMILE_NATS_PORT": str(free_port()), "LASTMILE_DICOM_PORT": str(free_port()),
+           "LASTMILE_DASHBOARD_PORT": str(free_port()), "COLUMNS": "200"}
+    patients = 2
+    first = _run_demo(env, patients)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    log1 = _log(env)
+    c1 = _count(log1)
+    for p in ("bts", "lts", "hfd"):
+        assert c1[("engine.inference.completed", p)] == (3 * patients if p == "bts"
+                                                         else patients), c1
+        assert c1[("review.review.submitted", p)] > 0, c1
+    assert c1[("review.qc.passed", "hfd")] + c1[("review.qc.rejected", "hfd")] == patients
+    # LTS: three blinded readers per run, each review under the run's blinded label
+    lts_reviews = [e for e in log1 if e["type"] == "review.review.submitted"
+                   and e.get("pipeline") == "lts"]
+    assert len(lts_reviews) == 3 * patients and all(e["blinded_label"] for e in lts_reviews)
+    assert c1[("engine.pipeline.stage_changed", "hfd")] == 1
+
+    # the summary shows real figures from the read model
+    text = first.stdout
+    assert "lastmile demo: summary" in text
+    n = patients
+    assert re.search(rf"│ hfd\s+│ {n}\s+│ {n}/0/0\s+│ \d+\.\d / \d+\.\d s", text), text
+    assert re.search(rf"│ bts\s+│ {3 * patients}\s+│ {3 * patients}/0/0", text), text
+    assert re.search(r"mask accepted \d\.\d\d \[", text), text
+    assert f"sent {5 * patients} studies" in text
+
+    # no demo patient's name or ID in the output or the log/read model; they ARE in the
+    # stored DICOM instances (so the search below would find them if they leaked)
+    needles: set[str] = set()
+    for i in range(patients):
+        fp = fake_patient(seed_for(11, "patient", i))
+        needles |= {fp.patient_id, fp.name, fp.name.replace("^", " ")}
+    stored = b"".join(f.read_bytes() for f in (state / "instances").rglob("*.dcm"))
+    assert any(n.encode() in stored for n in needles)
+    second = _run_demo(env, patients)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for blob in (first.stdout + first.stderr + second.stdout + second.stderr,):
+        assert not [n for n in needles if n in blob]
+    for f in [*(state / "nats").rglob("*"), state / "lastmile.duckdb"]:
+        if f.is_file():
+            data = f.read_bytes()
+            assert not [n for n in needles if n.encode() in data], f
+
+    # a second run on the same state: the same instances arrive as duplicates, nothing new
+    c2 = _count(_log(env))
+    grown = {k: c2[k] - c1.get(k, 0) for k in c2 if c2[k] != c1.get(k, 0)}
+    assert set(grown) == {("ingest.instance.duplicated", None)}, grown
+    assert grown[("ingest.instance.duplicated", None)] == sum(
+        v for (t, _), v in c1.items() if t == "ingest.instance.stored")
+    assert "0 new events" in second.stdout
