@@ -19,6 +19,7 @@ from engine.worker import EngineWorker, WorkerConfig
 from events.base import Event
 from events.jetstream import EventBus
 from events.nats_server import free_port
+from tests.history import wait_for as _wait_for
 
 SECRET = b"engine-test-secret-0123456789abcdef"
 
@@ -46,15 +47,7 @@ def worker_config(tmp_path: Path) -> WorkerConfig:
 
 async def wait_for(bus: EventBus, study_uid: str, done: Callable[[list[Event]], bool],
                    timeout_s: float = 60.0) -> list[Event]:
-    """Poll the study's history until ``done(events)`` or the timeout."""
-    deadline = time.monotonic() + timeout_s
-    events: list[Event] = []
-    while time.monotonic() < deadline:
-        events = [ev for _, ev in await bus.history(study_uid)]
-        if done(events):
-            return events
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out; history: {[e.type_name() for e in events]}")
+    return await _wait_for(bus, study_uid, done, timeout_s, poll_s=0.2)
 
 
 def has(type_name: str, n: int = 1) -> Callable[[list[Event]], bool]:

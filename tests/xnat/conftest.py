@@ -7,8 +7,6 @@ folder the way the engine worker lays it out (``<run key>/seg-<SOP UID>.dcm``).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from events.base import Event
 from events.catalogue import InferenceCompleted, InstanceStored, Measurement
 from events.jetstream import EventBus
 from ingest.store import InstanceStore
+from tests.history import wait_for as _wait_for
 from tests.xnat.standin import XnatStandIn
 
 USER, PASSWORD = "lastmile", "xnat-stand-in-pw"
@@ -112,15 +111,7 @@ def study_result(tmp_path: Path) -> StudyResult:
 
 async def wait_for(bus: EventBus, study_uid: str, done: Callable[[list[Event]], bool],
                    timeout_s: float = 30.0) -> list[Event]:
-    """Poll the study's history until ``done(events)`` or the timeout."""
-    deadline = time.monotonic() + timeout_s
-    events: list[Event] = []
-    while time.monotonic() < deadline:
-        events = [ev for _, ev in await bus.history(study_uid)]
-        if done(events):
-            return events
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out; history: {[e.type_name() for e in events]}")
+    return await _wait_for(bus, study_uid, done, timeout_s)
 
 
 def of_type(events: list[Event], type_name: str) -> list[Event]:
