@@ -16,3 +16,11 @@ class BusUnavailable(EventsError):
 
 class PublishError(EventsError):
     """JetStream refused or did not acknowledge a publish within the retry budget."""
+
+
+class StoreError(EventsError):
+    """The instance store could not make a file durable (disk, permissions)."""
+
+
+class OutOfSpace(StoreError):
+    """Free disk space is below the configured threshold; new data is refused."""

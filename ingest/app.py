@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.completion import Release
 from ingest.dicom_scp import ScpConfig, StorageScp
 from ingest.jetstream import CompletionDetector, ThreadPublisher, fold_index
 from ingest.receiver import InstanceReceiver, ReceiverConfig
 from ingest.rules_file import RulesFile
-from ingest.store import InstanceStore
 
 log = logging.getLogger(__name__)
 

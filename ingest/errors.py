@@ -11,14 +11,6 @@ class RulesError(IngestError):
     """A routing rules file is invalid. The message names the file, line and key."""
 
 
-class StoreError(IngestError):
-    """The instance store could not make an instance durable (disk, permissions)."""
-
-
-class OutOfSpace(StoreError):
-    """Free disk space is below the configured threshold; new data is refused."""
-
-
 class BadInstance(IngestError):
     """A received dataset cannot be accepted; carries the named status to return."""
 

@@ -35,7 +35,8 @@ from events.catalogue import (
     RouteMatched,
     RouteUnmatched,
 )
-from events.errors import EventsError
+from events.errors import EventsError, OutOfSpace, StoreError
+from events.instance_store import InstanceStore, StoredFile
 from ingest.dataset import (
     InstanceFacts,
     check_structure,
@@ -45,10 +46,9 @@ from ingest.dataset import (
     silence_value_warnings,
     tag_values,
 )
-from ingest.errors import BadInstance, OutOfSpace, StoreError
+from ingest.errors import BadInstance
 from ingest.rules import RuleSet, route
 from ingest.statuses import StoreStatus
-from ingest.store import InstanceStore, StoredFile
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ Corrected segmentations: DICOM SEG files uploaded to the session resource ``LM_E
 as ``<reader>/<file>.dcm`` (the folder names the reader; a file at the top level takes
 the session's ``lm_edit_reader`` field). A file that is not a SEG of the session's study
 is refused with a message and no event. Accepted files are stored in the
-content-addressed instance store (``ingest.store``), and the event carries its
+content-addressed instance store (``events.instance_store``), and the event carries its
 ``store_key`` and SHA-256.
 """
 
@@ -58,9 +58,9 @@ from pydicom.errors import InvalidDicomError
 
 from events.base import deterministic_id
 from events.catalogue import EditSubmitted, ReviewSubmitted
+from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.errors import IngestError
-from ingest.store import InstanceStore
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from engine.xnat_publisher import (
     XnatPublishError,
     XnatTarget,
 )
+from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from ingest.store import InstanceStore
 from ingest.xnat_feedback import XnatAccess, XnatFeedbackPoller
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings

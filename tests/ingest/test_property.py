@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from events.catalogue import InstanceDuplicated, InstanceRejected, InstanceStored
+from events.instance_store import InstanceStore
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats
 from ingest.jetstream import ThreadPublisher
 from ingest.receiver import InstanceReceiver, Received
 from ingest.rules import default_rules
 from ingest.statuses import StoreStatus
-from ingest.store import InstanceStore
 from tests.ingest.conftest import SECRET
 from tests.ingest.test_store_and_dataset import dataset_bytes
 

@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from events.catalogue import CompletionReason, StudyAmended, StudyCompleted
+from events.instance_store import InstanceStore
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from ingest.bench import ct_instances
@@ -21,7 +22,6 @@ from ingest.jetstream import ThreadPublisher
 from ingest.receiver import InstanceReceiver, Received
 from ingest.rules import default_rules
 from ingest.statuses import StoreStatus
-from ingest.store import InstanceStore
 from tests.ingest.conftest import SECRET, StartIngest, storescu, wait_for_events
 from tests.ingest.test_property import LoopThread
 from tests.ingest.test_store_and_dataset import dataset_bytes

@@ -10,10 +10,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from events.errors import OutOfSpace
+from events.instance_store import InstanceStore
 from ingest.dataset import check_structure, file_meta, parse
-from ingest.errors import BadInstance, OutOfSpace
+from ingest.errors import BadInstance
 from ingest.statuses import StoreStatus
-from ingest.store import InstanceStore
 
 REAL_FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
               "emri_small_RLE.dcm", "liver.dcm", "JPEG2000.dcm", "eCT_Supplemental.dcm"]

@@ -21,8 +21,8 @@ from pydicom.sr.codedict import codes
 
 from events.base import Event
 from events.catalogue import InferenceCompleted, InstanceStored, Measurement
+from events.instance_store import InstanceStore
 from events.jetstream import EventBus
-from ingest.store import InstanceStore
 from tests.history import wait_for as _wait_for
 from tests.xnat.standin import XnatStandIn
 

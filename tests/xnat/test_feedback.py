@@ -22,8 +22,8 @@ from engine.xnat_publisher import (
     study_facts,
 )
 from events.catalogue import EditSubmitted, ReviewSubmitted
+from events.instance_store import InstanceStore
 from events.jetstream import EventBus
-from ingest.store import InstanceStore
 from ingest.xnat_feedback import FormError, XnatAccess, XnatFeedbackPoller, parse_review
 from tests.xnat.conftest import PASSWORD, USER, StudyResult, build_seg
 from tests.xnat.standin import XnatStandIn

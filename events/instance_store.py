@@ -1,5 +1,9 @@
 """The durable, content-addressed instance store (the file system edge).
 
+It lives beside the event log because it is the other half of the durable record: events
+name files by ``store_key``, and every part reads them (ingest writes received instances,
+the review pages and the XNAT feedback write corrected segmentations, the engine reads).
+
 An instance is written to a temporary file in the store's own ``tmp/`` folder (same
 file system), fsynced, renamed to ``ab/cd/<sha256>.dcm`` and the folder fsynced: after
 ``put`` returns, the bytes survive a crash, and a reader never sees half a file. The
@@ -17,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.errors import OutOfSpace, StoreError
+from events.errors import OutOfSpace, StoreError
 
 
 @dataclass(frozen=True)
