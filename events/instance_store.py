@@ -30,8 +30,9 @@ class StoredFile:
     store_key: str
     size_bytes: int
     created: bool  # False when the same bytes were already on disk
-    #: directories whose entries still need an fsync (``sync_name``), parent first
+    #: directories whose entries still need an fsync (``sync``), parent first
     unsynced_dirs: tuple[Path, ...] = ()
+    durable: bool = True  # False: ``put(durable=False)``; ``sync`` finishes it
 
 
 def key_for(sha256: str) -> str:
@@ -75,13 +76,15 @@ class InstanceStore:
             )
 
     def put(self, chunks: tuple[bytes, ...] | list[bytes], sha256: str | None = None, *,
-            sync_name: bool = True) -> StoredFile:
+            durable: bool = True) -> StoredFile:
         """Make ``b"".join(chunks)`` durable under its SHA-256; raise ``StoreError`` if not.
 
         ``sha256`` may be passed when the caller already hashed the bytes. With
-        ``sync_name=False`` the bytes are durable and visible under their final name when
-        this returns, but the caller must call ``sync_name`` before relying on the name
-        surviving a power failure (the receiver overlaps it with the event publish).
+        ``durable=False`` the complete file is under its final name when this returns (it
+        survives a crash of this process: the rename comes after the last write), but the
+        caller must call ``sync`` before relying on it surviving a power failure. The
+        receiver overlaps that ``sync`` with the event publish and answers Success only
+        after both; a name that a power failure left short is caught by ``intact``.
         """
         size = sum(len(c) for c in chunks)
         self.check_space(size)
@@ -92,24 +95,25 @@ class InstanceStore:
             sha256 = h.hexdigest()
         key = key_for(sha256)
         final = self.root / key
-        if final.exists() and final.stat().st_size == size:
+        if self.intact(key, size):
             return StoredFile(sha256, key, size, created=False)
         tmp_name: str | None = None
         try:
             parent = final.parent
             created_in: tuple[Path, ...] = ()
             if parent not in self._known_dirs:
-                created_in = self._make_dirs(parent, sync=sync_name)
+                created_in = self._make_dirs(parent, sync=durable)
                 self._known_dirs.add(parent)
             fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="in-", suffix=".part")
             with os.fdopen(fd, "wb") as f:
                 for c in chunks:
                     f.write(c)
                 f.flush()
-                os.fdatasync(f.fileno())  # data + size; the rename is made durable below
+                if durable:
+                    os.fdatasync(f.fileno())  # data + size; the rename is made durable below
             os.replace(tmp_name, final)
             tmp_name = None
-            if sync_name:
+            if durable:
                 _fsync_dir(parent)
         except OSError as exc:
             raise StoreError(
@@ -120,18 +124,34 @@ class InstanceStore:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-        unsynced = () if sync_name else (*created_in, parent)
-        return StoredFile(sha256, key, size, created=True, unsynced_dirs=unsynced)
+        unsynced = () if durable else (*created_in, parent)
+        return StoredFile(sha256, key, size, created=True, unsynced_dirs=unsynced,
+                          durable=durable)
 
-    def sync_name(self, stored: StoredFile) -> None:
-        """Make the file's directory entry durable (fsync of ``ab/cd``, and of the folders
-        above it that ``put`` had to create)."""
+    def sync(self, stored: StoredFile) -> None:
+        """Finish a ``put(durable=False)``: the file's data, then its directory entry (and
+        the folders above it that ``put`` had to create)."""
         try:
-            for folder in stored.unsynced_dirs or ((self.root / stored.store_key).parent,):
+            if not stored.durable:
+                fd = os.open(self.root / stored.store_key, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            for folder in stored.unsynced_dirs:
                 _fsync_dir(folder)
         except OSError as exc:
-            raise StoreError(f"cannot sync the store directory of {stored.store_key} "
-                             f"({exc.strerror})") from None
+            raise StoreError(f"cannot sync {stored.store_key} to disk ({exc.strerror}); "
+                             "check the disk of the state directory") from None
+
+    def intact(self, store_key: str, size: int) -> bool:
+        """The file under ``store_key`` exists with ``size`` bytes. A power failure between
+        the rename and ``sync`` can leave a name with fewer bytes; then the sender's retry
+        (it got no Success) writes it again."""
+        try:
+            return (self.root / store_key).stat().st_size == size
+        except OSError:
+            return False
 
     def _make_dirs(self, parent: Path, *, sync: bool) -> tuple[Path, ...]:
         """Create ``ab/cd``; a new directory's entry is fsynced in its parent now

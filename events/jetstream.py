@@ -355,8 +355,13 @@ class EventBus:
         batch: int = 100,
         stop: asyncio.Event | None = None,
         idle_timeout_s: float = 1.0,
+        linger_s: float = 0.0,
     ) -> None:
         """Run a durable pull consumer until ``stop`` is set.
+
+        ``linger_s`` > 0 lets a consumer that tolerates that much delay collect messages
+        between fetches instead of fetching each one as it arrives (the completion
+        detector does: one fetch per instance costs the SCP ~15% of its throughput).
 
         Each message is decoded and handed to ``handler``; success acks it. A handler
         error naks it with backoff until ``max_attempts``, then it is dead-lettered.
@@ -377,6 +382,9 @@ class EventBus:
                     return
                 for msg in msgs:
                     await self._deliver(durable, msg, handler, max_attempts)
+                if linger_s > 0 and len(msgs) < batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), linger_s)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

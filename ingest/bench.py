@@ -156,7 +156,9 @@ async def _ours(bus_settings: BusSettings, root: Path, files: list[Path], associ
 
 async def _bare_pynetdicom(root: Path, files: list[Path], associations: int) -> ReceiverRun:
     """The framework's floor: a pynetdicom SCP that writes ``encoded_dataset()`` to a file
-    (no fsync, no parsing, no event) - what any Python SCP costs before doing its job."""
+    (no fsync, no parsing, no event) - what any Python SCP costs before doing its job.
+    It gets the same DUL poll interval as ours (``ScpConfig.dul_poll_s``), so the ratio
+    to it is the cost of our store-and-publish alone."""
     from pynetdicom import AE, evt
     from pynetdicom.presentation import StoragePresentationContexts
 
@@ -168,6 +170,9 @@ async def _bare_pynetdicom(root: Path, files: list[Path], associations: int) -> 
         (out / f"{next(counter)}.dcm").write_bytes(event.encoded_dataset())
         return 0x0000
 
+    def tune(event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = ScpConfig().dul_poll_s
+
     ae = AE(ae_title="BARE")
     ae.maximum_pdu_size = 0
     ae.maximum_associations = 4
@@ -176,7 +181,8 @@ async def _bare_pynetdicom(root: Path, files: list[Path], associations: int) -> 
         ae.add_supported_context(cx.abstract_syntax, ExplicitVRLittleEndian)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, handle)])
+                             evt_handlers=[(evt.EVT_C_STORE, handle),
+                                           (evt.EVT_CONN_OPEN, tune)])
     assert server is not None
     try:
         return await _send("bare pynetdicom SCP (write only)", port, "BARE", files,

@@ -80,6 +80,12 @@ class ScpConfig:
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
+    #: how long pynetdicom's DUL thread sleeps when a poll found nothing to do. Its
+    #: default (1 ms) is paid several times per instance (waiting for the next PDU, for
+    #: our response to be sent), which halves the throughput of a synchronous sender;
+    #: 0.1 ms doubles a bare pynetdicom SCP (151 -> 294 MB/s, ``lastmile bench ingest``)
+    #: for about 2% of a core per idle association.
+    dul_poll_s: float = 0.0001
 
 
 def address_allowed(address: str, allowed: Sequence[str]) -> bool:
@@ -161,9 +167,14 @@ class StorageScp:
     # ------------------------------------------------------------------ handlers
 
     def _on_open(self, event: evt.Event) -> None:
-        sock = getattr(event.assoc.dul.socket, "socket", None)
+        dul = event.assoc.dul
+        sock = getattr(dul.socket, "socket", None)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # not public API, but a plain attribute read on every loop of the DUL reactor
+        # (pynetdicom 2.x and 3.x); see ``ScpConfig.dul_poll_s``
+        if hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = self.config.dul_poll_s
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc

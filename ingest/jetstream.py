@@ -82,6 +82,9 @@ class CompletionDetector:
     rules: Callable[[], RuleSet]
     durable: str = "ingest-completion"
     tick_s: float = 0.1
+    #: the consumer collects instances for this long between fetches: completion waits
+    #: for a quiet period of seconds anyway, and a fetch per instance slows the SCP
+    linger_s: float = 0.2
     tracker: CompletionTracker | None = None
     _hints: queue.SimpleQueue[Release] = field(default_factory=queue.SimpleQueue, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -114,7 +117,7 @@ class CompletionDetector:
 
         consumer = asyncio.create_task(self.bus.consume(
             self.durable, handle, filter_subjects=COMPLETION_INPUTS, stop=stop,
-            idle_timeout_s=0.5, batch=200))
+            idle_timeout_s=0.5, batch=200, linger_s=self.linger_s))
         self.ready.set()
         try:
             while not stop.is_set():

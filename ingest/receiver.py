@@ -36,7 +36,7 @@ from events.catalogue import (
     RouteUnmatched,
 )
 from events.errors import EventsError, OutOfSpace, StoreError
-from events.instance_store import InstanceStore, StoredFile
+from events.instance_store import InstanceStore, StoredFile, key_for
 from ingest.dataset import (
     InstanceFacts,
     check_structure,
@@ -57,15 +57,16 @@ def _wait_quietly(future: Future[None]) -> None:
     try:
         future.result()
     except StoreError as exc:
-        log.error("store directory sync failed: %s", exc)
+        log.error("store sync failed: %s", exc)
 
 
-def _settle(future: Future[tuple[str, StoredFile | None]]) -> tuple[str, StoredFile | None]:
+def _settle(future: Future[tuple[str, StoredFile | None, bool]],
+            ) -> tuple[str, StoredFile | None, bool]:
     """The outcome of a write we no longer want (its error, if any, is moot)."""
     try:
         return future.result()
     except StoreError:
-        return "", None
+        return "", None, False
 
 
 class _BadWithFacts(BadInstance):
@@ -216,33 +217,48 @@ class InstanceReceiver:
 
     # ------------------------------------------------------------------ store
 
-    def _hash_and_put(self, sop_instance_uid: str, meta: bytes,
-                      dataset: bytes) -> tuple[str, StoredFile | None]:
-        """In a worker thread: hash, and write durably unless these bytes are stored
-        already (then None). Hashing and fsync release the GIL, so this overlaps with
-        decoding the header on the association's thread."""
+    def _hash_and_write(self, sop_instance_uid: str, meta: bytes,
+                        dataset: bytes) -> tuple[str, StoredFile | None, bool]:
+        """In a worker thread: hash, and write the file unless these bytes are stored
+        already. Returns (sha256, the file written or None, whether the log knows these
+        bytes). Hashing and writing release the GIL, so this overlaps with decoding the
+        header on the association's thread. A new file is written but not yet synced:
+        ``sync`` runs while the event is published."""
         h = hashlib.sha256(meta)
         h.update(dataset)
         sha = h.hexdigest()
-        if self.index.version_of(sop_instance_uid, sha) is not None:
-            return sha, None
-        return sha, self.store.put((meta, dataset), sha, sync_name=False)
+        if self.index.version_of(sop_instance_uid, sha) is None:
+            return sha, self.store.put((meta, dataset), sha, durable=False), False
+        if self.store.intact(key_for(sha), len(meta) + len(dataset)):
+            return sha, None, True
+        # the log has the event but the file is gone or short (a power failure between
+        # the event's ack and the file's sync; the sender got no Success and retries)
+        log.warning("repairing the stored file of %s from the sender's retry", sha[:12])
+        return sha, self.store.put((meta, dataset), sha), True
 
     def _store_and_publish(self, r: Received) -> Outcome:
-        """Called holding the SOP Instance's lock: decide, write, record."""
+        """Called holding the SOP Instance's lock: decide, write, record.
+
+        Success needs the file durable AND the event acknowledged; the two fsyncs (ours of
+        the file, the log's of the event) run at the same time. The file is complete under
+        its final name before the event is published, so a crash of this process never
+        leaves an event without its bytes; a power failure between the ack and the sync
+        can, and then the sender, which was not answered, resends and the file is repaired.
+        """
         assert r.sop_instance_uid is not None
         meta = file_meta(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid)
-        written = self._workers.submit(self._hash_and_put, r.sop_instance_uid, meta, r.dataset)
+        written = self._workers.submit(self._hash_and_write, r.sop_instance_uid, meta,
+                                       r.dataset)
         try:
             f, ds = self._admit(r, meta)
         except BaseException:
-            _, maybe = _settle(written)
-            if maybe is not None:
+            _, maybe, known = _settle(written)
+            if maybe is not None and not known:
                 self.store.discard(maybe)
             raise
-        sha, stored = written.result()
+        sha, stored, known = written.result()
         actor = f"{self.config.actor_prefix}:{r.called_ae}"
-        if stored is None:
+        if known:
             dup = InstanceDuplicated.new(
                 actor=actor, study_uid=f.study_uid, sop_instance_uid=f.sop_instance_uid,
                 sha256=sha, calling_ae=r.calling_ae, called_ae=r.called_ae,
@@ -250,21 +266,20 @@ class InstanceReceiver:
             self._record(f, [dup])
             return Outcome(StoreStatus.SUCCESS, "duplicate of a stored instance",
                            f.study_uid, (dup,))
+        assert stored is not None
         version = self.index.next_version(f.sop_instance_uid)
-        # the bytes are durable and renamed into place; the directory entry's fsync runs
-        # while the event is published, and Success waits for both
-        name_synced = self._workers.submit(self.store.sync_name, stored)
+        synced = self._workers.submit(self.store.sync, stored)
         try:
             events = self._events(r, f, ds, stored, version, actor)
             self._record(f, events)
         except BaseException:
-            _wait_quietly(name_synced)
+            _wait_quietly(synced)
             self.store.discard(stored)
             raise
         self.index.observe(events[-1])  # type: ignore[arg-type]
-        # a failed directory sync after the event was recorded: the file is complete and
-        # in place, so it stays; the sender is told to retry (and gets a duplicate)
-        name_synced.result()
+        # a failed sync after the event was recorded: the file is complete and in place,
+        # so it stays; the sender is told to retry (and gets a duplicate, or a repair)
+        synced.result()
         return Outcome(StoreStatus.SUCCESS, "stored", f.study_uid, tuple(events), stored)
 
     def _record(self, f: InstanceFacts, events: list[Event]) -> None:

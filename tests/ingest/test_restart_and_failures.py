@@ -119,3 +119,23 @@ def test_unacknowledged_event_means_failure_status_and_no_file(tmp_path: Path) -
                 lt.run(asyncio.wait_for(bus.nc.close(), 5))
         server.stop()
         lt.close()
+
+
+async def test_a_file_lost_after_its_event_was_acked_is_rewritten_by_the_senders_retry(
+        start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
+    """The file's fsync runs while the event is published; a power failure in between can
+    leave the event with a short file. The sender got no Success, so it resends: the
+    retry must rewrite the file (not answer 'duplicate' over a broken file)."""
+    ct = get_testdata_file("CT_small.dcm")
+    study = pydicom.dcmread(ct, stop_before_pixels=True).StudyInstanceUID
+    a = await start_ingest()
+    assert (await storescu(a.port, [ct], called="LM_LTS"))[0] == 0
+    (stored,) = await wait_for_events(bus, study, "ingest.instance.stored")
+    path = a.instances_dir / stored.store_key  # type: ignore[attr-defined]
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])  # what a power failure can leave
+    assert (await storescu(a.port, [ct], called="LM_LTS"))[0] == 0
+    await wait_for_events(bus, study, "ingest.instance.duplicated")
+    assert path.read_bytes() == whole
+    history = [e for _, e in await bus.history(study)]
+    assert sum(e.type_name() == "ingest.instance.stored" for e in history) == 1
