@@ -247,11 +247,13 @@ class InstanceReceiver:
         """
         assert r.sop_instance_uid is not None
         meta = file_meta(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid)
-        written = self._workers.submit(self._hash_and_write, r.sop_instance_uid, meta,
-                                       r.dataset)
+        written: Future[tuple[str, StoredFile | None, bool]] = Future()
+        synced = self._workers.submit(self._write_then_sync, written, r.sop_instance_uid,
+                                      meta, r.dataset)
         try:
             f, ds = self._admit(r, meta)
         except BaseException:
+            _wait_quietly(synced)
             _, maybe, known = _settle(written)
             if maybe is not None and not known:
                 self.store.discard(maybe)
@@ -268,7 +270,6 @@ class InstanceReceiver:
                            f.study_uid, (dup,))
         assert stored is not None
         version = self.index.next_version(f.sop_instance_uid)
-        synced = self._workers.submit(self.store.sync, stored)
         try:
             events = self._events(r, f, ds, stored, version, actor)
             self._record(f, events)
@@ -281,6 +282,20 @@ class InstanceReceiver:
         # so it stays; the sender is told to retry (and gets a duplicate, or a repair)
         synced.result()
         return Outcome(StoreStatus.SUCCESS, "stored", f.study_uid, tuple(events), stored)
+
+    def _write_then_sync(self, written: Future[tuple[str, StoredFile | None, bool]],
+                         sop_instance_uid: str, meta: bytes, dataset: bytes) -> None:
+        """In a worker thread: hash and write (``written`` tells the association thread,
+        which then publishes), then sync the new file while that publish runs."""
+        try:
+            outcome = self._hash_and_write(sop_instance_uid, meta, dataset)
+        except BaseException as exc:
+            written.set_exception(exc)
+            return
+        written.set_result(outcome)
+        _, stored, known = outcome
+        if stored is not None and not known:
+            self.store.sync(stored)
 
     def _record(self, f: InstanceFacts, events: list[Event]) -> None:
         try:
