@@ -166,10 +166,11 @@ class EventBus:
                 timeout=settings.connect_timeout_s * 3 + 1,
             )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
+            advice = conn_log.advice()
             raise BusUnavailable(
-                f"cannot reach NATS at {settings.display_url()} ({type(exc).__name__}: {exc}). "
-                "Start the embedded server with `lastmile up`, or point --nats-url "
-                "(LASTMILE_NATS_URL) at a running server with JetStream enabled."
+                f"cannot reach NATS at {settings.display_url()} ({type(exc).__name__}: {exc})."
+                + (advice or " Start the embedded server with `lastmile up`, or point "
+                   "--nats-url (LASTMILE_NATS_URL) at a running server with JetStream enabled.")
             ) from None
         nc.options["max_reconnect_attempts"] = -1  # keep reconnecting while running
         conn_log.connected = True
@@ -513,6 +514,7 @@ class _ConnectionLog:
 
     def __init__(self) -> None:
         self.connected = False
+        self.last_error: Exception | None = None  # why the first connect failed
 
     def callbacks(self) -> dict[str, Any]:
         return {"error_cb": self.error, "disconnected_cb": self.disconnected,
@@ -521,6 +523,23 @@ class _ConnectionLog:
     async def error(self, exc: Exception) -> None:
         if self.connected:
             log.warning("nats: %s", exc)
+        else:
+            self.last_error = exc
+
+    def advice(self) -> str:
+        """What the server or the TLS handshake said, and which setting to check."""
+        exc = self.last_error
+        if exc is None:
+            return ""
+        text = str(exc) or type(exc).__name__
+        if "authoriz" in text.lower() or "authentication" in text.lower():
+            return (f" The server refused the credentials ({text}): check LASTMILE_NATS_USER"
+                    " and LASTMILE_NATS_PASSWORD, or LASTMILE_NATS_CREDS.")
+        if isinstance(exc, ssl.SSLError) or "certificate" in text.lower() or "tls" in text.lower():
+            return (f" TLS failed ({text}): set LASTMILE_NATS_TLS_CA to the CA that signed "
+                    "the server's certificate (and LASTMILE_NATS_TLS_CERT/KEY if it asks "
+                    "for a client certificate).")
+        return ""
 
     async def disconnected(self) -> None:
         if self.connected:

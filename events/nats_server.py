@@ -58,6 +58,9 @@ class EmbeddedNats:
     sync: str = "always"
     user: str | None = None
     password: str | None = None
+    #: server certificate and key (PEM): clients must then speak TLS and verify it
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     max_payload: str = "8MB"
     _proc: subprocess.Popen[bytes] | None = None
 
@@ -84,6 +87,10 @@ class EmbeddedNats:
             lines.insert(2, f'http: "{self.host}:{self.monitor_port}"')
         if self.user:
             lines.append(f'authorization {{ user: "{self.user}", password: "{self.password}" }}')
+        if self.tls_cert and self.tls_key:
+            cert = str(self.tls_cert.resolve()).replace("\\", "/")
+            key = str(self.tls_key.resolve()).replace("\\", "/")
+            lines.append(f'tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 2 }}')
         return "\n".join(lines) + "\n"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedNats:

@@ -26,6 +26,8 @@ def embedded_server(settings: Settings) -> EmbeddedNats:
         sync=settings.nats_sync,
         user=settings.nats_user,
         password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+        tls_cert=settings.nats_server_tls_cert,
+        tls_key=settings.nats_server_tls_key,
     )
 
 

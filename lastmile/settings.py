@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    nats_server_tls_cert: Path | None = Field(
+        None, description="Embedded server's certificate (PEM): clients must use TLS")
+    nats_server_tls_key: Path | None = None
     nats_host: str = "127.0.0.1"
     nats_port: int = Field(4222, ge=1, le=65535)
     nats_sync: str = Field(
