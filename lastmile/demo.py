@@ -8,8 +8,11 @@ radiographs; study dates spread over ``--weeks``) and sends them by C-STORE (dcm
 When each study has its inference outcome, simulated people act on it, as events with
 actors: a QC reviewer for HFD, readers with a sensitivity, specificity, disagreement rate
 and review time, and three blinded readers who rate the LTS mask under its blinded label.
-Mask edits are NOT simulated: an honest edit needs a corrected SEG in the instance store
-and the engine's recomputation, which the demo does not produce.
+A few readers also correct the AI's mask (every patient's second BTS exam, every other
+patient's LTS exam): the demo derives a corrected SEG from the AI's SEG (an erosion, a
+dilation or a trimmed end slice, chosen by seed), writes it into the instance store and
+submits it as ``review.edit.submitted``; the engine's edit service (``engine.edits``)
+recomputes the volumes and the Dice against the AI mask, which the summary shows.
 
 Everything is deterministic for ``--seed``: study UIDs come from the phantoms' seeds and
 every simulated person's event id from (seed, study, reader), so a second run on the same
@@ -42,9 +45,12 @@ from rich.table import Table
 from events.base import Event, deterministic_id
 from events.catalogue import (
     CaseAssigned,
+    DeliveryFailed,
+    EditSubmitted,
     InferenceCompleted,
     InferenceFailed,
     InferenceSkipped,
+    MeasurementRecomputed,
     QcPassed,
     QcRejected,
     ReviewSubmitted,
@@ -92,6 +98,7 @@ LTS_READERS = (Reader("abdrad_a", seconds=240.0), Reader("abdrad_b", seconds=300
 QC_REJECT_RATE = 0.1
 QC_REASONS = ("wrong body part", "boxes misplaced", "image quality")
 LTS_ACCEPT = 0.85  # chance a reader rates the AI liver mask acceptable
+EDIT_KINDS = ("erode", "dilate", "trim")
 
 
 def rng_for(seed: int, *parts: object) -> random.Random:
@@ -123,6 +130,56 @@ def simulate_read(reader: Reader, truth: str, *, positive: str, negative: str,
 
 def review_seconds(reader: Reader, rng: random.Random) -> float:
     return round(rng.lognormvariate(0.0, 0.4) * reader.seconds, 1)
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    """A simulated reader's correction of one AI mask."""
+
+    reader: str
+    kind: str  # one of EDIT_KINDS
+    label: str | None  # the segment corrected; None: a non-empty one, chosen by seed
+
+
+def edit_for(seed: int, pipeline: str, study_uid: str, patient: int, timepoint: int
+             ) -> PlannedEdit | None:
+    """Which AI masks a reader corrects: every patient's second BTS exam (the first
+    neuroradiologist) and every other patient's LTS exam (the first abdominal radiologist);
+    the kind of correction comes from the seed."""
+    if pipeline == "bts" and timepoint == 1:
+        reader = BTS_READERS[0].name
+    elif pipeline == "lts" and patient % 2 == 0:
+        reader = LTS_READERS[0].name
+    else:
+        return None
+    rng = rng_for(seed, study_uid, "edit")
+    return PlannedEdit(reader, rng.choice(EDIT_KINDS), None)
+
+
+def simulate_edit(masks: dict[str, Any], edit: PlannedEdit, rng: random.Random
+                  ) -> dict[str, Any]:
+    """The corrected masks: one label (``edit.label``, else one of the non-empty ones,
+    chosen by ``rng``) eroded or dilated by one pixel in each slice, or its first or last
+    one or two slices removed. Masks are ``(slices, rows, columns)`` bool arrays; the
+    others are returned unchanged."""
+    import numpy as np
+    from scipy import ndimage
+
+    label = edit.label or rng.choice(sorted(k for k in masks if np.any(masks[k]))
+                                     or sorted(masks))
+    mask = np.asarray(masks[label], bool)
+    if edit.kind == "erode":
+        new = np.stack([ndimage.binary_erosion(s) for s in mask])
+    elif edit.kind == "dilate":
+        new = np.stack([ndimage.binary_dilation(s) for s in mask])
+    elif edit.kind == "trim":
+        new = mask.copy()
+        rows = np.flatnonzero(mask.any(axis=(1, 2)))
+        n = min(len(rows), rng.choice((1, 2)))
+        new[rows[:n] if rng.random() < 0.5 else rows[len(rows) - n:]] = False
+    else:
+        raise ValueError(f"unknown edit kind {edit.kind!r} (one of {EDIT_KINDS})")
+    return {**masks, label: new}
 
 
 @dataclass(frozen=True)
@@ -307,6 +364,75 @@ async def wait_outcome(bus: EventBus, study_uid: str, pipeline: str,
         await asyncio.sleep(0.25)
 
 
+def _edited_seg_bytes(settings: Settings, history: list[Event], outcome: InferenceCompleted,
+                      edit: PlannedEdit, seed: int, uid_key: str) -> bytes | None:
+    """The corrected SEG's bytes (None when the AI mask is empty: nothing to correct)."""
+    import io
+
+    import pydicom
+
+    from engine import edits
+
+    ai_seg = edits.find_ai_seg(settings.results_dir, outcome.result_keys)
+    frames = edits.read_seg_frames(ai_seg, what="AI SEG")
+    if not any(fr.pixels.any() for fr in frames.frames):
+        return None
+    paths = edits.source_paths([(0, ev) for ev in history], settings.instances_dir,
+                               frames.source_instances)
+    sources = [pydicom.dcmread(p) for p in paths]
+    masks = edits.masks_on_sources(frames, sources)
+    corrected = simulate_edit(masks, edit, rng_for(seed, outcome.study_uid, "edit", "mask"))
+    seg = edits.build_edited_seg(sources, corrected, ai_seg, reader=edit.reader,
+                                 uid_key=uid_key)
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+async def submit_edit(bus: EventBus, settings: Settings, history: list[Event],
+                      outcome: InferenceCompleted, edit: PlannedEdit, seed: int
+                      ) -> tuple[str, bool] | None:
+    """Write the corrected SEG into the instance store and submit it, as the review page
+    does; returns (edit event id, new?). An edit already in the log is not redone."""
+    from events.instance_store import InstanceStore
+
+    study = outcome.study_uid or ""
+    event_id = deterministic_id("demo", seed, study, edit.reader, "edit")
+    if any(ev.event_id == event_id for ev in history):
+        return event_id, False
+    data = await asyncio.to_thread(_edited_seg_bytes, settings, history, outcome, edit, seed,
+                                   event_id)
+    if data is None:
+        return None
+    stored = await asyncio.to_thread(InstanceStore(settings.instances_dir).put, [data])
+    await bus.publish(EditSubmitted.new(
+        actor=edit.reader, study_uid=study, pipeline=outcome.pipeline, event_id=event_id,
+        run_key=outcome.run_key, reader=edit.reader, store_key=stored.store_key,
+        sha256=stored.sha256))
+    return event_id, True
+
+
+async def wait_recomputed(bus: EventBus, edits: dict[str, str], timeout_s: float) -> None:
+    """Wait until every submitted edit (edit event id -> study) has its recomputation;
+    an edit the engine refused (dead-lettered) stops the demo with the reason."""
+    deadline = time.monotonic() + timeout_s
+    pending = dict(edits)
+    while pending:
+        for edit_id, study in list(pending.items()):
+            for _, ev in await bus.history(study):
+                if isinstance(ev, MeasurementRecomputed) and ev.edit_event_id == edit_id:
+                    del pending[edit_id]
+                    break
+                if isinstance(ev, DeliveryFailed) and ev.original_event_id == edit_id:
+                    raise DemoError(f"the engine refused the demo's edit of study {study}: "
+                                    f"{ev.reason}")
+        if pending and time.monotonic() > deadline:
+            raise DemoError(f"{len(pending)} mask edits were not recomputed in "
+                            f"{timeout_s:.0f}s (is the engine's edit service running?)")
+        if pending:
+            await asyncio.sleep(0.25)
+
+
 def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: Truth,
                   prior_volume_ml: float | None) -> list[Event]:
     """The simulated people's events for one completed run (pure; deterministic ids)."""
@@ -405,6 +531,7 @@ class DemoResult:
     outcomes: dict[str, dict[str, int]] = field(default_factory=dict)
     people_events_new: int = 0
     people_events_existing: int = 0
+    edits: int = 0  # corrected masks submitted (in this run or an earlier one)
     seconds: float = 0.0
 
 
@@ -422,6 +549,7 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
     rounds = plan(options.patients, options.seed, options.weeks, options.timepoints)
     total = sum(len(r) for r in rounds)
     prior_volume: dict[int, float | None] = {}
+    edits: dict[str, str] = {}  # edit event id -> study
     with tempfile.TemporaryDirectory(prefix="lastmile-demo-") as tmp, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=out) as progress:
@@ -456,9 +584,21 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                         await bus.publish(ev)
                     result.people_events_new += len(new)
                     result.people_events_existing += len(evs) - len(new)
+                    planned = edit_for(options.seed, s.pipeline, outcome.study_uid or "",
+                                       s.patient, s.timepoint)
+                    if planned is not None:
+                        submitted = await submit_edit(bus, settings, history, outcome,
+                                                      planned, options.seed)
+                        if submitted is not None:
+                            edit_id, is_new = submitted
+                            edits[edit_id] = outcome.study_uid or ""
+                            result.people_events_new += is_new
+                            result.people_events_existing += not is_new
                 if s.pipeline == "bts":
                     prior_volume[s.patient] = truth.volume_ml
                 progress.advance(people)
+    await wait_recomputed(bus, edits, options.study_timeout_s)
+    result.edits = len(edits)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -540,7 +680,9 @@ def summary_rows(con: Any, unblinding: dict[str, str]) -> list[dict[str, str]]:
 
     rows = []
     outcomes = {r.pipeline: r for r in metrics.outcomes(con)}
-    dice = {r.pipeline: r for r in metrics.dice_summary(con)}
+    dice: dict[str, list[Any]] = {}
+    for r in metrics.dice_summary(con):
+        dice.setdefault(r.pipeline, []).append(r)
     for p in PIPELINES:
         studies = con.execute("SELECT count(DISTINCT study_uid) FROM study_timeline "
                               "WHERE pipeline = ?", [p]).fetchone()
@@ -563,7 +705,7 @@ def summary_rows(con: Any, unblinding: dict[str, str]) -> list[dict[str, str]]:
                                    else "progression")
             kappa = (f"Fleiss κ {_stat(ag.fleiss)}" if ag.fleiss.value is not None
                      else "n/a (no AI finding classes)" if p == "bts" else "n/a")
-        d = dice.get(p)
+        labels = dice.get(p, [])
         rows.append({
             "pipeline": p,
             "studies": str(int(studies[0]) if studies else 0),
@@ -571,7 +713,8 @@ def summary_rows(con: Any, unblinding: dict[str, str]) -> list[dict[str, str]]:
             "turnaround": tat_s,
             "reviews": str(int(reviews[0]) if reviews else 0),
             "agreement": kappa,
-            "dice": _stat(d.mean) if d else "n/a (no edits)",
+            "dice": "; ".join(f"{d.label} {_stat(d.mean)} (n={d.mean.n})" for d in labels)
+            or ("n/a (no masks)" if p == "hfd" else "n/a (no edits)"),
         })
     return rows
 
@@ -579,7 +722,8 @@ def summary_rows(con: Any, unblinding: dict[str, str]) -> list[dict[str, str]]:
 def print_summary(rows: list[dict[str, str]], result: DemoResult, url: str | None) -> None:
     table = Table(title="lastmile demo: summary (from the read model)")
     for col in ("pipeline", "studies", "completed/failed/skipped",
-                "arrival→published p50/p90", "reviews", "agreement (95% CI)", "Dice"):
+                "arrival→published p50/p90", "reviews", "agreement (95% CI)",
+                "Dice of edited masks (95% CI)"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["pipeline"], r["studies"], r["results"], r["turnaround"], r["reviews"],
@@ -588,7 +732,7 @@ def print_summary(rows: list[dict[str, str]], result: DemoResult, url: str | Non
     sent = sum(result.sent.values())
     out.print(f"sent {sent} studies in {result.seconds:.0f}s; simulated people: "
               f"{result.people_events_new} new events, {result.people_events_existing} "
-              "already in the log")
+              f"already in the log; {result.edits} masks edited and recomputed")
     if url:
         out.print(f"dashboard: [bold]{url}[/]")
 

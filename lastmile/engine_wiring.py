@@ -1,5 +1,5 @@
 """The engine's place in the composition root: `lastmile pipelines ...`, the worker
-service for `lastmile up`, and `lastmile bench e2e`.
+and edit-recompute services for `lastmile up`, and `lastmile bench e2e`.
 
 Registered by the integrator with one line each (see the engine report):
 
@@ -27,6 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from engine.edits import EditConfig, EditRecomputer
 from engine.errors import EngineError
 from engine.registry import (
     PIPELINE_EVENTS,
@@ -95,8 +96,26 @@ class EngineWorkerService(Service):
         await worker.run(bus, stop)
 
 
+class EditRecomputeService(Service):
+    """`lastmile up`'s recomputation after a clinician's edit: volumes and Dice of each
+    corrected SEG against the AI's (``engine.edits``, durable consumer ``engine-edits``)."""
+
+    name = "engine-edits"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        config = EditConfig(
+            instances_dir=self.settings.instances_dir,
+            results_dir=self.settings.results_dir,
+            worker_id=self.settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
+        )
+        await EditRecomputer(config).run(bus, stop)
+
+
 def engine_services(settings: Settings) -> list[Service]:
-    return [EngineWorkerService(settings)]
+    return [EngineWorkerService(settings), EditRecomputeService(settings)]
 
 
 async def _fold(bus: EventBus) -> dict[str, Any]:

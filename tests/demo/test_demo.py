@@ -20,12 +20,17 @@ from engine.phantoms import fake_patient
 from events.catalogue import InferenceCompleted, ReviewSubmitted
 from events.nats_server import free_port
 from lastmile.demo import (
+    EDIT_KINDS,
+    PlannedEdit,
     PlannedStudy,
     Reader,
     Truth,
+    edit_for,
     people_events,
     plan,
+    rng_for,
     seed_for,
+    simulate_edit,
     simulate_read,
 )
 from lastmile.demo import random as demo_random
@@ -97,6 +102,50 @@ def test_planned_study_seeds_are_stable() -> None:
     assert s.phantom_seed == seed_for(7, "lts", 0) != seed_for(7, "lts", 1)
 
 
+def test_a_few_masks_are_edited_deterministically() -> None:
+    edits = [(s.pipeline, s.patient, edit_for(7, s.pipeline, f"2.25.{s.phantom_seed}",
+                                              s.patient, s.timepoint))
+             for r in plan(4, seed=7, weeks=4) for s in r]
+    chosen = [(p, i, e) for p, i, e in edits if e is not None]
+    # every patient's second BTS exam, every other patient's LTS exam, never HFD
+    assert sorted((p, i) for p, i, _ in chosen) == [
+        ("bts", 0), ("bts", 1), ("bts", 2), ("bts", 3), ("lts", 0), ("lts", 2)]
+    assert {e.reader for p, _, e in chosen if p == "bts"} == {"neurorad_a"}
+    assert {e.reader for p, _, e in chosen if p == "lts"} == {"abdrad_a"}
+    assert all(e.kind in EDIT_KINDS for _, _, e in chosen)
+    again = [edit_for(7, p, f"2.25.{s.phantom_seed}", s.patient, s.timepoint)
+             for r in plan(4, seed=7, weeks=4) for s in r for p in (s.pipeline,)]
+    assert [e for _, _, e in edits] == again
+
+
+def test_simulated_edits_change_one_label_as_described() -> None:
+    import numpy as np
+
+    ball = np.zeros((6, 12, 12), bool)
+    ball[1:5, 3:9, 3:9] = True
+    small = np.zeros_like(ball)
+    small[2, 5:7, 5:7] = True
+    masks = {"left_lobe": ball, "vessels": small}
+    rng = rng_for(1, "x")
+    eroded = simulate_edit(masks, PlannedEdit("r", "erode", "left_lobe"), rng)
+    assert eroded["vessels"] is small  # only the named label is corrected
+    assert eroded["left_lobe"].sum() == 4 * 16 and not (eroded["left_lobe"] & ~ball).any()
+    grown = simulate_edit(masks, PlannedEdit("r", "dilate", "vessels"), rng)
+    assert grown["vessels"].sum() > small.sum() and (grown["vessels"] & small).sum() == 4
+    # no label named: one of the non-empty ones, the same one for the same seed
+    picked = [next(k for k, v in simulate_edit(masks, PlannedEdit("r", "erode", None),
+                                               rng_for(1, "pick", i)).items()
+                   if v is not masks[k]) for i in range(20)]
+    assert set(picked) == {"left_lobe", "vessels"}
+    assert picked == [next(k for k, v in simulate_edit(masks, PlannedEdit("r", "erode", None),
+                                                       rng_for(1, "pick", i)).items()
+                           if v is not masks[k]) for i in range(20)]
+    trimmed = simulate_edit(masks, PlannedEdit("r", "trim", "left_lobe"), rng)
+    kept = np.flatnonzero(trimmed["left_lobe"].any(axis=(1, 2)))
+    assert 2 <= len(kept) <= 3 and set(kept) < {1, 2, 3, 4}
+    assert np.array_equal(trimmed["left_lobe"][kept], ball[kept])
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -153,6 +202,16 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
                    and e.get("pipeline") == "lts"]
     assert len(lts_reviews) == 3 * patients and all(e["blinded_label"] for e in lts_reviews)
     assert c1[("engine.pipeline.stage_changed", "hfd")] == 1
+    # a few corrected masks, each recomputed once by the engine (never for HFD)
+    for p, n_edits in (("bts", patients), ("lts", (patients + 1) // 2), ("hfd", 0)):
+        assert c1[("review.edit.submitted", p)] == n_edits, c1
+        assert c1[("engine.measurement.recomputed", p)] == n_edits, c1
+    assert not [e for e in log1 if e["type"] == "system.delivery.failed"]
+    recomputed = [e for e in log1 if e["type"] == "engine.measurement.recomputed"]
+    edits = {e["event_id"]: e for e in log1 if e["type"] == "review.edit.submitted"}
+    assert {e["edit_event_id"] for e in recomputed} == set(edits)
+    assert all(0.0 <= v <= 1.0 for e in recomputed for v in e["dice"].values())
+    assert any(v < 1.0 for e in recomputed for v in e["dice"].values())
 
     # the summary shows real figures from the read model
     text = first.stdout
@@ -161,6 +220,10 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
     assert re.search(rf"│ hfd\s+│ {n}\s+│ {n}/0/0\s+│ \d+\.\d / \d+\.\d s", text), text
     assert re.search(rf"│ bts\s+│ {3 * patients}\s+│ {3 * patients}/0/0", text), text
     assert re.search(r"mask accepted \d\.\d\d \[", text), text
+    # the Dice column shows the recomputed values, not "n/a"
+    assert re.search(r"lesion \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \(n=2\)", text), text
+    assert re.search(r"(left_lobe|right_lobe|vessels) \d\.\d\d \(n=1\)", text), text
+    assert f"{patients + (patients + 1) // 2} masks edited and recomputed" in text
     assert f"sent {5 * patients} studies" in text
 
     # no demo patient's name or ID in the output or the log/read model; they ARE in the

@@ -95,7 +95,7 @@ async def test_amended_study_with_rerun_gets_a_new_run_and_result(
 def test_up_service_uses_settings_and_finds_the_reference_pipelines(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path, pipelines_dir=tmp_path / "site-pipelines",
                         site_secret="x" * 32, worker_id="w1")
-    (service,) = engine_services(settings)
+    service = engine_services(settings)[0]
     assert isinstance(service, EngineWorkerService) and service.name == "engine-worker"
     cfg = worker_config(settings)
     assert cfg.instances_dir == settings.instances_dir and cfg.worker_id == "w1"
