@@ -631,7 +631,7 @@ def dice_summary(con: Con, pipeline: str | None = None) -> list[DiceRow]:
         SELECT pipeline, label, list(dice), median(dice) FROM dice
         WHERE dice IS NOT NULL {where} GROUP BY ALL ORDER BY ALL
     """, params).fetchall()
-    return [DiceRow(p, lb, mean_ci(xs), float(m)) for p, lb, xs, m in rows]
+    return [DiceRow(p, lb, mean_ci(xs, bounds=(0.0, 1.0)), float(m)) for p, lb, xs, m in rows]
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,9 @@ def wilson(successes: int, n: int) -> Stat:
     return Stat(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
-def mean_ci(values: ArrayLike) -> Stat:
+def mean_ci(values: ArrayLike, bounds: tuple[float, float] | None = None) -> Stat:
+    """Mean with a 95% t interval; ``bounds`` clips the interval to what the quantity can
+    be (Dice is in [0, 1]: with two values far apart the t interval is wider than that)."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     n = int(x.size)
@@ -86,7 +88,10 @@ def mean_ci(values: ArrayLike) -> Stat:
     if n < 2:
         return Stat(m, None, None, n)
     half = float(_sp.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Stat(m, m - half, m + half, n)
+    low, high = m - half, m + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Stat(m, low, high, n)
 
 
 def mean_ci_moments(n: int, total: float, total_sq: float) -> Stat:

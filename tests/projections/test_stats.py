@@ -266,3 +266,11 @@ def test_psi_matches_the_formula_and_is_zero_for_equal_distributions(e: list[int
     assert psi(e, a) >= 0
     assert psi(e, e) == pytest.approx(0.0, abs=1e-12)
     assert math.isfinite(psi([1, 0], [0, 1]))
+
+
+def test_mean_ci_is_clipped_to_what_the_quantity_can_be() -> None:
+    wide = mean_ci([0.1, 0.95])  # two Dice values far apart: the t interval leaves [0, 1]
+    assert wide.low is not None and wide.high is not None
+    assert wide.low < 0.0 and wide.high > 1.0
+    dice = mean_ci([0.1, 0.95], bounds=(0.0, 1.0))
+    assert (dice.low, dice.high) == (0.0, 1.0) and dice.value == wide.value
