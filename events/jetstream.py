@@ -216,17 +216,19 @@ class EventBus:
 
     # ------------------------------------------------------------------ publishing
 
-    async def publish(self, event: Event) -> Published:
-        """Publish and wait for the ack. Idempotent by event id."""
+    async def publish(self, event: Event, *, retry_s: float | None = None) -> Published:
+        """Publish and wait for the ack. Idempotent by event id. ``retry_s`` overrides the
+        settings' retry budget (the DICOM receiver's sender is waiting on it)."""
         subject, body, headers = encode(event)
         delay = 0.05
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.publish_retry_s
+        budget = self.settings.publish_retry_s if retry_s is None else retry_s
+        deadline = loop.time() + budget
         while True:
             try:
-                ack = await self.js.publish(
-                    subject, body, timeout=self.settings.publish_timeout_s, headers=headers
-                )
+                # each attempt's wait ends with the budget (a sender may be waiting)
+                wait = max(0.05, min(self.settings.publish_timeout_s, deadline - loop.time()))
+                ack = await self.js.publish(subject, body, timeout=wait, headers=headers)
                 return Published(ack.seq, bool(ack.duplicate))
             except (
                 TimeoutError,
@@ -242,7 +244,7 @@ class EventBus:
                     raise PublishError(
                         f"JetStream at {self.settings.display_url()} did not acknowledge "
                         f"{event.type_name()} {event.event_id} within "
-                        f"{self.settings.publish_retry_s:.0f}s ({type(exc).__name__}); "
+                        f"{budget:.0f}s ({type(exc).__name__}); "
                         "the event was not recorded: check that nats-server is running"
                     ) from None
                 log.warning("publish retry in %.2fs (%s)", delay, type(exc).__name__)

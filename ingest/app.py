@@ -31,6 +31,7 @@ class IngestOptions:
     max_instance_bytes: int = 2048 * 2**20
     min_free_bytes: int = 1024 * 2**20
     rules_poll_s: float = 1.0
+    publish_timeout_s: float = 10.0  # a sender's wait for the log before a failure status
 
 
 @dataclass
@@ -52,7 +53,8 @@ class ScpRunner:
         if cleaned:
             log.warning("removed %d partial files left by an interrupted write", cleaned)
         index = await fold_index(bus)
-        publisher = ThreadPublisher(bus, asyncio.get_running_loop())
+        publisher = ThreadPublisher(bus, asyncio.get_running_loop(),
+                                    timeout_s=self.options.publish_timeout_s)
         self.receiver = InstanceReceiver(
             store=store, publish=publisher, secret=self.secret, rules=self.rules,
             config=ReceiverConfig(general_ae=self.options.scp.general_ae,

@@ -34,21 +34,24 @@ class ThreadPublisher:
     """Publish from a non-async thread (pynetdicom's) on the bus's loop; wait for the acks.
 
     Events are published in order, each acknowledged before the next, so a routing
-    decision is in the log before the instance it routed.
+    decision is in the log before the instance it routed. ``timeout_s`` bounds how long a
+    DICOM sender waits for its answer while the log is unreachable: it then gets a failure
+    status and resends later, well inside the DIMSE timeouts modalities use (30-60 s).
     """
 
     bus: EventBus
     loop: asyncio.AbstractEventLoop
-    timeout_s: float = 35.0
+    timeout_s: float = 10.0
 
     async def _publish(self, events: Sequence[Event]) -> None:
+        deadline = self.loop.time() + self.timeout_s
         for ev in events:
-            await self.bus.publish(ev)
+            await self.bus.publish(ev, retry_s=max(0.1, deadline - self.loop.time()))
 
     def __call__(self, events: Sequence[Event]) -> None:
         future = asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
         try:
-            future.result(self.timeout_s)
+            future.result(self.timeout_s + 5)
         except TimeoutError:
             future.cancel()
             raise PublishError(

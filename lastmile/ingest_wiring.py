@@ -69,6 +69,7 @@ def ingest_options(settings: Settings) -> IngestOptions:
         rules_path=rules_path(settings),
         max_instance_bytes=settings.dicom_max_instance_mb * 2**20,
         min_free_bytes=settings.dicom_min_free_mb * 2**20,
+        publish_timeout_s=settings.dicom_publish_timeout_s,
     )
 
 

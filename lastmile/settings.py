@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(10, ge=1)
     dicom_max_instance_mb: int = Field(2048, ge=1, description="Larger datasets are refused")
     dicom_min_free_mb: int = Field(1024, ge=0, description="Refuse new data below this")
+    dicom_publish_timeout_s: float = Field(
+        10.0, gt=0, le=300,
+        description="How long a sender waits while the event log is unreachable before it "
+                    "gets a failure status (and resends)")
     dicom_allowed_calling_aes: tuple[str, ...] = Field((), description="Empty = any")
     dicom_allowed_addresses: tuple[str, ...] = Field((), description="Empty = any")
     routing_rules: Path | None = Field(None, description="Routing rules YAML")
