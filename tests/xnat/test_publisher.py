@@ -1,7 +1,8 @@
 """The XNAT publisher, through the real ``xnat`` client against the XNAT STAND-IN.
 
 The trigger goes through the real event log (nats-server) and the real durable consumer,
-as in `lastmile up`; the stand-in's fault injection drives the error paths.
+as in `lastmile up`; the stand-in's fault injection drives the error paths. The
+stand-in-down drills live in tests/drills/test_peers_down.py.
 """
 
 from __future__ import annotations
@@ -220,20 +221,6 @@ async def test_a_server_that_hangs_times_out_then_recovers(bus: EventBus, standi
         assert isinstance(failure, PublishFailed)
         assert "did not answer within 0.5s" in failure.error and failure.will_retry
         standin.hang.clear()
-        await wait_for(bus, study_result.study_uid, published)
-
-
-@pytest.mark.server  # a real nats-server
-async def test_server_down_then_back_loses_nothing(bus: EventBus, standin: XnatStandIn,
-                                                   study_result: StudyResult) -> None:
-    standin.stop()
-    await bus.publish_many(study_result.events())
-    async with running(bus, XnatPublisher(config(standin, study_result))):
-        events = await wait_for(bus, study_result.study_uid,
-                                lambda evs: len(of_type(evs, "engine.result.publish_failed")) >= 2)
-        assert all("unreachable" in e.error for e in of_type(
-            events, "engine.result.publish_failed"))
-        standin.start()  # same port, back up
         await wait_for(bus, study_result.study_uid, published)
 
 
