@@ -35,6 +35,19 @@ class PacsAddress:
     calling_ae: str = "LASTMILE"
 
 
+def format_address(dest: PacsAddress) -> str:
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def parse_address(text: str, calling_ae: str = "LASTMILE") -> PacsAddress:
+    """``AE@host:port`` (what ``PublishFailed.address`` holds) back to an address."""
+    ae, _, rest = text.partition("@")
+    host, _, port = rest.rpartition(":")
+    if not ae or not host or not port.isdigit():
+        raise ValueError(f"not a PACS address (AE@host:port): {text!r}")
+    return PacsAddress(ae, host, int(port), calling_ae)
+
+
 @dataclass(frozen=True)
 class StoreOutcome:
     sop_instance_uid: str

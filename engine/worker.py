@@ -30,9 +30,10 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -81,6 +82,7 @@ from events.jetstream import Delivery, EventBus
 from events.subjects import type_filter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DURABLE = "engine-workers"
 Make = Callable[..., Event]  # builds a follow-up event of the trigger (see _run_pipeline)
@@ -315,13 +317,8 @@ class EngineWorker:
                 blinding_hash=blinding_hash(self.config.secret, key)
                 if spec.outputs.blinding_hash else None,
             )
-            work = asyncio.create_task(asyncio.to_thread(run_steps, ctx, on_step=timings.append))
-            while True:
-                done, _ = await asyncio.wait({work}, timeout=self.config.heartbeat_s)
-                if done:
-                    break
-                await delivery.in_progress()  # alive: do not redeliver
-            await work
+            await self._alive(delivery, asyncio.to_thread(run_steps, ctx,
+                                                          on_step=timings.append))
         except (OperatorError, InputError, EngineError) as exc:
             await self._publish_timings(bus, caused, key, attempt, timings)
             return await self._failed(bus, caused, key, attempt, exc)
@@ -336,7 +333,8 @@ class EngineWorker:
         result_keys = await asyncio.to_thread(self._store_results, key, ctx)
         stages["store"] = time.perf_counter() - t
         t = time.perf_counter()
-        published = await self._publish_results(bus, caused, key, ctx, deployed.stage)
+        published = await self._publish_results(bus, caused, key, ctx, deployed.stage,
+                                                delivery)
         stages["publish"] = time.perf_counter() - t
         duration = time.perf_counter() - t_start
         measurements = tuple(Measurement(name=m.name, value=round(m.value, 6), unit=m.unit,
@@ -436,8 +434,19 @@ class EngineWorker:
             keys.append(f"{key}/{name}")
         return keys
 
+    async def _alive(self, delivery: Delivery, work: Awaitable[T]) -> T:
+        """Await ``work`` while telling JetStream every ``heartbeat_s`` that the run is
+        alive, so a slow step (inference, a C-STORE to a slow PACS) is not redelivered to
+        another worker mid-way."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.config.heartbeat_s)
+            if done:
+                return await task
+            await delivery.in_progress()
+
     async def _publish_results(self, bus: EventBus, make: Make, key: str, ctx: RunContext,
-                               stage: Stage) -> list[str]:
+                               stage: Stage, delivery: Delivery) -> list[str]:
         done = []
         for pub in ctx.pipeline.spec.publishers:
             if stage.value not in pub.stages:
@@ -455,14 +464,17 @@ class EngineWorker:
             dest = pacs.PacsAddress(pub.ae_title, pub.host, pub.port, self.config.calling_ae)
             destination = f"pacs:{pub.ae_title}"
             try:
-                outcomes = await asyncio.to_thread(
+                outcomes = await self._alive(delivery, asyncio.to_thread(
                     pacs.c_store, [ds for _, ds in ctx.results], dest, retries=pub.retries,
-                    retry_delay_s=pub.retry_delay_s)
+                    retry_delay_s=pub.retry_delay_s))
             except PublishFailedError as exc:
+                # the PACS redelivery consumer (engine.pacs_redelivery) takes it from here,
+                # from the log, with backoff: a PACS down for longer is not the end of it
                 await bus.publish(make(PublishFailed,
                                        deterministic_id("publish-failed", key, destination),
                                        run_key=key, destination=destination, error=str(exc),
-                                       attempt=pub.retries + 1, will_retry=False))
+                                       attempt=pub.retries + 1, will_retry=True,
+                                       address=pacs.format_address(dest)))
                 continue
             kinds = {str(ds.SOPInstanceUID): kind for kind, ds in ctx.results}
             for o in outcomes:

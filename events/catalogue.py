@@ -276,6 +276,8 @@ class PublishFailed(Event, frozen=True, kw_only=True, tag="engine.result.publish
     error: str
     attempt: int
     will_retry: bool
+    #: where a retry from the log sends it: "AE@host:port" for a PACS (no credentials)
+    address: str | None = None
 
 
 class MeasurementRecomputed(

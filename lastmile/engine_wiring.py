@@ -29,6 +29,7 @@ from rich.table import Table
 
 from engine.edits import EditConfig, EditRecomputer
 from engine.errors import EngineError
+from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
 from engine.registry import (
     PIPELINE_EVENTS,
     deployed_event,
@@ -114,8 +115,23 @@ class EditRecomputeService(Service):
         await EditRecomputer(config).run(bus, stop)
 
 
+class PacsRedeliveryService(Service):
+    """`lastmile up`'s retry from the log of results a PACS did not take
+    (``engine.pacs_redelivery``, durable consumer ``pacs-redelivery``)."""
+
+    name = "pacs-redelivery"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        await PacsRedelivery(RedeliveryConfig(results_dir=self.settings.results_dir)
+                             ).run(bus, stop)
+
+
 def engine_services(settings: Settings) -> list[Service]:
-    return [EngineWorkerService(settings), EditRecomputeService(settings)]
+    return [EngineWorkerService(settings), EditRecomputeService(settings),
+            PacsRedeliveryService(settings)]
 
 
 async def _fold(bus: EventBus) -> dict[str, Any]:

@@ -190,7 +190,7 @@ def test_services_setting_chooses_what_up_runs(tmp_path: Path,
 
     monkeypatch.setenv("LASTMILE_SERVICES", '["engine"]')
     names = [s.name for s in services_for(load_settings(state_dir=tmp_path))]
-    assert names == ["engine-worker", "engine-edits"]
+    assert names == ["engine-worker", "engine-edits", "pacs-redelivery"]
     monkeypatch.delenv("LASTMILE_SERVICES")
     everything = {s.name for s in services_for(load_settings(state_dir=tmp_path))}
     assert {"engine-worker", "projector", "dashboard"} <= everything

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from engine.feed import feed_study
+from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
 from engine.phantoms import pelvis_study
 from engine.registry import deployed_event
 from engine.spec import load_pipeline
@@ -38,13 +39,14 @@ async def test_pacs_and_xnat_down_for_a_minute_then_results_are_published_once(
         bus: EventBus, reference: dict, orthanc: Orthanc, standin: XnatStandIn,
         study_result: StudyResult, tmp_path: Path) -> None:
     """Both peers down for the same minute: the worker's C-STORE to Orthanc retries as
-    its pipeline file says; the XNAT publisher (a durable consumer) retries with
-    backoff 1 s doubling to 8 s (LASTMILE_XNAT_BACKOFF_S=1, LASTMILE_XNAT_MAX_BACKOFF_S=8)."""
+    its pipeline file says (twice, quickly), then the PACS redelivery consumer retries
+    from the log; the XNAT publisher (a durable consumer) likewise. Both back off from
+    1 s doubling to 8 s (LASTMILE_XNAT_BACKOFF_S=1, LASTMILE_XNAT_MAX_BACKOFF_S=8)."""
     t0 = time.perf_counter()
     base = with_pacs(reference["hfd"], tmp_path, orthanc)
     data = yaml.safe_load(base.path.read_text())
-    # the site's pipeline file says how long to keep trying: 12 retries, 1 s, 2 s, ... apart
-    data["publishers"][1].update(retries=12, retry_delay_s=1.0)
+    # the worker's own quick retries run out long before the minute is over
+    data["publishers"][1].update(retries=2, retry_delay_s=0.5)
     base.path.write_text(yaml.safe_dump(data, sort_keys=False))
     hfd = load_pipeline(base.path)
     await bus.publish(deployed_event(hfd, actor="drill", stage=Stage.VALIDATION))
@@ -57,6 +59,10 @@ async def test_pacs_and_xnat_down_for_a_minute_then_results_are_published_once(
     down_at = time.perf_counter()
     xnat = XnatPublisher(config(standin, study_result, backoff_s=1.0, max_backoff_s=8.0,
                                 tries_per_delivery=3, max_deliveries=20))
+    redelivery = PacsRedelivery(RedeliveryConfig(results_dir=config_.results_dir,
+                                                 backoff_s=1.0, max_backoff_s=8.0))
+    stop = asyncio.Event()
+    redelivering = asyncio.create_task(redelivery.run(bus, stop))
     async with RunningWorker(bus, EngineWorker({"hfd": hfd}, config_)), \
             running(bus, xnat, max_deliveries=20):
         await feed_study(bus, study.datasets, config_.instances_dir, SECRET, pipeline="hfd",
@@ -78,23 +84,30 @@ async def test_pacs_and_xnat_down_for_a_minute_then_results_are_published_once(
 
         published_after_s, xnat_after_s = await asyncio.gather(
             since_up(wait_for(bus, study.study_uid, lambda e: any(
-                isinstance(x, InferenceCompleted) for x in e), 120)),
+                isinstance(x, ResultPublished) and x.destination == "pacs:ORTHANC"
+                for x in e), 120)),
             since_up(wait_for_xnat(bus, study_result.study_uid, published, 60)))
         await asyncio.sleep(1.0)
         evs = [e for _, e in await bus.history(study.study_uid)]
         xnat_evs = [e for _, e in await bus.history(study_result.study_uid)]
+    stop.set()
+    await redelivering
     in_pacs = [e for e in evs if isinstance(e, ResultPublished)
                and e.destination == "pacs:ORTHANC"]
     assert Counter(e.kind for e in in_pacs) == {"SR": 1}
-    assert in_pacs[0].attempt > 1  # it took retries, not luck
-    assert not any(isinstance(e, PublishFailed) for e in evs)
+    assert in_pacs[0].actor == "pacs-redelivery" and in_pacs[0].attempt > 3  # from the log
+    pacs_failures = [e for e in evs if isinstance(e, PublishFailed)]
+    assert pacs_failures and all(e.will_retry for e in pacs_failures)
     assert sum(isinstance(e, InferenceCompleted) for e in evs) == 1
+    assert not [e for e in evs if e.type_name() == "system.delivery.failed"]
     assert len(orthanc.get("/instances")) == 1  # type: ignore[arg-type]
     record("PACS (Orthanc) down for a minute",
            done=f"Orthanc stopped; an HFD study run; Orthanc restarted after {OUTAGE_S:.0f} s; "
-                "C-STORE retried per the pipeline file (12 retries, linear backoff 1 s)",
+                "the worker's 2 quick retries failed, the PACS redelivery consumer retried "
+                "from the log (backoff 1 s doubling to 8 s)",
            items=1, acknowledged=1, lost=0, duration_s=time.perf_counter() - t0,
            outage_s=round(up_at - down_at, 1), published_attempt=in_pacs[0].attempt,
+           failures_before=len(pacs_failures),
            back_to_published_s=round(published_after_s, 1))
     to_xnat = [e for e in xnat_evs if isinstance(e, ResultPublished)]
     assert len(to_xnat) == 2 and len({e.kind for e in to_xnat}) == 2  # once per kind

@@ -165,6 +165,9 @@ async def test_pacs_down_is_retried_then_recorded_and_results_stay_in_the_store(
     failed = next(e for e in evs if isinstance(e, PublishFailed))
     assert failed.destination == "pacs:NOBODY" and failed.attempt == 2
     assert "refused or did not answer" in failed.error and "after 2 attempts" in failed.error
+    # handed over to the PACS redelivery consumer, with the address it needs
+    port = data["publishers"][1]["port"]
+    assert failed.will_retry and failed.address == f"NOBODY@127.0.0.1:{port}"
     done = next(e for e in evs if isinstance(e, InferenceCompleted))
     assert (worker_config.results_dir / done.result_keys[0]).is_file()
     assert {e.destination for e in evs if isinstance(e, ResultPublished)} == {"store"}
