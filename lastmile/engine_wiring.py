@@ -20,16 +20,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from engine.edits import EditConfig, EditRecomputer
 from engine.errors import EngineError
-from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
 from engine.registry import (
     PIPELINE_EVENTS,
     deployed_event,
@@ -38,7 +36,6 @@ from engine.registry import (
     stage_changed_event,
 )
 from engine.spec import REFERENCE_DIR, LoadedPipeline, discover, load_pipeline
-from engine.worker import EngineWorker, RunOutcome, WorkerConfig
 from events.base import Event
 from events.catalogue import (
     InferenceCompleted,
@@ -50,6 +47,9 @@ from events.catalogue import (
 from events.jetstream import EventBus
 from lastmile.runtime import Service
 from lastmile.settings import Settings
+
+if TYPE_CHECKING:  # the worker pulls in highdicom, scipy and ONNX Runtime: not for --help
+    from engine.worker import EngineWorker, RunOutcome, WorkerConfig
 
 out = Console()
 err = Console(stderr=True)
@@ -75,6 +75,8 @@ def pipeline_dirs(settings: Settings) -> list[Path]:
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
+    from engine.worker import WorkerConfig
+
     return WorkerConfig(
         instances_dir=settings.instances_dir,
         results_dir=settings.results_dir,
@@ -93,6 +95,8 @@ class EngineWorkerService(Service):
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
         pipelines = discover(pipeline_dirs(self.settings))
+        from engine.worker import EngineWorker
+
         worker = EngineWorker(pipelines, worker_config(self.settings))
         await worker.run(bus, stop)
 
@@ -107,6 +111,8 @@ class EditRecomputeService(Service):
         self.settings = settings
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        from engine.edits import EditConfig, EditRecomputer
+
         config = EditConfig(
             instances_dir=self.settings.instances_dir,
             results_dir=self.settings.results_dir,
@@ -125,6 +131,8 @@ class PacsRedeliveryService(Service):
         self.settings = settings
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
+
         await PacsRedelivery(RedeliveryConfig(results_dir=self.settings.results_dir)
                              ).run(bus, stop)
 
@@ -362,6 +370,7 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
     """
     from engine import phantoms
     from engine.feed import feed_study
+    from engine.worker import EngineWorker, WorkerConfig
     from events.jetstream import BusSettings
     from events.nats_server import EmbeddedNats, free_port
 

@@ -28,7 +28,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats as _sp
+
+
+def _t_ppf(q: float, df: int) -> float:
+    """scipy is imported when a statistic is computed, not when the CLI starts (~0.9 s)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
+def _rankdata(values: ArrayLike) -> NDArray[np.float64]:
+    from scipy import stats
+
+    return np.asarray(stats.rankdata(values), dtype=float)
 
 Z95 = 1.959963984540054
 
@@ -87,7 +99,7 @@ def mean_ci(values: ArrayLike, bounds: tuple[float, float] | None = None) -> Sta
     m = float(x.mean())
     if n < 2:
         return Stat(m, None, None, n)
-    half = float(_sp.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    half = float(_t_ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
     low, high = m - half, m + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
@@ -103,7 +115,7 @@ def mean_ci_moments(n: int, total: float, total_sq: float) -> Stat:
     if n < 2:
         return Stat(m, None, None, n)
     var = max(0.0, (total_sq - n * m * m) / (n - 1))
-    half = float(_sp.t.ppf(0.975, n - 1) * math.sqrt(var) / math.sqrt(n))
+    half = float(_t_ppf(0.975, n - 1) * math.sqrt(var) / math.sqrt(n))
     return Stat(m, m - half, m + half, n)
 
 
@@ -307,7 +319,7 @@ def roc_auc(truth: Sequence[bool] | ArrayLike, scores: ArrayLike) -> Stat:
     if n1 == 0 or n0 == 0:
         return Stat.missing("the reference has only one class (no positives or no "
                             "negatives)", int(y.size))
-    ranks = _sp.rankdata(s)  # average ranks for ties
+    ranks = _rankdata(s)  # average ranks for ties
     auc = float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     q1 = auc / (2 - auc)
     q2 = 2 * auc * auc / (1 + auc)
@@ -353,7 +365,7 @@ def bland_altman(a: ArrayLike, b: ArrayLike) -> BlandAltman | Stat:
         return Stat.missing("fewer than 3 paired measurements", n)
     bias = float(d.mean())
     sd = float(d.std(ddof=1))
-    t = float(_sp.t.ppf(0.975, n - 1))
+    t = float(_t_ppf(0.975, n - 1))
     se_bias = sd / math.sqrt(n)
     se_loa = sd * math.sqrt(3.0 / n)
     lo, hi = bias - Z95 * sd, bias + Z95 * sd
