@@ -1,5 +1,10 @@
 """The Streamlit entry point: ``streamlit run dashboards/app.py`` (``lastmile up`` does it).
 
+Every page needs a signed-in user (``dashboards.review.session``): governance pages the
+governance role, the worklist, case and blinded pages the reader role, the QC gate the
+qc role. All pages are routed (so a PACS deep link such as ``/case?study=UID`` survives
+sign-in); the sidebar lists only the pages the user's roles open.
+
 Shared sidebar filters (pipeline, model version, source AE, arrival dates) are drawn
 here, before the page runs, so they keep their values from page to page; the
 freshness line ("data as of event #N, T seconds ago") is on every page.
@@ -7,6 +12,8 @@ freshness line ("data as of event #N, T seconds ago") is on every page.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import date
 
 import streamlit as st
@@ -14,9 +21,23 @@ import streamlit as st
 from dashboards import pages, ui
 from dashboards import queries as Q
 from dashboards.queries import Filters
+from dashboards.review import blinded_page, session
+from dashboards.review import pages as review
+from dashboards.review.auth import Role, User
 from projections.errors import ProjectionsError
 
 ALL = "(all)"
+REVIEW_PAGES = (
+    (review.worklist_page, "Worklist", "worklist", ":material/inbox:"),
+    (review.case_page, "Case", "case", ":material/radiology:"),
+    (review.qc_page, "QC gate", "qc", ":material/rule:"),
+    (blinded_page.blinded_page, "Blinded reading", "blinded", ":material/visibility_off:"),
+)
+PAGE_ROLES: dict[str, Role] = {  # in the order the sidebar lists them
+    **dict.fromkeys(("overview", "agreement", "longitudinal", "drift", "reliability", "audit",
+                     "models"), Role.GOVERNANCE),
+    "worklist": Role.READER, "case": Role.READER, "qc": Role.QC, "blinded": Role.READER,
+}
 
 st.set_page_config(page_title="Lastmile governance", page_icon=":material/monitoring:",
                    layout="wide")
@@ -49,31 +70,81 @@ def _filters(opts: Q.Options) -> Filters:
                    None if ae == ALL else ae, start, end)
 
 
+GOVERNANCE_PAGES = (
+    (pages.overview, "Overview", "overview", ":material/dashboard:"),
+    (pages.agreement, "Agreement", "agreement", ":material/fact_check:"),
+    (pages.longitudinal, "Longitudinal", "longitudinal", ":material/timeline:"),
+    (pages.drift, "Drift", "drift", ":material/ssid_chart:"),
+    (pages.reliability, "Reliability", "reliability", ":material/build:"),
+    (pages.audit, "Audit", "audit", ":material/history:"),
+    (pages.models, "Models", "models", ":material/model_training:"),
+)
+
+
+def _governance(fn: Callable[[], None], title: str) -> Callable[[], None]:
+    """A governance page, shown only to the governance role (or admin)."""
+
+    @functools.wraps(fn)
+    def page() -> None:
+        ctx = st.session_state["lm_ctx"]
+        user: User = ctx["user"]
+        if not user.has(Role.GOVERNANCE):
+            st.title(title)
+            session.require(user, Role.GOVERNANCE, f"The {title} page")
+        fn()
+
+    return page
+
+
+def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
+    """Every page (so any URL resolves and a wrong role gets a clear message) and, in
+    order, the ones this user's roles open (the navigation shown)."""
+    default = "overview"
+    if user is not None and not user.has(Role.GOVERNANCE):
+        default = "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
+            else "overview"
+    out: dict[str, st.Page] = {}
+    for fn, title, path, icon in GOVERNANCE_PAGES:
+        out[path] = st.Page(_governance(fn, title), title=title, url_path=path, icon=icon,
+                            default=path == default)
+    for fn, title, path, icon in REVIEW_PAGES:
+        out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=path == default)
+    if user is None:
+        return out, []
+    allowed = [p for p, role in PAGE_ROLES.items() if user.has(role)]
+    return out, allowed
+
+
 def main() -> None:
     cfg = ui.config()
+    rcfg = session.review_config()
+    user = session.current_user(rcfg)
+    all_pages, allowed = _pages(user)
+    nav = st.navigation(list(all_pages.values()), position="hidden")
+    session.write_cookie()
+    if user is None:
+        session.sign_in_form(rcfg)
+        st.stop()
     try:
         seq = ui.checkpoint(cfg.duckdb_path)
     except ProjectionsError as exc:
         st.error(f"The read model cannot be read: {exc}")
         st.stop()
     opts, fresh = _options(str(cfg.duckdb_path), seq)
-    filters = _filters(opts)
+    governance_page = any(nav is all_pages[p] for _, _, p, _ in GOVERNANCE_PAGES)
+    sb = st.sidebar
+    sb.markdown(f"Signed in as **{user.name}** ({', '.join(sorted(r.value for r in user.roles))})")
+    for path in allowed:
+        sb.page_link(all_pages[path])
+    if user is not session.DEMO_VIEWER and not rcfg.proxy_header and sb.button("Sign out"):
+        session.sign_out()
+        st.rerun()
+    filters = _filters(opts) if governance_page else Filters()
     st.session_state["lm_ctx"] = {"db": cfg.duckdb_path, "seq": seq, "filters": filters,
-                                  "options": opts, "bus": cfg.bus}
-    nav = st.navigation([
-        st.Page(pages.overview, title="Overview", url_path="overview", default=True,
-                icon=":material/dashboard:"),
-        st.Page(pages.agreement, title="Agreement", url_path="agreement",
-                icon=":material/fact_check:"),
-        st.Page(pages.longitudinal, title="Longitudinal", url_path="longitudinal",
-                icon=":material/timeline:"),
-        st.Page(pages.drift, title="Drift", url_path="drift", icon=":material/ssid_chart:"),
-        st.Page(pages.reliability, title="Reliability", url_path="reliability",
-                icon=":material/build:"),
-        st.Page(pages.audit, title="Audit", url_path="audit", icon=":material/history:"),
-        st.Page(pages.models, title="Models", url_path="models", icon=":material/model_training:"),
-    ])
-    st.sidebar.caption(f"Showing {filters.describe()}.")
+                                  "options": opts, "bus": cfg.bus, "user": user,
+                                  "pages": all_pages}
+    if governance_page:
+        st.sidebar.caption(f"Showing {filters.describe()}.")
     ui.freshness_line(seq, fresh, ui.modified_at(cfg.duckdb_path))
     nav.run()
 

@@ -59,3 +59,69 @@ def bus_from_json(text: str) -> BusSettings:
         raise DashboardConfigError(f"{ENV_BUS} must be an object with keys from {sorted(known)}")
     data["servers"] = tuple(data.get("servers") or ())
     return BusSettings(**data)
+
+
+# --------------------------------------------------------------------------- review pages
+
+ENV_STATE_DIR = "LASTMILE_DASHBOARD_STATE_DIR"
+ENV_USERS = "LASTMILE_USERS_FILE"
+ENV_PROXY_HEADER = "LASTMILE_AUTH_PROXY_HEADER"
+ENV_DEMO = "LASTMILE_DEMO"
+ENV_BLINDED = "LASTMILE_BLINDED_STUDY"
+ENV_QC_PIPELINES = "LASTMILE_QC_PIPELINES"
+ENV_PUBLIC_URL = "LASTMILE_PUBLIC_URL"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """What the review pages need beyond the read model and the bus.
+
+    ``state_dir`` locates the instance store (``instances``) and the AI results
+    (``results``); ``users_file`` the sign-in users; ``proxy_header`` (only when set)
+    names a header a trusted reverse proxy fills with the signed-in user's name;
+    ``demo`` lets an unconfigured demo be used without sign-in (as ``demo.viewer``).
+    """
+
+    state_dir: Path
+    users_file: Path
+    proxy_header: str | None = None
+    demo: bool = False
+    blinded_study: Path | None = None
+    qc_pipelines: frozenset[str] = frozenset({"hfd"})
+    xnat_url: str | None = None
+    xnat_project: str = "LASTMILE"
+    public_url: str | None = None
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.state_dir / "results"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ReviewConfig:
+        env = os.environ if environ is None else environ
+        raw_state = env.get(ENV_STATE_DIR)
+        if raw_state:
+            state = Path(raw_state)
+        else:
+            from lastmile.settings import load_settings
+
+            state = load_settings().state_dir
+        users = Path(env[ENV_USERS]) if env.get(ENV_USERS) else state / "users.toml"
+        qc = frozenset(p.strip() for p in env.get(ENV_QC_PIPELINES, "hfd").split(",")
+                       if p.strip())
+        blinded = env.get(ENV_BLINDED)
+        return cls(state_dir=state, users_file=users,
+                   proxy_header=(env.get(ENV_PROXY_HEADER) or "").strip() or None,
+                   demo=_truthy(env.get(ENV_DEMO)),
+                   blinded_study=Path(blinded) if blinded else None, qc_pipelines=qc,
+                   xnat_url=(env.get("LASTMILE_XNAT_URL") or "").strip().rstrip("/") or None,
+                   xnat_project=(env.get("LASTMILE_XNAT_PROJECT") or "").strip() or "LASTMILE",
+                   public_url=(env.get(ENV_PUBLIC_URL) or "").strip().rstrip("/") or None)

@@ -34,6 +34,7 @@ from datetime import date, datetime, time, timedelta
 
 import duckdb
 
+from projections import metrics as M
 from projections.metrics import STAGES
 from projections.schema import TABLES, VIEWS
 
@@ -281,7 +282,8 @@ def dice_values(con: Con, pipeline: str | None = None) -> list[tuple[str, str, f
     """(pipeline, label, dice) of every edit: the distribution behind ``dice_summary``."""
     where, params = ("AND pipeline = ?", [pipeline]) if pipeline else ("", [])
     return [(p, lb, float(d)) for p, lb, d in con.execute(
-        f"SELECT pipeline, label, dice FROM dice WHERE dice IS NOT NULL {where} ORDER BY seq",
+        f"SELECT pipeline, label, dice FROM dice WHERE dice IS NOT NULL "
+        f"AND edit_event_id IN {M.CLINICIAN_EDITS_SQL} {where} ORDER BY seq",
         params).fetchall()]
 
 
@@ -296,7 +298,8 @@ def volume_pairs(con: Con, pipeline: str | None = None,
         )
         SELECT e.pipeline, e.name, e.unit, e.value, ai.value
         FROM measurements e JOIN ai ON ai.run_key = e.run_key AND ai.name = e.name
-        WHERE e.source = 'edit' {where} ORDER BY e.seq
+        WHERE e.source = 'edit' AND e.edit_event_id IN {M.CLINICIAN_EDITS_SQL} {where}
+        ORDER BY e.seq
     """, params).fetchall()
     return [(p, n, u or "", float(a), float(b)) for p, n, u, a, b in rows]
 

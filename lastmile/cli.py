@@ -276,6 +276,7 @@ from lastmile import (  # noqa: E402  (registered after the core commands, in he
     engine_wiring,
     ingest_wiring,
     projections_wiring,
+    review_wiring,
     xnat_wiring,
 )
 
@@ -287,10 +288,14 @@ app.command("metrics")(projections_wiring.metrics_command)
 app.command("dashboard")(dashboards_wiring.dashboard_command)
 app.command("demo")(demo.demo_command)
 app.add_typer(xnat_wiring.xnat_app, name="xnat")
+app.add_typer(review_wiring.users_app, name="users")
+app.add_typer(review_wiring.review_app, name="review")
+app.command("link")(review_wiring.link_command)
 bench_app.command("ingest")(ingest_wiring.bench_ingest)
 bench_app.command("e2e")(engine_wiring.bench_e2e)
 bench_app.command("projections")(projections_wiring.bench_projections_command)
 bench_app.command("dashboards")(dashboards_wiring.bench_dashboards_command)
+bench_app.command("review")(review_wiring.bench_review_command)
 
 
 # --------------------------------------------------------------------------- entry

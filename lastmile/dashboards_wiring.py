@@ -42,7 +42,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dashboards.config import ENV_BUS, ENV_DUCKDB, bus_to_json
+from dashboards.config import ENV_BUS, ENV_DUCKDB, ENV_STATE_DIR, bus_to_json
 from events.base import Event
 from events.jetstream import BusSettings, EventBus
 from lastmile.runtime import Service
@@ -78,9 +78,12 @@ def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 
 def dashboard_env(duckdb_path: Path, bus: BusSettings | None,
-                  base: dict[str, str] | None = None) -> dict[str, str]:
+                  base: dict[str, str] | None = None,
+                  state_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env[ENV_DUCKDB] = str(duckdb_path)
+    if state_dir is not None:  # users, the session key, instances and results
+        env[ENV_STATE_DIR] = str(state_dir)
     if bus is not None:
         env[ENV_BUS] = bus_to_json(bus)
     return env
@@ -96,6 +99,7 @@ class DashboardProcess:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    state_dir: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -109,7 +113,8 @@ class DashboardProcess:
                 sink = files.enter_context(open(self.log_path, "ab"))  # noqa: SIM115
             self.proc = subprocess.Popen(
                 streamlit_command(self.port, self.host),
-                env={**dashboard_env(self.duckdb_path, self.bus), **self.extra_env}, stdout=sink,
+                env={**dashboard_env(self.duckdb_path, self.bus, state_dir=self.state_dir),
+                     **self.extra_env}, stdout=sink,
                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -168,7 +173,8 @@ class DashboardService(Service):
             raise DashboardError(f"port {s.dashboard_port} is in use: set "
                                  "LASTMILE_DASHBOARD_PORT to a free one")
         process = DashboardProcess(s.duckdb_path, bus.settings, s.dashboard_port,
-                                   log_path=s.state_dir / "dashboard.log")
+                                   log_path=s.state_dir / "dashboard.log",
+                                   state_dir=s.state_dir)
         await asyncio.to_thread(process.start)
         log.info("dashboard on %s (log %s)", process.url, process.log_path)
         try:
@@ -308,8 +314,10 @@ def run_dashboards_bench(count: int = 1_000_000, repeats: int = 3,
         db = tmp / "bench.duckdb"
         with EmbeddedNats(tmp / "nats", port=free_port(), sync="2m") as server:
             n, fold_s, bus_settings, study = asyncio.run(_bench_data(server.url, db, count))
+            # demo mode: the governance pages without a sign-in (what is measured here)
             with DashboardProcess(db, bus_settings, free_port(),
-                                  log_path=tmp / "streamlit.log") as proc:
+                                  log_path=tmp / "streamlit.log", state_dir=tmp,
+                                  extra_env={"LASTMILE_DEMO": "1"}) as proc:
                 cold, warm = measure_pages(proc.url, repeats=repeats, study_uid=study,
                                            screenshots=screenshots)
         medians = {k: sorted(v)[len(v) // 2] for k, v in warm.items()}
@@ -328,7 +336,8 @@ def dashboard_command(ctx: typer.Context) -> None:
         err.print(f"no read model at {settings.duckdb_path}: run `lastmile up` or "
                   "`lastmile projections rebuild` first")
         raise typer.Exit(5)
-    proc = DashboardProcess(settings.duckdb_path, settings.bus(), settings.dashboard_port)
+    proc = DashboardProcess(settings.duckdb_path, settings.bus(), settings.dashboard_port,
+                            state_dir=settings.state_dir)
     try:
         proc.start()
     except DashboardError as exc:

@@ -743,6 +743,9 @@ def demo_main(settings: Settings, options: DemoOptions) -> int:
     from lastmile.runtime import Supervisor, embedded_server
     from lastmile.services import services_for
 
+    # the dashboard process inherits this: without a users file, pages open as the demo
+    # viewer (reader, QC and governance) instead of asking for a sign-in
+    os.environ.setdefault("LASTMILE_DEMO", "1")
     services = services_for(settings)
     if not options.dashboard:
         services = [s for s in services if not isinstance(s, dashboards_wiring.DashboardService)]

@@ -9,6 +9,7 @@ from lastmile import (
     engine_wiring,
     ingest_wiring,
     projections_wiring,
+    review_wiring,
     xnat_wiring,
 )
 from lastmile.runtime import Service
@@ -26,6 +27,7 @@ def services_for(settings: Settings) -> list[Service]:
         services.append(projections_wiring.ProjectorService(settings))
     if "dashboard" in wanted:
         services.append(dashboards_wiring.DashboardService(settings))
+        services += review_wiring.review_services(settings)
     if "xnat" in wanted:
         services += xnat_wiring.xnat_services(settings)
     return services

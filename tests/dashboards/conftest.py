@@ -90,8 +90,10 @@ def known_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnownSite]:
         db = tmp / "read.duckdb"
         asyncio.run(_publish_fold(settings, events, db))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        # demo mode (no users file): signed in as the demo viewer, who may see governance
         with DashboardProcess(db, settings, free_port(), log_path=ARTIFACTS / "streamlit.log",
-                              extra_env={"LASTMILE_UNBLINDING_KEY": str(key)}) as proc:
+                              state_dir=tmp, extra_env={"LASTMILE_UNBLINDING_KEY": str(key),
+                                                        "LASTMILE_DEMO": "1"}) as proc:
             yield KnownSite(events, cfg, db, settings, proc.url, unblinding)
 
 
