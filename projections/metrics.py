@@ -625,11 +625,20 @@ class DiceRow:
     median: float
 
 
+#: edits by clinicians correcting the AI (our review pages, XNAT); masks drawn by the
+#: reference readers of a blinded study ("expert", "novice") are not corrections
+CLINICIAN_EDIT_SOURCES = ("lastmile", "xnat")
+CLINICIAN_EDITS_SQL = ("(SELECT event_id FROM edits WHERE source IN ("
+                       + ", ".join(f"'{s}'" for s in CLINICIAN_EDIT_SOURCES) + "))")
+
+
 def dice_summary(con: Con, pipeline: str | None = None) -> list[DiceRow]:
+    """Dice of each clinician's corrected mask against the AI mask, per label."""
     where, params = _where(pipeline)
     rows = con.execute(f"""
         SELECT pipeline, label, list(dice), median(dice) FROM dice
-        WHERE dice IS NOT NULL {where} GROUP BY ALL ORDER BY ALL
+        WHERE dice IS NOT NULL AND edit_event_id IN {CLINICIAN_EDITS_SQL} {where}
+        GROUP BY ALL ORDER BY ALL
     """, params).fetchall()
     return [DiceRow(p, lb, mean_ci(xs, bounds=(0.0, 1.0)), float(m)) for p, lb, xs, m in rows]
 
@@ -654,7 +663,8 @@ def volume_agreement(con: Con, pipeline: str | None = None) -> list[VolumeAgreem
         SELECT e.pipeline, e.name, any_value(e.unit), list(e.value ORDER BY e.seq),
                list(ai.value ORDER BY e.seq)
         FROM measurements e JOIN ai ON ai.run_key = e.run_key AND ai.name = e.name
-        WHERE e.source = 'edit' {where} GROUP BY ALL ORDER BY ALL
+        WHERE e.source = 'edit' AND e.edit_event_id IN {CLINICIAN_EDITS_SQL} {where}
+        GROUP BY ALL ORDER BY ALL
     """, params).fetchall()
     return [VolumeAgreementRow(p, name, unit or "", len(edited), bland_altman(edited, ai))
             for p, name, unit, edited, ai in rows]

@@ -421,7 +421,7 @@ async def test_lastmile_up_runs_the_recompute_beside_the_worker(bus: EventBus,
 
     settings = Settings(state_dir=tmp_path / "state", site_secret="x" * 32, worker_id="w1")
     services = engine_services(settings)
-    assert [s.name for s in services] == ["engine-worker", "engine-edits"]
+    assert [s.name for s in services] == ["engine-worker", "engine-edits", "pacs-redelivery"]
     service = services[1]
     assert isinstance(service, EditRecomputeService)
     case = make_case(settings.results_dir)

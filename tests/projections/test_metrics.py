@@ -319,3 +319,30 @@ def test_a_prior_exam_processed_late_still_counts_as_the_baseline() -> None:
     assert rows[1].from_baseline_pct == pytest.approx(20.0)
     assert rows[2].from_prior_pct == pytest.approx(25.0)
     assert rows[2].from_baseline_pct == pytest.approx(50.0)
+
+
+def test_reference_readers_masks_are_not_counted_as_clinician_edits(
+        folded: ProjectionStore, site_events: list) -> None:
+    """A blinded study's expert/novice masks arrive as edits with their source; their
+    Dice against the AI is not 'how much clinicians corrected the AI'."""
+    from events.catalogue import EditSubmitted, Measurement, MeasurementRecomputed
+
+    with folded.connection() as con:
+        (before,) = M.dice_summary(con)
+        (va_before,) = M.volume_agreement(con)
+    run = next(e for e in site_events if isinstance(e, MeasurementRecomputed))
+    expert = EditSubmitted.new(actor="expert_1", study_uid=run.study_uid,
+                               pipeline=run.pipeline, run_key=run.run_key, reader="expert_1",
+                               store_key="ab/cd/x.dcm", sha256="0" * 64, source="expert")
+    recomputed = MeasurementRecomputed.new(
+        actor="worker:w", study_uid=run.study_uid, pipeline=run.pipeline,
+        run_key=run.run_key, edit_event_id=expert.event_id,
+        measurements=(Measurement(name="lesion_volume", value=1.0, unit="mL"),),
+        dice={"lesion": 0.01})
+    n = len(site_events)
+    folded.apply(RowBatch().extend([(n + 1, expert), (n + 2, recomputed)]))
+    with folded.connection() as con:
+        (after,) = M.dice_summary(con)
+        (va_after,) = M.volume_agreement(con)
+        assert con.execute("SELECT count(*) FROM dice WHERE dice = 0.01").fetchone() == (1,)
+    assert after.mean == before.mean and va_after.pairs == va_before.pairs
