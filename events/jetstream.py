@@ -516,7 +516,7 @@ class _ConnectionLog:
 
     def __init__(self) -> None:
         self.connected = False
-        self.last_error: Exception | None = None  # why the first connect failed
+        self.errors: list[Exception] = []  # why the first connect failed (all attempts)
 
     def callbacks(self) -> dict[str, Any]:
         return {"error_cb": self.error, "disconnected_cb": self.disconnected,
@@ -525,22 +525,23 @@ class _ConnectionLog:
     async def error(self, exc: Exception) -> None:
         if self.connected:
             log.warning("nats: %s", exc)
-        else:
-            self.last_error = exc
+        elif len(self.errors) < 20:
+            self.errors.append(exc)
 
     def advice(self) -> str:
-        """What the server or the TLS handshake said, and which setting to check."""
-        exc = self.last_error
-        if exc is None:
-            return ""
-        text = str(exc) or type(exc).__name__
-        if "authoriz" in text.lower() or "authentication" in text.lower():
-            return (f" The server refused the credentials ({text}): check LASTMILE_NATS_USER"
-                    " and LASTMILE_NATS_PASSWORD, or LASTMILE_NATS_CREDS.")
-        if isinstance(exc, ssl.SSLError) or "certificate" in text.lower() or "tls" in text.lower():
-            return (f" TLS failed ({text}): set LASTMILE_NATS_TLS_CA to the CA that signed "
-                    "the server's certificate (and LASTMILE_NATS_TLS_CERT/KEY if it asks "
-                    "for a client certificate).")
+        """What the server or the TLS handshake said, and which setting to check. Any
+        attempt's refusal counts: a later attempt may only have timed out."""
+        texts = [str(e) or type(e).__name__ for e in self.errors]
+        for text in texts:
+            if "authoriz" in text.lower() or "authentication" in text.lower():
+                return (f" The server refused the credentials ({text}): check "
+                        "LASTMILE_NATS_USER and LASTMILE_NATS_PASSWORD, or LASTMILE_NATS_CREDS.")
+        for exc, text in zip(self.errors, texts, strict=True):
+            if isinstance(exc, ssl.SSLError) or "certificate" in text.lower() \
+                    or "tls" in text.lower():
+                return (f" TLS failed ({text}): set LASTMILE_NATS_TLS_CA to the CA that "
+                        "signed the server's certificate (and LASTMILE_NATS_TLS_CERT/KEY if "
+                        "it asks for a client certificate).")
         return ""
 
     async def disconnected(self) -> None:
