@@ -379,6 +379,17 @@ def test_demo_mode_without_users_opens_as_demo_viewer(
         expect(page.get_by_role("heading", name="QC gate")).to_be_visible()
         expect(page.get_by_text("Signed in as")).to_contain_text("demo.viewer")
         page.close()
+    # outside demo mode nothing opens without a sign-in, governance pages included,
+    # and with no users yet the page says how to create one
+    with review_dashboard(site.db, site.bus, site.state, tmp_path / "no-users.toml",
+                          free_port()) as proc:
+        page = chromium.new_page()
+        page.goto(f"{proc.url}/overview")
+        wait_for_page(page)
+        expect(page.get_by_text("lastmile users add")).to_be_visible()
+        assert page.get_by_text("Signed in as").count() == 0
+        assert page.get_by_role("heading", name="Overview").count() == 0
+        page.close()
     # with users configured, demo mode signs in like any site
     with review_dashboard(site.db, site.bus, site.state, site.users_file, free_port(),
                           extra_env={"LASTMILE_DEMO": "1"}) as proc:
