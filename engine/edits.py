@@ -48,6 +48,7 @@ from pydicom.errors import InvalidDicomError
 from engine.dicom_results import MANUFACTURER, SOFTWARE_VERSION, uid_from
 from engine.errors import InputError
 from engine.ops.postprocess import dice, volumes_ml
+from engine.ops.volume import functional_group
 from events.base import Event, deterministic_id
 from events.catalogue import (
     EditSubmitted,
@@ -138,18 +139,6 @@ class Recomputed:
     dice: dict[str, float]  # labels where both masks are empty are left out (undefined)
 
 
-def _item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """The functional group item ``keyword`` of frame ``frame``: per-frame, else shared."""
-    for seq_name, index in (("PerFrameFunctionalGroupsSequence", frame),
-                            ("SharedFunctionalGroupsSequence", 0)):
-        seq = ds.get(seq_name)
-        if seq and len(seq) > index and keyword in seq[index]:
-            inner = seq[index].get(keyword)
-            if inner:
-                return inner[0]
-    return None
-
-
 def _floats(value: object, n: int, what: str, where: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value)  # type: ignore[attr-defined]
@@ -204,8 +193,8 @@ def _read_seg_frames(ds: Dataset, what: str) -> SegFrames:
         raise EditRejected(f"{where} has no segments")
     if len(set(numbers.values())) != len(numbers):
         raise EditRejected(f"{where}: two segments share a label ({sorted(numbers.values())})")
-    orient = _item(ds, 0, "PlaneOrientationSequence")
-    measures = _item(ds, 0, "PixelMeasuresSequence")
+    orient = functional_group(ds, 0, "PlaneOrientationSequence")
+    measures = functional_group(ds, 0, "PixelMeasuresSequence")
     if orient is None or measures is None:
         raise EditRejected(f"{where}: no plane orientation or pixel measures: it is not on "
                            "an image grid")
@@ -224,11 +213,11 @@ def _read_seg_frames(ds: Dataset, what: str) -> SegFrames:
         threshold = max(1, (int(ds.get("MaximumFractionalValue", 255)) + 1) // 2)
     frames: list[SegFrame] = []
     for f in range(n):
-        pos_item = _item(ds, f, "PlanePositionSequence")
+        pos_item = functional_group(ds, f, "PlanePositionSequence")
         position = (_floats(pos_item.get("ImagePositionPatient"), 3, "ImagePositionPatient",
                             f"{where} frame {f + 1}") if pos_item is not None else None)
         source = None
-        deriv = _item(ds, f, "DerivationImageSequence")
+        deriv = functional_group(ds, f, "DerivationImageSequence")
         refs = deriv.get("SourceImageSequence") if deriv is not None else None
         if refs:
             source = (str(refs[0].ReferencedSOPInstanceUID),
@@ -242,7 +231,7 @@ def _read_seg_frames(ds: Dataset, what: str) -> SegFrames:
                 if mask.any():
                     frames.append(SegFrame(label, position, source, mask))
             continue
-        ident = _item(ds, f, "SegmentIdentificationSequence")
+        ident = functional_group(ds, f, "SegmentIdentificationSequence")
         if ident is None or int(ident.ReferencedSegmentNumber) not in numbers:
             raise EditRejected(f"{where} frame {f + 1} refers to no segment of the SEG")
         frames.append(SegFrame(numbers[int(ident.ReferencedSegmentNumber)], position,

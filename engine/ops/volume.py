@@ -129,7 +129,7 @@ def series_to_volume(datasets: Sequence[Dataset]) -> Volume:
     )
 
 
-def _group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+def functional_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
     """A functional group item for ``frame``: per-frame first, then shared."""
     for seq_name, index in (("PerFrameFunctionalGroupsSequence", frame),
                             ("SharedFunctionalGroupsSequence", 0)):
@@ -147,8 +147,8 @@ def _enhanced_to_volume(ds: Dataset) -> Volume:
     pixels = _pixels(ds, where)
     if pixels.ndim != 3 or pixels.shape[0] != n:
         raise PixelDataError(f"{where}: expected {n} frames, pixel data shape {pixels.shape}")
-    orient = _group(ds, 0, "PlaneOrientationSequence")
-    measures = _group(ds, 0, "PixelMeasuresSequence")
+    orient = functional_group(ds, 0, "PlaneOrientationSequence")
+    measures = functional_group(ds, 0, "PixelMeasuresSequence")
     if orient is None or measures is None:
         raise GeometryError(f"{where}: enhanced object without plane orientation/pixel measures")
     iop = _floats(orient.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where)
@@ -156,15 +156,15 @@ def _enhanced_to_volume(ds: Dataset) -> Volume:
     normal = np.cross(iop[:3], iop[3:])
     frames = []
     for f in range(n):
-        pos = _group(ds, f, "PlanePositionSequence")
+        pos = functional_group(ds, f, "PlanePositionSequence")
         if pos is None:
             raise GeometryError(f"{where}: frame {f + 1} has no plane position")
-        o = _group(ds, f, "PlaneOrientationSequence")
+        o = functional_group(ds, f, "PlaneOrientationSequence")
         if o is not None and np.max(np.abs(_floats(o.ImageOrientationPatient, 6, "IOP", where)
                                            - iop)) > ORIENTATION_TOL:
             raise GeometryError(f"{where}: frame {f + 1} has a different orientation")
         ipp = _floats(pos.get("ImagePositionPatient"), 3, "ImagePositionPatient", where)
-        tr = _group(ds, f, "PixelValueTransformationSequence")
+        tr = functional_group(ds, f, "PixelValueTransformationSequence")
         slope = tr.get("RescaleSlope") if tr is not None else ds.get("RescaleSlope")
         intercept = tr.get("RescaleIntercept") if tr is not None else ds.get("RescaleIntercept")
         frames.append((float(ipp @ normal), ipp, f, slope, intercept))
