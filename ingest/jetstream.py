@@ -48,14 +48,22 @@ class ThreadPublisher:
         for ev in events:
             await self.bus.publish(ev, retry_s=max(0.1, deadline - self.loop.time()))
 
-    def __call__(self, events: Sequence[Event]) -> None:
+    def start(self, events: Sequence[Event]) -> Callable[[], None]:
+        """Begin publishing on the loop; the returned call waits for the acks. The
+        receiver fsyncs the instance's file in between, on its own thread."""
         future = asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
-        try:
-            future.result(self.timeout_s + 5)
-        except TimeoutError:
-            future.cancel()
-            raise PublishError(
-                f"JetStream did not acknowledge within {self.timeout_s:.0f}s") from None
+
+        def wait() -> None:
+            try:
+                future.result(self.timeout_s + 5)
+            except TimeoutError:
+                future.cancel()
+                raise PublishError(
+                    f"JetStream did not acknowledge within {self.timeout_s:.0f}s") from None
+        return wait
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        self.start(events)()
 
 
 async def fold_index(bus: EventBus) -> InstanceIndex:

@@ -5,14 +5,20 @@ be driven directly (the hypothesis test feeds it mutated bytes). It is called fr
 SCP's association threads; ``publish`` blocks until JetStream acknowledged the events.
 
 Order of work, and why: refuse cheaply first (size, disk space, element structure,
-Affected SOP Instance UID); then, under a per-SOP-Instance lock, hash and write the file
-(bytes fsynced, renamed into place) in a worker thread while this thread decodes the
-header and checks its UIDs and SOP Class against the request (a refusal there removes
-the file again); identical bytes already in the log are a duplicate, anything else a new
-version. Then publish (routing decision, then ``instance stored``) while the directory
-entry is fsynced, and only when both are done answer Success. If the publish fails, a
-file this call created is removed and the sender gets a failure status, so it retries
-and nothing is half-recorded.
+Affected SOP Instance UID); then, under a per-SOP-Instance lock, decode the header and
+check its UIDs and SOP Class against the request (a refusal writes nothing), hash, and
+write the file under its final name; identical bytes already in the log are a
+duplicate, anything else a new version. Then publish (routing decision, then ``instance
+stored``) while this thread fsyncs the file, and only when both are done answer Success. If
+the publish fails, a file this call created is removed and the sender gets a failure
+status, so it retries and nothing is half-recorded.
+
+All of it runs on the association's own thread; only the publish goes to the event
+loop. Handing the hash and write to a worker so they overlap with the header decode
+looks faster but is not: the worker needs the GIL to start while the decode holds it,
+so it began only after the decode anyway, and each hand-off between threads cost about
+half a millisecond per instance (``lastmile bench ingest``). What overlaps is the file's
+fsync with the log's, and neither holds the GIL.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 
@@ -53,22 +59,6 @@ from ingest.statuses import StoreStatus
 log = logging.getLogger(__name__)
 
 
-def _wait_quietly(future: Future[None]) -> None:
-    try:
-        future.result()
-    except StoreError as exc:
-        log.error("store sync failed: %s", exc)
-
-
-def _settle(future: Future[tuple[str, StoredFile | None, bool]],
-            ) -> tuple[str, StoredFile | None, bool]:
-    """The outcome of a write we no longer want (its error, if any, is moot)."""
-    try:
-        return future.result()
-    except StoreError:
-        return "", None, False
-
-
 class _BadWithFacts(BadInstance):
     """A refusal after the header was decoded: the event can name the study."""
 
@@ -85,7 +75,14 @@ class _RecordFailed(Exception):
         self.error = error
         self.facts = facts
 
-Publish = Callable[[Sequence[Event]], None]
+class Publish(Protocol):
+    """How the receiver records events (``ingest.jetstream.ThreadPublisher``)."""
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        """Publish in order and wait for the acks; raise ``EventsError`` without them."""
+
+    def start(self, events: Sequence[Event]) -> Callable[[], None]:
+        """Begin publishing; the returned call waits for the acks (raising the same)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +158,6 @@ class InstanceReceiver:
 
     def __post_init__(self) -> None:
         silence_value_warnings()
-        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
         self._routes: OrderedDict[tuple[str, str, str, str], tuple[str, ...]] = OrderedDict()
         self._routes_lock = threading.Lock()
 
@@ -171,10 +167,10 @@ class InstanceReceiver:
         """Never raises: every problem becomes a named status (and an event when possible)."""
         facts_: InstanceFacts | None = None
         try:
-            self._precheck(r)
+            plain = self._precheck(r)
             assert r.sop_instance_uid is not None
             with self.index.lock(r.sop_instance_uid):
-                return self._store_and_publish(r)
+                return self._store_and_publish(r, plain)
         except BadInstance as exc:
             facts_ = exc.facts if isinstance(exc, _BadWithFacts) else None
             return self._reject(r, StoreStatus(exc.status), exc.reason, facts_)
@@ -188,22 +184,24 @@ class InstanceReceiver:
             return self._reject(r, StoreStatus.PROCESSING_FAILURE,
                                 f"the event log did not acknowledge: {exc.error}", exc.facts)
 
-    def _precheck(self, r: Received) -> None:
-        """The cheap refusals, before any byte is written."""
+    def _precheck(self, r: Received) -> bytes:
+        """The cheap refusals, before any byte is written. Returns the plain dataset
+        (inflated if it was sent deflated)."""
         size = len(r.dataset)
         if size > self.config.max_instance_bytes:
             raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
                               f"dataset of {size} bytes exceeds the limit of "
                               f"{self.config.max_instance_bytes} (LASTMILE_DICOM_MAX_INSTANCE_MB)")
         self.store.check_space(size)
-        check_structure(r.dataset, r.transfer_syntax_uid)
+        plain = check_structure(r.dataset, r.transfer_syntax_uid)
         if not r.sop_instance_uid:
             raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID,
                               "the request has no Affected SOP Instance UID")
+        return plain
 
-    def _admit(self, r: Received, meta: bytes) -> tuple[InstanceFacts, Dataset]:
+    def _admit(self, r: Received, plain: bytes) -> tuple[InstanceFacts, Dataset]:
         """Decode the header and check it against the request (raises ``BadInstance``)."""
-        ds = parse(meta, r.dataset)
+        ds = parse(plain, r.transfer_syntax_uid)
         f = facts(ds, self.secret)
         if f.sop_class_uid != r.sop_class_uid:
             raise _BadWithFacts(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -219,11 +217,9 @@ class InstanceReceiver:
 
     def _hash_and_write(self, sop_instance_uid: str, meta: bytes,
                         dataset: bytes) -> tuple[str, StoredFile | None, bool]:
-        """In a worker thread: hash, and write the file unless these bytes are stored
-        already. Returns (sha256, the file written or None, whether the log knows these
-        bytes). Hashing and writing release the GIL, so this overlaps with decoding the
-        header on the association's thread. A new file is written but not yet synced:
-        ``sync`` runs while the event is published."""
+        """Hash, and write the file unless these bytes are stored already. Returns
+        (sha256, the file written or None, whether the log knows these bytes). A new file
+        is complete under its final name but not yet synced (``store.sync``)."""
         h = hashlib.sha256(meta)
         h.update(dataset)
         sha = h.hexdigest()
@@ -236,8 +232,8 @@ class InstanceReceiver:
         log.warning("repairing the stored file of %s from the sender's retry", sha[:12])
         return sha, self.store.put((meta, dataset), sha), True
 
-    def _store_and_publish(self, r: Received) -> Outcome:
-        """Called holding the SOP Instance's lock: decide, write, record.
+    def _store_and_publish(self, r: Received, plain: bytes) -> Outcome:
+        """Called holding the SOP Instance's lock: check, write, record.
 
         Success needs the file durable AND the event acknowledged; the two fsyncs (ours of
         the file, the log's of the event) run at the same time. The file is complete under
@@ -246,19 +242,9 @@ class InstanceReceiver:
         can, and then the sender, which was not answered, resends and the file is repaired.
         """
         assert r.sop_instance_uid is not None
+        f, ds = self._admit(r, plain)
         meta = file_meta(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid)
-        written: Future[tuple[str, StoredFile | None, bool]] = Future()
-        synced = self._workers.submit(self._write_then_sync, written, r.sop_instance_uid,
-                                      meta, r.dataset)
-        try:
-            f, ds = self._admit(r, meta)
-        except BaseException:
-            _wait_quietly(synced)
-            _, maybe, known = _settle(written)
-            if maybe is not None and not known:
-                self.store.discard(maybe)
-            raise
-        sha, stored, known = written.result()
+        sha, stored, known = self._hash_and_write(r.sop_instance_uid, meta, r.dataset)
         actor = f"{self.config.actor_prefix}:{r.called_ae}"
         if known:
             dup = InstanceDuplicated.new(
@@ -272,36 +258,42 @@ class InstanceReceiver:
         version = self.index.next_version(f.sop_instance_uid)
         try:
             events = self._events(r, f, ds, stored, version, actor)
-            self._record(f, events)
+            acked = self._start_record(f, events)
         except BaseException:
-            _wait_quietly(synced)
+            self.store.discard(stored)
+            raise
+        sync_failed: StoreError | None = None
+        try:
+            self.store.sync(stored)  # while the log stores and fsyncs the event
+        except StoreError as exc:
+            sync_failed = exc
+        try:
+            acked()
+        except BaseException:
             self.store.discard(stored)
             raise
         self.index.observe(events[-1])  # type: ignore[arg-type]
-        # a failed sync after the event was recorded: the file is complete and in place,
-        # so it stays; the sender is told to retry (and gets a duplicate, or a repair)
-        synced.result()
+        if sync_failed is not None:
+            # the event is recorded and the file complete and in place, so it stays; the
+            # sender is told to retry (and gets a duplicate, or a repair)
+            raise sync_failed
         return Outcome(StoreStatus.SUCCESS, "stored", f.study_uid, tuple(events), stored)
 
-    def _write_then_sync(self, written: Future[tuple[str, StoredFile | None, bool]],
-                         sop_instance_uid: str, meta: bytes, dataset: bytes) -> None:
-        """In a worker thread: hash and write (``written`` tells the association thread,
-        which then publishes), then sync the new file while that publish runs."""
-        try:
-            outcome = self._hash_and_write(sop_instance_uid, meta, dataset)
-        except BaseException as exc:
-            written.set_exception(exc)
-            return
-        written.set_result(outcome)
-        _, stored, known = outcome
-        if stored is not None and not known:
-            self.store.sync(stored)
-
     def _record(self, f: InstanceFacts, events: list[Event]) -> None:
+        self._start_record(f, events)()
+
+    def _start_record(self, f: InstanceFacts, events: list[Event]) -> Callable[[], None]:
         try:
-            self.publish(events)
+            wait = self.publish.start(events)
         except EventsError as exc:
             raise _RecordFailed(exc, f) from None
+
+        def acked() -> None:
+            try:
+                wait()
+            except EventsError as exc:
+                raise _RecordFailed(exc, f) from None
+        return acked
 
     def _events(self, r: Received, f: InstanceFacts, ds: Dataset, stored: StoredFile,
                 version: int, actor: str) -> list[Event]:

@@ -68,12 +68,26 @@ def test_real_files_pass_the_structure_check_and_truncations_do_not(name: str) -
         assert info.value.status == StoreStatus.ERROR_CANNOT_UNDERSTAND
 
 
+@pytest.mark.parametrize("name", [*REAL_FILES, "image_dfl.dcm"])
+def test_header_decoded_from_the_received_bytes_matches_pydicom_reading_the_file(
+        name: str) -> None:
+    # implicit, big endian, deflated, encapsulated: read with the association's syntax
+    dataset, ts = dataset_bytes(get_testdata_file(name))
+    ds = parse(check_structure(dataset, ts), ts)
+    whole = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                    "PatientName", "PixelSpacing"):
+        assert ds.get(keyword) == whole.get(keyword), keyword
+    assert ds.SOPInstanceUID  # not vacuous: every file has one
+    assert "PixelData" not in ds
+
+
 def test_file_meta_is_deterministic_and_parses() -> None:
     dataset, ts = dataset_bytes(get_testdata_file("CT_small.dcm"))
     ds0 = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     meta = file_meta(ds0.SOPClassUID, ds0.SOPInstanceUID, ts)
     assert meta == file_meta(ds0.SOPClassUID, ds0.SOPInstanceUID, ts)
-    ds = parse(meta, dataset)
+    ds = parse(dataset, ts)
     assert ds.SOPInstanceUID == ds0.SOPInstanceUID
     assert "PixelData" not in ds  # facts never need the pixels
     whole = pydicom.dcmread(io.BytesIO(meta + dataset))
