@@ -27,13 +27,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from events.catalogue import StudyCompleted
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
-from events.subjects import type_filter
+from events.subjects import subject_for, type_filter
 from ingest.app import IngestApp, IngestOptions
 from ingest.dicom_scp import ScpConfig
 from ingest.peers import Orthanc, PeerError, Storescp, dcmtk_env, orthanc_binary
 from ingest.rules_file import RulesFile
 
 SECRET = b"bench-secret-not-a-site-secret-0"
+FLOOR_SUBJECT = subject_for("bench.floor", None)
 
 
 @dataclass
@@ -154,20 +155,41 @@ async def _ours(bus_settings: BusSettings, root: Path, files: list[Path], associ
         await bus.close()
 
 
-async def _bare_pynetdicom(root: Path, files: list[Path], associations: int) -> ReceiverRun:
+async def _bare_pynetdicom(root: Path, files: list[Path], associations: int,
+                           bus: EventBus | None = None) -> ReceiverRun:
     """The framework's floor: a pynetdicom SCP that writes ``encoded_dataset()`` to a file
     (no fsync, no parsing, no event) - what any Python SCP costs before doing its job.
     It gets the same DUL poll interval as ours (``ScpConfig.dul_poll_s``), so the ratio
-    to it is the cost of our store-and-publish alone."""
+    to it is the cost of our store-and-publish alone.
+
+    With ``bus``: the guarantees and nothing else - the file fsynced while one event of
+    an ``instance stored``'s size is published and acknowledged (fsync ``always``), no
+    header decode, hash, routing or store layout. No pynetdicom receiver that keeps
+    our promise to the sender can be faster than this row on the same machine.
+    """
     from pynetdicom import AE, evt
     from pynetdicom.presentation import StoragePresentationContexts
 
-    out = root / f"bare-{associations}"
+    name = "pynetdicom + fsync + acked event" if bus else "bare pynetdicom SCP (write only)"
+    out = root / f"{'floor' if bus else 'bare'}-{associations}"
     out.mkdir()
     counter = iter(range(10**9))
+    loop = asyncio.get_running_loop()
+    body = b"{}" + b" " * 700  # about an encoded ``instance stored``
 
     def handle(event: evt.Event) -> int:
-        (out / f"{next(counter)}.dcm").write_bytes(event.encoded_dataset())
+        n = next(counter)
+        acked = None
+        if bus is not None:
+            acked = asyncio.run_coroutine_threadsafe(bus.js.publish(
+                FLOOR_SUBJECT, body, headers={"Nats-Msg-Id": f"{associations}-{n}"}), loop)
+        with open(out / f"{n}.dcm", "wb") as f:
+            f.write(event.encoded_dataset())
+            if bus is not None:
+                f.flush()
+                os.fdatasync(f.fileno())
+        if acked is not None:
+            acked.result(30)
         return 0x0000
 
     def tune(event: evt.Event) -> None:
@@ -185,10 +207,20 @@ async def _bare_pynetdicom(root: Path, files: list[Path], associations: int) -> 
                                            (evt.EVT_CONN_OPEN, tune)])
     assert server is not None
     try:
-        return await _send("bare pynetdicom SCP (write only)", port, "BARE", files,
-                           associations)
+        return await _send(name, port, "BARE", files, associations)
     finally:
         await asyncio.to_thread(server.shutdown)
+
+
+async def _pynetdicom_floor(bus_settings: BusSettings, root: Path, files: list[Path],
+                            associations: int) -> ReceiverRun:
+    stream = BusSettings(**{**bus_settings.__dict__, "stream": f"BENCH_FLOOR{associations}"})
+    bus = await EventBus.connect(stream)
+    try:
+        return await _bare_pynetdicom(root, files, associations, bus)
+    finally:
+        await bus.js.delete_stream(stream.stream)
+        await bus.close()
 
 
 async def _completion(bus_settings: BusSettings, root: Path, studies: int,
@@ -268,6 +300,8 @@ async def _run(count: int, studies: int, peers: bool, per_study: int) -> IngestB
                         result.notes.append("Orthanc not installed: no Orthanc figures")
                 if peers:
                     result.runs.append(await _bare_pynetdicom(root, files, associations))
+                    result.runs.append(await _pynetdicom_floor(settings, root, files,
+                                                               associations))
                 result.runs.append(await _ours(settings, root, files, associations,
                                                f"A{associations}"))
             latencies, reasons = await _completion(settings, root, studies, per_study)
@@ -285,6 +319,12 @@ async def _run(count: int, studies: int, peers: bool, per_study: int) -> IngestB
         if by.get(("bare", a)):
             result.ratios[f"lastmile/bare pynetdicom ({a} assoc)"] = round(
                 ours / by[("bare", a)], 3)
+        if by.get(("pynetdicom", a)):
+            result.ratios[f"lastmile/pynetdicom + fsync + acked event ({a} assoc)"] = round(
+                ours / by[("pynetdicom", a)], 3)
+        if by.get(("pynetdicom", a)) and by.get(("Orthanc", a)):
+            result.ratios[f"pynetdicom + fsync + acked event/orthanc ({a} assoc)"] = round(
+                by[("pynetdicom", a)] / by[("Orthanc", a)], 3)
         if by.get(("dcmtk", a)):
             result.ratios[f"lastmile/storescp ({a} assoc)"] = round(ours / by[("dcmtk", a)], 3)
     return result

@@ -182,6 +182,22 @@ def test_bench_events_reports_both_paths(env: dict[str, str]) -> None:
     assert 200 < figures["event_bytes"] < 600
 
 
+@pytest.mark.server
+@pytest.mark.slow
+def test_bench_ingest_measures_every_receiver_and_the_floor(env: dict[str, str]) -> None:
+    """The benchmark's own checks run too: it fails if a receiver stored fewer files."""
+    result = run(["bench", "ingest", "--count", "20", "--studies", "2", "--json"], env,
+                 timeout=240)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    names = {(r["receiver"].split()[0], r["associations"]) for r in figures["runs"]}
+    for a in (1, 2):
+        assert {("dcmtk", a), ("bare", a), ("pynetdicom", a), ("lastmile", a)} <= names
+        assert f"lastmile/pynetdicom + fsync + acked event ({a} assoc)" in figures["ratios"]
+    assert all(r["instances"] == 20 and r["mb_per_s"] > 0 for r in figures["runs"])
+    assert 0 < figures["completion_p50_s"] < 2.0
+
+
 def test_services_setting_chooses_what_up_runs(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker-only host (scale-out) runs the engine and nothing else."""
