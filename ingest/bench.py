@@ -144,7 +144,7 @@ async def _ours(bus_settings: BusSettings, root: Path, files: list[Path], associ
         assert app.scp.port is not None
         run = await _send("lastmile SCP (fsync + acked event)", app.scp.port, "LM_LTS", files,
                           associations)
-        stored = len(list((root / f"instances-{tag}").glob("*/*/*.dcm")))
+        stored = len(list((root / f"instances-{tag}").glob("*/*.dcm")))
         if stored != len(files):
             raise PeerError(f"our SCP stored {stored} of {len(files)} files")
         return run

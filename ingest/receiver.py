@@ -42,7 +42,7 @@ from events.catalogue import (
     RouteUnmatched,
 )
 from events.errors import EventsError, OutOfSpace, StoreError
-from events.instance_store import InstanceStore, StoredFile, key_for
+from events.instance_store import InstanceStore, StoredFile
 from ingest.dataset import (
     InstanceFacts,
     check_structure,
@@ -225,7 +225,7 @@ class InstanceReceiver:
         sha = h.hexdigest()
         if self.index.version_of(sop_instance_uid, sha) is None:
             return sha, self.store.put((meta, dataset), sha, durable=False), False
-        if self.store.intact(key_for(sha), len(meta) + len(dataset)):
+        if self.store.find(sha, len(meta) + len(dataset)) is not None:
             return sha, None, True
         # the log has the event but the file is gone or short (a power failure between
         # the event's ack and the file's sync; the sender got no Success and retries)

@@ -134,7 +134,7 @@ async def test_bad_input_is_refused_with_a_named_status_and_recorded(
     assert isinstance(ev, InstanceRejected)
     assert ev.status == expected and ev.status_name == expected.name
     assert ev.reason and ev.called_ae == "LM_LTS" and ev.calling_ae == "SCRIPTED"
-    assert list(r.instances_dir.glob("*/*/*.dcm")) == []
+    assert list(r.instances_dir.glob("*/*.dcm")) == []
     assert list((r.instances_dir / "tmp").iterdir()) == []
     # and a good instance still goes through afterwards (unless the disk is "full")
     if expected is not StoreStatus.REFUSED_OUT_OF_RESOURCES and name != "too-large":

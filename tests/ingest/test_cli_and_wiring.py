@@ -103,7 +103,7 @@ async def test_services_for_lastmile_up_receive_and_complete(
         assert rc == 0, out
         (done,) = await wait_for_events(bus, study, "ingest.study.completed")
         assert done.pipeline == "lts"  # routed by the shipped example rules (CT abdomen)
-        assert len(list(settings.instances_dir.glob("*/*/*.dcm"))) == 3
+        assert len(list(settings.instances_dir.glob("*/*.dcm"))) == 3
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 15)

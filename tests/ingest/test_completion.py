@@ -41,7 +41,7 @@ def stored(i: int, series: str, at: float, *, pipeline: str | None = "lts",
         event_id=deterministic_id(sop, sha), occurred_at=T0 + timedelta(seconds=at),
         sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", series_uid=series,
         transfer_syntax_uid="1.2.840.10008.1.2.1", sha256=sha, size_bytes=10,
-        store_key=f"{sha[:2]}/{sha[2:4]}/{sha}.dcm", calling_ae="MOD", called_ae="LM_LTS",
+        store_key=f"{sha[:2]}/{sha}.dcm", calling_ae="MOD", called_ae="LM_LTS",
         association_id=assoc, modality="MR", series_description=description,
         patient_pseudonym="p" * 32,
     )

@@ -114,7 +114,7 @@ def test_mutated_bytes_get_a_named_status_an_event_and_a_consistent_store(
     assert store.leftovers() == []
     # every file in the store is named by its hash and announced by an InstanceStored
     announced = {ev.store_key for ev in receiver_history(lt, bus)}
-    for path in (tmp_path / "store").glob("*/*/*.dcm"):
+    for path in (tmp_path / "store").glob("*/*.dcm"):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.stem
         assert str(path.relative_to(tmp_path / "store")) in announced
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from pathlib import Path
 
 import pydicom
@@ -14,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from events.catalogue import CompletionReason, StudyAmended, StudyCompleted
-from events.instance_store import InstanceStore
+from events.instance_store import InstanceStore, key_for, legacy_key_for
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from ingest.bench import ct_instances
@@ -111,7 +112,7 @@ def test_unacknowledged_event_means_failure_status_and_no_file(tmp_path: Path) -
             sop_instance_uid=str(header.SOPInstanceUID), calling_ae="MOD", called_ae="LM_LTS"))
         assert outcome.status is StoreStatus.PROCESSING_FAILURE
         assert "did not acknowledge" in outcome.reason
-        assert list((tmp_path / "store").glob("*/*/*.dcm")) == []
+        assert list((tmp_path / "store").glob("*/*.dcm")) == []
         assert store.leftovers() == []
     finally:
         if bus is not None:
@@ -139,3 +140,22 @@ async def test_a_file_lost_after_its_event_was_acked_is_rewritten_by_the_senders
     assert path.read_bytes() == whole
     history = [e for _, e in await bus.history(study)]
     assert sum(e.type_name() == "ingest.instance.stored" for e in history) == 1
+
+
+async def test_bytes_stored_by_an_older_version_in_the_two_level_layout_are_duplicates(
+        start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
+    """Stores written before the one-level layout keep their files where their events say;
+    a resend of those bytes is a duplicate, not a repair that writes a second copy."""
+    ct = get_testdata_file("CT_small.dcm")
+    study = pydicom.dcmread(ct, stop_before_pixels=True).StudyInstanceUID
+    a = await start_ingest()
+    assert (await storescu(a.port, [ct], called="LM_LTS"))[0] == 0
+    (stored,) = await wait_for_events(bus, study, "ingest.instance.stored")
+    sha = stored.sha256  # type: ignore[attr-defined]
+    legacy = a.instances_dir / legacy_key_for(sha)
+    legacy.parent.mkdir(parents=True)
+    (a.instances_dir / stored.store_key).rename(legacy)  # type: ignore[attr-defined]
+    assert (await storescu(a.port, [ct], called="LM_LTS"))[0] == 0
+    await wait_for_events(bus, study, "ingest.instance.duplicated")
+    assert not (a.instances_dir / key_for(sha)).exists()
+    assert hashlib.sha256(legacy.read_bytes()).hexdigest() == sha

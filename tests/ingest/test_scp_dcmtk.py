@@ -92,7 +92,7 @@ async def test_disallowed_calling_ae_is_rejected_and_recorded(
     assert isinstance(ev, InstanceRejected)
     assert ev.status_name == StoreStatus.REFUSED_NOT_AUTHORIZED.name
     assert ev.calling_ae == "INTRUDER"
-    assert list(r.instances_dir.glob("*/*/*.dcm")) == []
+    assert list(r.instances_dir.glob("*/*.dcm")) == []
     rc, out = await storescu(r.port, [ct], calling="PACS", called="LM_LTS")
     assert rc == 0, out
 
@@ -154,7 +154,7 @@ async def test_multi_series_study_completes_with_counts(
     assert (done.series_count, done.instance_count) == (3, 12)
     assert sorted(s.instance_count for s in done.series) == [4, 4, 4]
     assert done.latency_s < 2.0  # one association, manifest satisfied: within 2 s
-    assert len(list(r.instances_dir.glob("*/*/*.dcm"))) == 12
+    assert len(list(r.instances_dir.glob("*/*.dcm"))) == 12
 
 
 async def test_resend_is_a_duplicate_and_changed_bytes_a_new_version(
@@ -173,7 +173,7 @@ async def test_resend_is_a_duplicate_and_changed_bytes_a_new_version(
     first, second = await stored_events(bus, study, 2)
     assert first.sop_instance_uid == second.sop_instance_uid
     assert (first.version, second.version) == (1, 2) and first.sha256 != second.sha256
-    assert len(list(r.instances_dir.glob("*/*/*.dcm"))) == 2
+    assert len(list(r.instances_dir.glob("*/*.dcm"))) == 2
 
 
 async def test_general_ae_routes_by_rules_and_records_the_decision(

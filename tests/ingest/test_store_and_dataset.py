@@ -11,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from events.errors import OutOfSpace
-from events.instance_store import InstanceStore
+from events.instance_store import InstanceStore, key_for, legacy_key_for
 from ingest.dataset import check_structure, file_meta, parse
 from ingest.errors import BadInstance
 from ingest.statuses import StoreStatus
@@ -34,7 +34,7 @@ def test_put_is_durable_content_addressed_and_idempotent(tmp_path: Path) -> None
     data = (b"\x00" * 128, b"DICM", b"payload")
     first = store.put(data)
     assert first.created and first.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
-    assert first.store_key == f"{first.sha256[:2]}/{first.sha256[2:4]}/{first.sha256}.dcm"
+    assert first.store_key == f"{first.sha256[:2]}/{first.sha256}.dcm"
     assert store.path(first.store_key).read_bytes() == b"".join(data)
     again = store.put(data)
     assert not again.created and again.store_key == first.store_key
@@ -45,11 +45,28 @@ def test_put_is_durable_content_addressed_and_idempotent(tmp_path: Path) -> None
     assert not store.path(first.store_key).exists()
 
 
+def test_the_store_opens_with_its_256_folders_and_finds_old_layout_files(
+        tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "tmp") == \
+        [f"{i:02x}" for i in range(256)]
+    data = b"old layout bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    assert store.find(sha, len(data)) is None
+    old = tmp_path / legacy_key_for(sha)
+    old.parent.mkdir()
+    old.write_bytes(data)
+    assert store.find(sha, len(data)) == legacy_key_for(sha)
+    assert store.find(sha, len(data) + 1) is None  # a short or long copy is not intact
+    new = store.put([data])
+    assert new.created and store.find(sha, len(data)) == new.store_key == key_for(sha)
+
+
 def test_free_space_threshold_refuses_new_data(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path, min_free_bytes=2**62)
     with pytest.raises(OutOfSpace, match="LASTMILE_DICOM_MIN_FREE_MB"):
         store.put((b"x",))
-    assert list(tmp_path.glob("*/*/*.dcm")) == []
+    assert list(tmp_path.glob("*/*.dcm")) == []
 
 
 def test_interrupted_writes_are_cleaned_at_start(tmp_path: Path) -> None:
