@@ -23,9 +23,10 @@ Two layers, in this order in the file:
 A bad edit (file missing or altered, not a SEG, another study, segments that are not the
 AI result's, another grid) raises ``EditRejected``. The catalogue has no "edit rejected"
 type and ``InferenceFailed`` would mark the *run* failed in the read model, so a rejected
-edit takes the bus's normal dead-letter path: the consumer retries it ``max_attempts``
-times (cheap: a few hundred ms of backoff) and then records ``system.delivery.failed``
-with the reason; no ``MeasurementRecomputed`` is written and the consumer goes on.
+edit is dead-lettered: ``EditRejected`` is ``Unprocessable``, so the consumer records
+``system.delivery.failed`` with the reason on the first delivery (retrying the same file
+cannot help); no ``MeasurementRecomputed`` is written and the consumer goes on. Other
+errors (a result file still being copied, the log unreachable) are retried as usual.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from events.catalogue import (
     Measurement,
     MeasurementRecomputed,
 )
+from events.errors import Unprocessable
 from events.jetstream import Delivery, EventBus
 from events.subjects import type_filter
 
@@ -73,7 +75,7 @@ ORIENTATION_TOL = 1e-3
 SPACING_REL_TOL = 0.02
 
 
-class EditRejected(InputError):
+class EditRejected(InputError, Unprocessable):
     """The edited segmentation cannot be compared with the AI result (and why)."""
 
 

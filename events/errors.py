@@ -5,6 +5,11 @@ class EventsError(Exception):
     """Root of every error raised by ``events``."""
 
 
+class Unprocessable(Exception):  # noqa: N818 - a verdict, raised by handlers
+    """A consumer's handler says retrying cannot help (the input itself is wrong): the
+    message is dead-lettered on this delivery instead of after ``max_attempts``."""
+
+
 class CodecError(EventsError):
     """Bytes on a subject are not a valid Lastmile event (not our codec, unknown type,
     failed validation, or written by a newer version). The message is the reason."""

@@ -45,7 +45,7 @@ from nats.js.api import (
 from events.base import Event, deterministic_id
 from events.catalogue import DeliveryFailed
 from events.codec import decode, encode
-from events.errors import BusUnavailable, CodecError, PublishError
+from events.errors import BusUnavailable, CodecError, PublishError, Unprocessable
 from events.subjects import ALL_EVENTS, study_filter
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,8 @@ class EventBus:
         detector does: one fetch per instance costs the SCP ~15% of its throughput).
 
         Each message is decoded and handed to ``handler``; success acks it. A handler
-        error naks it with backoff until ``max_attempts``, then it is dead-lettered.
+        error naks it with backoff until ``max_attempts``, then it is dead-lettered; an
+        ``Unprocessable`` error is dead-lettered at once (bad input, not bad luck).
         A message that is not a valid event is dead-lettered at once. A message whose
         consumer died without acking is redelivered after ``ack_wait_s``; one that
         exceeds ``max_attempts`` that way is dead-lettered as well. Several processes
@@ -443,7 +444,7 @@ class EventBus:
             raise
         except Exception as exc:  # noqa: BLE001 - the consumer is a top loop: never die
             reason = f"{type(exc).__name__}: {exc}"
-            if attempt >= max_attempts:
+            if attempt >= max_attempts or isinstance(exc, Unprocessable):
                 await self._dead_letter(consumer, msg, event, attempt, reason)
             else:
                 log.warning(

@@ -405,7 +405,8 @@ async def test_bad_edits_are_dead_lettered_without_a_recomputation(bus: EventBus
     dead = {e.original_event_id: e for e in events if isinstance(e, DeliveryFailed)}
     assert not [e for e in events if isinstance(e, MeasurementRecomputed)]
     assert set(dead) == {wrong_study.event_id, altered.event_id, no_run.event_id}
-    assert all(d.consumer == DURABLE and d.deliveries == 2 for d in dead.values())
+    # a rejected edit is not retried: the same file would be rejected again
+    assert all(d.consumer == DURABLE and d.deliveries == 1 for d in dead.values())
     assert "EditRejected" in dead[wrong_study.event_id].reason
     assert f"belongs to study {other.study_uid}" in dead[wrong_study.event_id].reason
     assert "SHA-256" in dead[altered.event_id].reason

@@ -14,7 +14,7 @@ from nats.js.api import DiscardPolicy, StorageType
 
 from events.base import Event
 from events.catalogue import DeliveryFailed, InferenceRequested, RouteUnmatched
-from events.errors import BusUnavailable, PublishError
+from events.errors import BusUnavailable, PublishError, Unprocessable
 from events.jetstream import BusSettings, Delivery, EventBus, Handler
 from events.nats_server import EmbeddedNats, free_port
 from events.subjects import PREFIX, type_filter
@@ -150,6 +150,34 @@ async def test_handler_failures_are_dead_lettered_and_the_consumer_goes_on(bus: 
     assert dead.original_event_id == poison.event_id and dead.deliveries == 3
     assert dead.study_uid == poison.study_uid  # so `audit` of that study shows it
     assert dead.type_name().endswith(".failed")
+
+
+async def test_an_unprocessable_message_is_dead_lettered_on_its_first_delivery(
+        bus: EventBus) -> None:
+    bad, flaky = requested(5), requested(6)
+    await bus.publish(bad)
+    await bus.publish(flaky)
+    tries: dict[str, int] = {}
+
+    async def handle(event: Event, delivery: Delivery) -> None:
+        tries[event.event_id] = delivery.attempt
+        if event.event_id == bad.event_id:
+            raise BadInput("the edited SEG belongs to another study")
+        if delivery.attempt < 2:
+            raise ValueError("result file not there yet")  # retried, then handled
+
+    async def done() -> bool:
+        return tries.get(flaky.event_id) == 2 and bool(await _collect_dead_letters(bus))
+
+    await asyncio.wait_for(consume_until(bus, handle, done, max_attempts=3), timeout=30)
+    (dead,) = await _collect_dead_letters(bus)
+    assert tries[bad.event_id] == 1 and dead.deliveries == 1
+    assert dead.original_event_id == bad.event_id
+    assert dead.reason == "BadInput: the edited SEG belongs to another study"
+
+
+class BadInput(Unprocessable):
+    pass
 
 
 async def test_message_whose_consumer_keeps_dying_is_dead_lettered(
