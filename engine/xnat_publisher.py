@@ -40,7 +40,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from events.catalogue import (
 )
 from events.jetstream import Delivery, EventBus
 from events.subjects import study_token
+from ingest.xnat_session import XnatAccess, XnatSession
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +93,6 @@ class XnatPublishError(PublishFailedError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class XnatTarget:
-    """Where and as whom to publish. ``password`` is never shown (repr) or logged;
-    ``user``/``password`` unset means the client reads ``.netrc`` (``netrc_file``)."""
-
-    url: str
-    project: str = "LASTMILE"
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    netrc_file: str | None = None
-    verify: bool = True
-    timeout_s: float = 30.0
-
-    @property
-    def destination(self) -> str:
-        return f"xnat:{self.url.rstrip('/')}"
 
 
 # --------------------------------------------------------------------------- pure core
@@ -380,7 +363,7 @@ def preview_for(ev: InferenceCompleted, facts: StudyFacts, results_dir: Path) ->
 # --------------------------------------------------------------------------- XNAT edge
 
 
-def _describe(exc: BaseException, target: XnatTarget) -> XnatPublishError:
+def _describe(exc: BaseException, target: XnatAccess) -> XnatPublishError:
     """Translate client errors into one error that says why, and whether to retry."""
     import xnat.exceptions as xe
 
@@ -411,59 +394,12 @@ def _describe(exc: BaseException, target: XnatTarget) -> XnatPublishError:
     return XnatPublishError(f"XNAT publish to {url} failed: {type(exc).__name__}: {exc}")
 
 
-class XnatConnection:
-    """One client session to XNAT, opened on first use and re-opened after a failure.
+class XnatConnection(XnatSession):
+    """The publisher's session: client errors become ``XnatPublishError`` saying why, and
+    whether to retry."""
 
-    Blocking (the client uses ``requests``): call it in a thread. Every request is
-    bounded by ``target.timeout_s``.
-    """
-
-    def __init__(self, target: XnatTarget) -> None:
-        self.target = target
-        self._session: Any = None
-        self.connects = 0
-
-    def session(self) -> Any:
-        if self._session is None:
-            import xnat
-
-            # the client logs request URLs (with field values) at its verbose level: keep
-            # it at warnings, so free text from forms never reaches our logs
-            client_log = logging.getLogger("lastmile.xnat.client")
-            client_log.setLevel(logging.WARNING)
-            self._session = xnat.connect(
-                self.target.url, user=self.target.user, password=self.target.password,
-                netrc_file=self.target.netrc_file, verify=self.target.verify,
-                logger=client_log, default_timeout=self.target.timeout_s,
-                pilot_timeout=self.target.timeout_s)
-            self.connects += 1
-        return self._session
-
-    def reset(self) -> None:
-        """Drop the session (after an error: the next call logs in again)."""
-        session, self._session = self._session, None
-        if session is not None:
-            try:
-                session.disconnect()
-            except (requests.RequestException, OSError):
-                pass
-
-    close = reset
-
-    def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(session)``; a client failure becomes an ``XnatPublishError`` saying why
-        (and the session is dropped, so the next call logs in afresh)."""
-        import xnat.exceptions as xe
-
-        try:
-            return fn(self.session())
-        except XnatPublishError:
-            self.reset()
-            raise
-        except (xe.XNATError, requests.RequestException, OSError, ValueError,
-                LookupError) as exc:
-            self.reset()
-            raise _describe(exc, self.target) from None
+    def __init__(self, target: XnatAccess) -> None:
+        super().__init__(target, lambda exc: _describe(exc, target))
 
 
 def _project(session: Any, project_id: str) -> Any:
@@ -494,7 +430,7 @@ def _image_session(session: Any, project: Any, subject: Any, plan: PublicationPl
     return cls(parent=subject, label=plan.session_label, UID=plan.study_uid, **extra)
 
 
-def publish_plan(session: Any, target: XnatTarget, plan: PublicationPlan,
+def publish_plan(session: Any, target: XnatAccess, plan: PublicationPlan,
                  on_file: Callable[[ResultFile], None] | None = None) -> str:
     """Do everything the plan says (idempotently); return the XNAT session ID."""
     session.clearcache()  # the client caches listings; others may have changed XNAT since
@@ -541,7 +477,7 @@ def _content_type(f: ResultFile) -> str:
 
 @dataclass
 class PublisherConfig:
-    target: XnatTarget
+    target: XnatAccess
     results_dir: Path
     instances_dir: Path
     actor: str = "xnat-publisher"

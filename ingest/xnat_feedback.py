@@ -48,12 +48,11 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
-import requests
 from pydicom.errors import InvalidDicomError
 
 from events.base import deterministic_id
@@ -61,6 +60,7 @@ from events.catalogue import EditSubmitted, ReviewSubmitted
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.errors import IngestError
+from ingest.xnat_session import XnatAccess, XnatSession
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,6 @@ class FeedbackError(IngestError):
 
 class FormError(FeedbackError):
     """A submitted review form is incomplete or invalid (the message says what)."""
-
-
-@dataclass(frozen=True)
-class XnatAccess:
-    """Where and as whom to read. ``password`` is never shown or logged; unset user and
-    password make the client read ``.netrc``."""
-
-    url: str
-    project: str = "LASTMILE"
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    netrc_file: str | None = None
-    verify: bool = True
-    timeout_s: float = 30.0
 
 
 # --------------------------------------------------------------------------- pure core
@@ -192,14 +178,6 @@ def check_edit(data: bytes, study_uid: str) -> None:
 # --------------------------------------------------------------------------- XNAT edge
 
 
-def _client_logger() -> logging.Logger:
-    """The client logs request URLs (with form values) at its verbose level: keep it at
-    warnings, so a clinician's free text never reaches our logs."""
-    client_log = logging.getLogger("lastmile.xnat.client")
-    client_log.setLevel(logging.WARNING)
-    return client_log
-
-
 @dataclass(frozen=True)
 class ReviewFound:
     session_id: str
@@ -232,41 +210,17 @@ class XnatFeedbackSource:
 
     def __init__(self, access: XnatAccess) -> None:
         self.access = access
-        self._session: Any = None
+        self.xnat = XnatSession(access, self._describe)
 
-    def _connect(self) -> Any:
-        if self._session is None:
-            import xnat
-
-            self._session = xnat.connect(
-                self.access.url, user=self.access.user, password=self.access.password,
-                netrc_file=self.access.netrc_file, verify=self.access.verify,
-                logger=_client_logger(),
-                default_timeout=self.access.timeout_s, pilot_timeout=self.access.timeout_s)
-        return self._session
+    def _describe(self, exc: BaseException) -> FeedbackError:
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return FeedbackError(f"XNAT at {self.access.url}: {type(exc).__name__}: {first}")
 
     def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            try:
-                session.disconnect()
-            except (requests.RequestException, OSError):
-                pass
-
-    def _guard(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(session)``; a client failure becomes a ``FeedbackError`` saying why."""
-        import xnat.exceptions as xe
-
-        try:
-            return fn(self._connect())
-        except (xe.XNATError, requests.RequestException, OSError, ValueError,
-                LookupError) as exc:
-            self.close()
-            raise FeedbackError(f"XNAT at {self.access.url}: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+        self.xnat.close()
 
     def scan(self) -> Scan:
-        return self._guard(self._scan)
+        return self.xnat.call(self._scan)
 
     def _scan(self, session: Any) -> Scan:
         out = Scan()
@@ -310,14 +264,14 @@ class XnatFeedbackSource:
                                     expected_md5_digest=edit.md5 or None)
             return buf.getvalue()
 
-        return self._guard(get)
+        return self.xnat.call(get)
 
     def mark_reviewed(self, session_id: str) -> None:
         def mark(session: Any) -> None:
             experiment = session.experiments[session_id]
             experiment.mset({f"fields/field[name={FIELD_WORKLIST}]/field": WORKLIST_REVIEWED})
 
-        self._guard(mark)
+        self.xnat.call(mark)
 
 
 # --------------------------------------------------------------------------- poller

@@ -41,12 +41,12 @@ from engine.xnat_publisher import (
     XnatConnection,
     XnatPublisher,
     XnatPublishError,
-    XnatTarget,
 )
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from ingest.xnat_feedback import XnatAccess, XnatFeedbackPoller
+from ingest.xnat_feedback import XnatFeedbackPoller
+from ingest.xnat_session import XnatAccess
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings
 
@@ -117,12 +117,6 @@ class XnatSettings:
     def enabled(self) -> bool:
         return self.url is not None
 
-    def target(self) -> XnatTarget:
-        assert self.url is not None
-        return XnatTarget(url=self.url, project=self.project, user=self.user,
-                          password=self.password, netrc_file=self.netrc_file,
-                          verify=self.verify, timeout_s=self.timeout_s)
-
     def access(self) -> XnatAccess:
         assert self.url is not None
         return XnatAccess(url=self.url, project=self.project, user=self.user,
@@ -141,7 +135,7 @@ class XnatPublisherService(Service):
         self.publisher: XnatPublisher | None = None
 
     def config(self) -> PublisherConfig:
-        return PublisherConfig(target=self.xnat.target(), results_dir=self.settings.results_dir,
+        return PublisherConfig(target=self.xnat.access(), results_dir=self.settings.results_dir,
                                instances_dir=self.settings.instances_dir,
                                backoff_s=self.xnat.backoff_s,
                                max_backoff_s=self.xnat.max_backoff_s,
@@ -204,7 +198,7 @@ def xnat_check(
     if not xnat.enabled:
         err.print("LASTMILE_XNAT_URL is not set: results go to Lastmile's own review pages")
         raise typer.Exit(1)
-    connection = XnatConnection(xnat.target())
+    connection = XnatConnection(xnat.access())
 
     def probe(session: object) -> dict[str, object]:
         projects = session.projects  # type: ignore[attr-defined]

@@ -19,12 +19,12 @@ from engine.worker import EngineWorker, WorkerConfig
 from engine.xnat_publisher import (
     PublisherConfig,
     XnatPublisher,
-    XnatTarget,
     session_label,
 )
 from events.catalogue import InferenceCompleted, ResultPublished, Stage
 from events.jetstream import EventBus
 from events.subjects import type_filter
+from ingest.xnat_session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
 
@@ -41,7 +41,7 @@ async def test_hfd_result_reaches_xnat_with_findings_and_boxes(
     await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
     study = pelvis_study(7, images=2, size=512)
     publisher = XnatPublisher(PublisherConfig(
-        target=XnatTarget(url=standin.url, project="HFD", user=USER, password=PASSWORD,
+        target=XnatAccess(url=standin.url, project="HFD", user=USER, password=PASSWORD,
                           timeout_s=10.0),
         results_dir=config.results_dir, instances_dir=config.instances_dir, backoff_s=0.05))
     stop = asyncio.Event()
@@ -95,7 +95,7 @@ async def test_lts_seg_reaches_xnat_and_the_ohif_roi_collection(
     await bus.publish(deployed_event(lts, actor="test", stage=Stage.VALIDATION))
     study = abdomen_ct_study(11)
     publisher = XnatPublisher(PublisherConfig(
-        target=XnatTarget(url=standin.url, project="LTS", user=USER, password=PASSWORD,
+        target=XnatAccess(url=standin.url, project="LTS", user=USER, password=PASSWORD,
                           timeout_s=10.0),
         results_dir=config.results_dir, instances_dir=config.instances_dir, backoff_s=0.05))
     stop = asyncio.Event()

@@ -16,7 +16,6 @@ import engine.xnat_publisher as publisher_module
 import ingest.xnat_feedback as feedback_module
 from engine.xnat_publisher import (
     XnatConnection,
-    XnatTarget,
     plan_publication,
     publish_plan,
     study_facts,
@@ -24,7 +23,8 @@ from engine.xnat_publisher import (
 from events.catalogue import EditSubmitted, ReviewSubmitted
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
-from ingest.xnat_feedback import FormError, XnatAccess, XnatFeedbackPoller, parse_review
+from ingest.xnat_feedback import FormError, XnatFeedbackPoller, parse_review
+from ingest.xnat_session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, StudyResult, build_seg
 from tests.xnat.standin import XnatStandIn
 
@@ -77,7 +77,7 @@ def test_publisher_and_poller_agree_on_the_session_contract() -> None:
 
 def publish_case(standin: XnatStandIn, result: StudyResult) -> str:
     """The publisher's part (tested on its own in test_publisher): the case in XNAT."""
-    target = XnatTarget(url=standin.url, project=PROJECT, user=USER, password=PASSWORD)
+    target = XnatAccess(url=standin.url, project=PROJECT, user=USER, password=PASSWORD)
     facts = study_facts([result.stored], result.instances_dir)
     plan = plan_publication(result.completed, facts, result.results_dir, None, "t")
     connection = XnatConnection(target)

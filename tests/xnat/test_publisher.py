@@ -22,7 +22,6 @@ from engine.xnat_publisher import (
     StudyFacts,
     XnatPublisher,
     XnatPublishError,
-    XnatTarget,
     plan_publication,
     render_preview,
     result_fields,
@@ -32,6 +31,7 @@ from engine.xnat_publisher import (
 from events.catalogue import DeliveryFailed, PublishFailed, ResultPublished
 from events.jetstream import EventBus
 from events.subjects import type_filter
+from ingest.xnat_session import XnatAccess
 from tests.xnat.conftest import PASSWORD, PSEUDONYM, USER, StudyResult, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
 
@@ -39,7 +39,7 @@ PROJECT = "LMTEST"
 
 
 def config(standin: XnatStandIn, result: StudyResult, **kw: object) -> PublisherConfig:
-    target = XnatTarget(url=standin.url, project=PROJECT, user=USER, password=PASSWORD,
+    target = XnatAccess(url=standin.url, project=PROJECT, user=USER, password=PASSWORD,
                         timeout_s=float(kw.pop("timeout_s", 5.0)))  # type: ignore[arg-type]
     defaults: dict[str, object] = {"backoff_s": 0.05, "max_backoff_s": 0.2, "heartbeat_s": 0.5,
                                    "tries_per_delivery": 2, "max_deliveries": 10}

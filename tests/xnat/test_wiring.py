@@ -30,7 +30,7 @@ def test_settings_from_environment_and_secrets_stay_hidden() -> None:
                                "LASTMILE_XNAT_USER": "svc", "LASTMILE_XNAT_PASSWORD": "s3cr3t",
                                "LASTMILE_XNAT_POLL_S": "15", "LASTMILE_XNAT_VERIFY": "false"})
     assert s.enabled and s.poll_s == 15 and not s.verify and s.project == "LASTMILE"
-    assert "s3cr3t" not in repr(s) and "s3cr3t" not in repr(s.target())
+    assert "s3cr3t" not in repr(s) and "s3cr3t" not in repr(s.access())
     assert "s3cr3t" not in repr(s.access())
     assert not XnatSettings.from_env({}).enabled
     with pytest.raises(ConfigError, match="LASTMILE_XNAT_URL"):
@@ -53,7 +53,7 @@ def test_netrc_credentials_are_used(standin: XnatStandIn, tmp_path: Path) -> Non
     s = XnatSettings(url=standin.url, netrc_file=str(netrc))
     from engine.xnat_publisher import XnatConnection
 
-    connection = XnatConnection(s.target())
+    connection = XnatConnection(s.access())
     try:
         assert connection.call(lambda session: session.logged_in_user) == USER
     finally:
