@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Annotated
 
 import typer
@@ -78,16 +78,11 @@ def _number(env: Mapping[str, str], key: str, default: float, *, minimum: float 
 
 
 @dataclass(frozen=True)
-class XnatSettings:
-    """The XNAT part's settings (one validated object, passed in)."""
+class XnatSettings(XnatAccess):
+    """The XNAT part's settings (one validated object, passed in): where and as whom
+    (``XnatAccess``, whose ``url`` is empty when XNAT is not configured) and how often."""
 
-    url: str | None = None
-    project: str = "LASTMILE"
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    netrc_file: str | None = None
-    verify: bool = True
-    timeout_s: float = 30.0
+    url: str = ""
     poll_s: float = 60.0
     backoff_s: float = 2.0
     max_backoff_s: float = 300.0
@@ -96,8 +91,8 @@ class XnatSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> XnatSettings:
         e = os.environ if env is None else env
-        url = (e.get("LASTMILE_XNAT_URL") or "").strip() or None
-        if url is not None and not url.startswith(("http://", "https://")):
+        url = (e.get("LASTMILE_XNAT_URL") or "").strip()
+        if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"environment LASTMILE_XNAT_URL: {url!r} is not an http(s) URL")
         return cls(
             url=url,
@@ -115,13 +110,12 @@ class XnatSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.url is not None
+        return bool(self.url)
 
     def access(self) -> XnatAccess:
-        assert self.url is not None
-        return XnatAccess(url=self.url, project=self.project, user=self.user,
-                          password=self.password, netrc_file=self.netrc_file,
-                          verify=self.verify, timeout_s=self.timeout_s)
+        """Just where and as whom (what the publisher and the poller are given)."""
+        assert self.url, "XNAT is not configured"
+        return XnatAccess(**{f.name: getattr(self, f.name) for f in fields(XnatAccess)})
 
 
 class XnatPublisherService(Service):
