@@ -159,8 +159,8 @@ def agreement_data(con: M.Con, f: Filters, pipeline: str, positive: str,
             row.update(stat_cols("specificity", g.accuracy.specificity))
         row.update(stat_cols("auc", g.auc))
         sub_rows.append(row)
-    dice = pd.DataFrame(Q.dice_values(con, pipeline), columns=["pipeline", "label", "dice"])
-    pairs = Q.volume_pairs(con, pipeline)
+    dice = pd.DataFrame(M.dice_values(con, pipeline), columns=["pipeline", "label", "dice"])
+    pairs = M.volume_pairs(con, pipeline)
     ba = pd.DataFrame(
         [(p, n, u, pt.mean, pt.difference) for (p, n, u, e, i) in pairs
          for pt in _ba(e, i)],

@@ -21,7 +21,7 @@ Selection rules (the README's "Dashboards" section repeats them):
   range excludes them.
 
 Missing in projections (candidates to move there): ``turnaround_overall``,
-``open_worklist``, ``dice_values``, ``volume_pairs``, ``completion_latency``,
+``open_worklist``, ``completion_latency``,
 ``weekly_output``, ``drift_alerts``, ``model_versions``, ``options``; the
 ``pipeline_changes`` table has no actor or model-card column, so the Models page reads
 those from the event log.
@@ -34,7 +34,6 @@ from datetime import date, datetime, time, timedelta
 
 import duckdb
 
-from projections import metrics as M
 from projections.metrics import STAGES
 from projections.schema import TABLES, VIEWS
 
@@ -276,32 +275,6 @@ def qc_pending(con: Con, pipeline: str | None = None) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- agreement
-
-
-def dice_values(con: Con, pipeline: str | None = None) -> list[tuple[str, str, float]]:
-    """(pipeline, label, dice) of every edit: the distribution behind ``dice_summary``."""
-    where, params = ("AND pipeline = ?", [pipeline]) if pipeline else ("", [])
-    return [(p, lb, float(d)) for p, lb, d in con.execute(
-        f"SELECT pipeline, label, dice FROM dice WHERE dice IS NOT NULL "
-        f"AND edit_event_id IN {M.CLINICIAN_EDITS_SQL} {where} ORDER BY seq",
-        params).fetchall()]
-
-
-def volume_pairs(con: Con, pipeline: str | None = None,
-                 ) -> list[tuple[str, str, str, float, float]]:
-    """(pipeline, measurement, unit, edited, ai): the pairs behind ``volume_agreement``."""
-    where, params = ("AND e.pipeline = ?", [pipeline]) if pipeline else ("", [])
-    rows = con.execute(f"""
-        WITH ai AS (
-            SELECT run_key, name, arg_max(value, seq) AS value FROM measurements
-            WHERE source = 'ai' GROUP BY ALL
-        )
-        SELECT e.pipeline, e.name, e.unit, e.value, ai.value
-        FROM measurements e JOIN ai ON ai.run_key = e.run_key AND ai.name = e.name
-        WHERE e.source = 'edit' AND e.edit_event_id IN {M.CLINICIAN_EDITS_SQL} {where}
-        ORDER BY e.seq
-    """, params).fetchall()
-    return [(p, n, u or "", float(a), float(b)) for p, n, u, a, b in rows]
 
 
 # --------------------------------------------------------------------------- reliability

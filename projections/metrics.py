@@ -632,15 +632,24 @@ CLINICIAN_EDITS_SQL = ("(SELECT event_id FROM edits WHERE source IN ("
                        + ", ".join(f"'{s}'" for s in CLINICIAN_EDIT_SOURCES) + "))")
 
 
+def dice_values(con: Con, pipeline: str | None = None) -> list[tuple[str, str, float]]:
+    """(pipeline, label, dice) of every clinician's corrected mask, in log order: the
+    distribution behind ``dice_summary`` (the dashboards plot it)."""
+    where, params = _where(pipeline)
+    return [(p, lb, float(d)) for p, lb, d in con.execute(f"""
+        SELECT pipeline, label, dice FROM dice
+        WHERE dice IS NOT NULL AND edit_event_id IN {CLINICIAN_EDITS_SQL} {where}
+        ORDER BY seq
+    """, params).fetchall()]
+
+
 def dice_summary(con: Con, pipeline: str | None = None) -> list[DiceRow]:
     """Dice of each clinician's corrected mask against the AI mask, per label."""
-    where, params = _where(pipeline)
-    rows = con.execute(f"""
-        SELECT pipeline, label, list(dice), median(dice) FROM dice
-        WHERE dice IS NOT NULL AND edit_event_id IN {CLINICIAN_EDITS_SQL} {where}
-        GROUP BY ALL ORDER BY ALL
-    """, params).fetchall()
-    return [DiceRow(p, lb, mean_ci(xs, bounds=(0.0, 1.0)), float(m)) for p, lb, xs, m in rows]
+    groups: defaultdict[tuple[str, str], list[float]] = defaultdict(list)
+    for p, lb, d in dice_values(con, pipeline):
+        groups[(p, lb)].append(d)
+    return [DiceRow(p, lb, mean_ci(xs, bounds=(0.0, 1.0)), float(np.median(xs)))
+            for (p, lb), xs in sorted(groups.items())]
 
 
 @dataclass(frozen=True)
@@ -652,22 +661,33 @@ class VolumeAgreementRow:
     agreement: BlandAltman | Stat  # edited - AI; Stat when not enough data
 
 
-def volume_agreement(con: Con, pipeline: str | None = None) -> list[VolumeAgreementRow]:
-    """Bland-Altman of the volume recomputed from each edited mask against the AI volume."""
+def volume_pairs(con: Con, pipeline: str | None = None,
+                 ) -> list[tuple[str, str, str, float, float]]:
+    """(pipeline, measurement, unit, edited, AI) for every clinician's corrected mask, in
+    log order: the pairs behind ``volume_agreement`` (the dashboards plot them)."""
     where, params = _where(pipeline, "e.pipeline")
     rows = con.execute(f"""
         WITH ai AS (
             SELECT run_key, name, arg_max(value, seq) AS value FROM measurements
             WHERE source = 'ai' GROUP BY ALL
         )
-        SELECT e.pipeline, e.name, any_value(e.unit), list(e.value ORDER BY e.seq),
-               list(ai.value ORDER BY e.seq)
+        SELECT e.pipeline, e.name, e.unit, e.value, ai.value
         FROM measurements e JOIN ai ON ai.run_key = e.run_key AND ai.name = e.name
         WHERE e.source = 'edit' AND e.edit_event_id IN {CLINICIAN_EDITS_SQL} {where}
-        GROUP BY ALL ORDER BY ALL
+        ORDER BY e.seq
     """, params).fetchall()
-    return [VolumeAgreementRow(p, name, unit or "", len(edited), bland_altman(edited, ai))
-            for p, name, unit, edited, ai in rows]
+    return [(p, n, u or "", float(a), float(b)) for p, n, u, a, b in rows]
+
+
+def volume_agreement(con: Con, pipeline: str | None = None) -> list[VolumeAgreementRow]:
+    """Bland-Altman of the volume recomputed from each edited mask against the AI volume."""
+    groups: dict[tuple[str, str], tuple[str, list[float], list[float]]] = {}
+    for p, name, unit, edited, ai in volume_pairs(con, pipeline):
+        _, e, a = groups.setdefault((p, name), (unit, [], []))
+        e.append(edited)
+        a.append(ai)
+    return [VolumeAgreementRow(p, name, unit, len(e), bland_altman(e, a))
+            for (p, name), (unit, e, a) in sorted(groups.items())]
 
 
 # --------------------------------------------------------------------------- longitudinal
