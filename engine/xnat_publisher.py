@@ -368,8 +368,6 @@ def _describe(exc: BaseException, target: XnatAccess) -> XnatPublishError:
     import xnat.exceptions as xe
 
     url = target.url
-    if isinstance(exc, XnatPublishError):
-        return exc
     if isinstance(exc, requests.Timeout):
         return XnatPublishError(f"XNAT at {url} did not answer within {target.timeout_s:g}s "
                                 f"({type(exc).__name__})")

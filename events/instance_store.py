@@ -37,9 +37,9 @@ class StoredFile:
     store_key: str
     size_bytes: int
     created: bool  # False when the same bytes were already on disk
-    #: the folder whose entry for the file still needs an fsync (``sync``)
-    unsynced_dirs: tuple[Path, ...] = ()
-    durable: bool = True  # False: ``put(durable=False)``; ``sync`` finishes it
+    #: False after ``put(durable=False)``: the data and the folder's entry for the file
+    #: still need an fsync, which ``sync`` does
+    durable: bool = True
 
 
 def key_for(sha256: str) -> str:
@@ -146,21 +146,20 @@ class InstanceStore:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-        unsynced = () if durable else (parent,)
-        return StoredFile(sha256, key, size, created=True, unsynced_dirs=unsynced,
-                          durable=durable)
+        return StoredFile(sha256, key, size, created=True, durable=durable)
 
     def sync(self, stored: StoredFile) -> None:
         """Finish a ``put(durable=False)``: the file's data, then its directory entry."""
+        if stored.durable:
+            return
+        path = self.root / stored.store_key
         try:
-            if not stored.durable:
-                fd = os.open(self.root / stored.store_key, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            for folder in stored.unsynced_dirs:
-                _fsync_dir(folder)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot sync {stored.store_key} to disk ({exc.strerror}); "
                              "check the disk of the state directory") from None
