@@ -62,7 +62,7 @@ from events.catalogue import (
 )
 from events.jetstream import Delivery, EventBus
 from events.subjects import study_token
-from ingest.xnat_session import XnatAccess, XnatSession
+from xnat_client.session import XnatAccess, XnatSession
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from events.catalogue import EditSubmitted, ReviewSubmitted
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.errors import IngestError
-from ingest.xnat_session import XnatAccess, XnatSession
+from xnat_client.session import XnatAccess, XnatSession
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from events.subjects import type_filter
 from ingest.xnat_feedback import XnatFeedbackPoller
-from ingest.xnat_session import XnatAccess
+from xnat_client.session import XnatAccess
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings
 

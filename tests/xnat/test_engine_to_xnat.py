@@ -24,7 +24,7 @@ from engine.xnat_publisher import (
 from events.catalogue import InferenceCompleted, ResultPublished, Stage
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from ingest.xnat_session import XnatAccess
+from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
 

@@ -24,7 +24,7 @@ from events.catalogue import EditSubmitted, ReviewSubmitted
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.xnat_feedback import FormError, XnatFeedbackPoller, parse_review
-from ingest.xnat_session import XnatAccess
+from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, StudyResult, build_seg
 from tests.xnat.standin import XnatStandIn
 

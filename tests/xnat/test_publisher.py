@@ -31,7 +31,7 @@ from engine.xnat_publisher import (
 from events.catalogue import DeliveryFailed, PublishFailed, ResultPublished
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from ingest.xnat_session import XnatAccess
+from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, PSEUDONYM, USER, StudyResult, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
 
