@@ -248,7 +248,7 @@ def bench_events(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Publish + consume N events on a real JetStream file store; peer: plain nats-py."""
-    from lastmile.bench_events import run_events_bench
+    from bench.events import run_events_bench
 
     result = asyncio.run(run_events_bench(count, sync))
     if as_json:

@@ -285,7 +285,7 @@ def measure_pages(url: str, pages: Iterable[str] = PAGES, repeats: int = 3,
 
 async def _bench_data(url: str, db: Path, count: int) -> tuple[int, float, BusSettings,
                                                                str | None]:
-    from projections.synthetic import first_events, site_for_count
+    from demo.synthetic import first_events, site_for_count
 
     settings = BusSettings(servers=(url,), stream="BENCHDASH")
     bus = await EventBus.connect(settings)

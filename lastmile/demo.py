@@ -232,7 +232,7 @@ class Truth:
 
 def make_study(s: PlannedStudy, seed: int, hfd_images: int) -> tuple[Any, Truth]:
     """The phantom study (all of one demo patient's exams share a fake patient)."""
-    from engine import phantoms
+    from demo import phantoms
 
     patient = phantoms.fake_patient(seed_for(seed, "patient", s.patient))
     if s.pipeline == "bts":
@@ -257,7 +257,7 @@ def t1_post_series(datasets: list[Any], phantom_seed: int) -> list[Any]:
     the pipeline selects the FLAIR, so this series only satisfies completion."""
     import numpy as np
 
-    from engine.phantoms import uid_for
+    from demo.phantoms import uid_for
 
     flair = [ds for ds in datasets if "FLAIR" in str(ds.get("SeriesDescription", ""))]
     series_uid = uid_for("demo-t1", phantom_seed)

@@ -368,7 +368,7 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
     events published by the bench (from "study completed" on); ``auto``: dicom when dcmtk
     and the ingest package are there.
     """
-    from engine import phantoms
+    from demo import phantoms
     from engine.feed import feed_study
     from engine.worker import EngineWorker, WorkerConfig
     from events.jetstream import BusSettings

@@ -258,7 +258,7 @@ def bench_ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """C-STORE 200 CT instances with dcmtk storescu into our SCP, storescp and Orthanc."""
-    from ingest.bench import run_ingest_bench
+    from bench.ingest import run_ingest_bench
 
     result = asyncio.run(run_ingest_bench(count=count, studies=studies, peers=peers))
     if as_json:

@@ -326,7 +326,7 @@ def bench_projections_command(
 ) -> None:
     """Fold N synthetic events from a real JetStream stream into DuckDB; time every metric
     query; measure the projector's lag under live load."""
-    from projections.bench import run_projections_bench
+    from bench.projections import run_projections_bench
 
     try:
         result = asyncio.run(run_projections_bench(count, live_rate=live_rate,

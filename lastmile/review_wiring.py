@@ -353,8 +353,8 @@ async def seed_review_site(bus: EventBus, state_dir: Path, secret: bytes, *,
     """Deploy the reference pipelines, put phantom studies into the instance store and
     the log as ingest does, and let a real engine worker produce their results (SEG,
     SR, findings). BTS exams are one patient's follow-ups (priors)."""
+    from demo.phantoms import abdomen_ct_study, brain_mr_study, fake_patient, pelvis_study
     from engine.feed import feed_study
-    from engine.phantoms import abdomen_ct_study, brain_mr_study, fake_patient, pelvis_study
     from engine.registry import deployed_event
     from engine.spec import REFERENCE_DIR, load_pipeline
     from engine.worker import EngineWorker, WorkerConfig

@@ -46,9 +46,9 @@ from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from events.subjects import type_filter
 from ingest.xnat_feedback import XnatFeedbackPoller
-from xnat_client.session import XnatAccess
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings
+from xnat_client.session import XnatAccess
 
 PUBLISHER_DURABLE = "xnat-publisher"
 out = Console()

@@ -19,12 +19,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.base import Event
 from events.catalogue import InferenceCompleted, PipelineDeployed, Stage
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from lastmile.dashboards_wiring import DashboardProcess, browser
-from projections.synthetic import SyntheticConfig, SyntheticSite
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboards"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.phantoms import fake_patient
+from demo.phantoms import fake_patient
 from events.catalogue import InferenceCompleted, ReviewSubmitted
 from events.nats_server import free_port
 from lastmile.demo import (

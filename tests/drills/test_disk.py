@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.phantoms import pelvis_study
+from demo.phantoms import pelvis_study
 from events.base import Event
 from events.catalogue import InstanceRejected, InstanceStored
 from events.jetstream import EventBus

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.phantoms import PhantomStudy, pelvis_study
+from demo.phantoms import PhantomStudy, pelvis_study
 from engine.registry import deployed_event
 from events.base import Event
 from events.catalogue import (

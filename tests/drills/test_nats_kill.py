@@ -20,12 +20,12 @@ import nats.errors
 import pydicom
 import pytest
 
+from bench.ingest import ct_instances
 from events.base import Event
 from events.catalogue import InstanceDuplicated, InstanceStored
 from events.errors import PublishError
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
-from ingest.bench import ct_instances
 from tests.drills.procs import clean_env, lastmile_up, storescu
 from tests.drills.report import record
 from tests.events.test_jetstream import requested

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demo.phantoms import pelvis_study
 from engine.feed import feed_study
 from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
-from engine.phantoms import pelvis_study
 from engine.registry import deployed_event
 from engine.spec import load_pipeline
 from engine.worker import EngineWorker, WorkerConfig

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
+from demo.phantoms import brain_mr_study, pelvis_study
 from engine.feed import feed_study
-from engine.phantoms import brain_mr_study, pelvis_study
 from engine.registry import deployed_event
 from engine.spec import LoadedPipeline, load_pipeline
 from engine.worker import EngineWorker, WorkerConfig

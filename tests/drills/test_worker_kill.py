@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.phantoms import pelvis_study
 from engine.feed import feed_study
-from engine.phantoms import pelvis_study
 from engine.registry import deployed_event
 from events.catalogue import (
     InferenceCompleted,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
+from demo.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from engine.registry import deployed_event
 from engine.worker import EngineWorker, WorkerConfig
 from events.catalogue import (

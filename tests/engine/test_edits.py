@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from scipy import ndimage
 
+from demo.phantoms import abdomen_ct_study, brain_mr_study
 from engine.dicom_results import Provenance, build_seg
 from engine.edits import (
     DURABLE,
@@ -32,7 +33,6 @@ from engine.edits import (
     recompute,
 )
 from engine.ops.volume import series_to_volume
-from engine.phantoms import abdomen_ct_study, brain_mr_study
 from events.catalogue import (
     DeliveryFailed,
     EditSubmitted,

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from demo.phantoms import brain_mr_study, pelvis_study, sphere_volume_ml
 from engine.errors import ModelOutputError
 from engine.ops import inference, postprocess, preprocess
 from engine.ops.longitudinal import EarlierResult, compare
 from engine.ops.selection import SelectionRule, describe_series, orientation_of, select_series
-from engine.phantoms import brain_mr_study, pelvis_study, sphere_volume_ml
 
 
 def test_selection_picks_the_flair_and_says_why_the_localizer_lost() -> None:

@@ -9,9 +9,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from demo.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from engine.errors import GeometryError, PixelDataError
 from engine.ops.volume import radiograph, series_to_volume
-from engine.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 
 
 def _flair(seed: int = 1) -> list[pydicom.Dataset]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from demo.phantoms import pelvis_study
 from engine.feed import feed_study
 from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig, pending, result_files
-from engine.phantoms import pelvis_study
 from engine.registry import deployed_event
 from engine.spec import load_pipeline
 from engine.worker import EngineWorker, WorkerConfig

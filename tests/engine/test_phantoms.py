@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from engine.feed import stored_events
-from engine.phantoms import (
+from demo.phantoms import (
     HIP_CLASSES,
     abdomen_ct_study,
     brain_mr_study,
     fake_patient,
     pelvis_study,
 )
+from engine.feed import stored_events
 
 
 def test_same_seed_same_study_and_truth() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from demo.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from engine.dicom_results import (
     HipFinding,
     Provenance,
@@ -17,7 +18,6 @@ from engine.dicom_results import (
     build_volume_sr,
 )
 from engine.ops.volume import series_to_volume
-from engine.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from tests.engine.conftest import dciodvfy_errors
 
 PROV = Provenance("unit-model", "2.1", "ab" * 32, "bts", "1.0.0", "run-unit")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.phantoms import brain_mr_study, fake_patient, sphere_volume_ml
 from engine.feed import feed_study
-from engine.phantoms import brain_mr_study, fake_patient, sphere_volume_ml
 from engine.registry import deployed_event
 from engine.worker import EngineWorker, WorkerConfig
 from events.catalogue import (

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from demo.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from engine.feed import completed_event, feed_study, stored_events
-from engine.phantoms import abdomen_ct_study, brain_mr_study, pelvis_study
 from engine.registry import deployed_event
 from engine.spec import load_pipeline
 from engine.worker import EngineWorker, WorkerConfig

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
+from demo.phantoms import brain_mr_study, pelvis_study
 from engine.feed import feed_study, stored_events
-from engine.phantoms import brain_mr_study, pelvis_study
 from engine.registry import deployed_event
 from engine.runtimes import ORT_CPU, OnnxRuntimeCpu
 from engine.spec import REFERENCE_DIR, load_pipeline

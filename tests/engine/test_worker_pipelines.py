@@ -9,8 +9,8 @@ import pydicom
 import pytest
 import yaml
 
+from demo.phantoms import abdomen_ct_study, pelvis_study
 from engine.feed import feed_study
-from engine.phantoms import abdomen_ct_study, pelvis_study
 from engine.registry import deployed_event, fold_pipelines, stage_changed_event
 from engine.spec import LoadedPipeline, load_pipeline
 from engine.worker import EngineWorker, WorkerConfig, blinding_hash

@@ -12,10 +12,10 @@ import typer
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
+from bench.ingest import ct_instances
 from events.catalogue import CompletionReason, StudyCompleted
 from events.jetstream import EventBus
 from events.nats_server import free_port
-from ingest.bench import ct_instances
 from ingest.rules import EXAMPLE_RULES, load_rules
 from lastmile.ingest_wiring import (
     CompletionService,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bench.ingest import ct_instances
+from bench.peers import Orthanc, orthanc_binary
 from events.catalogue import CompletionReason, InstanceStored, StudyCompleted
 from events.jetstream import EventBus
 from events.nats_server import free_port
-from ingest.bench import ct_instances
-from ingest.peers import Orthanc, orthanc_binary
 from tests.ingest.conftest import StartIngest, wait_for_events
 
 pytestmark = [

@@ -14,11 +14,11 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from bench.ingest import ct_instances
 from events.catalogue import CompletionReason, StudyAmended, StudyCompleted
 from events.instance_store import InstanceStore, key_for, legacy_key_for
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
-from ingest.bench import ct_instances
 from ingest.jetstream import ThreadPublisher
 from ingest.receiver import InstanceReceiver, Received
 from ingest.rules import default_rules

@@ -14,6 +14,8 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from bench.ingest import ct_instances
+from bench.peers import Storescp
 from events.base import Event
 from events.catalogue import (
     CompletionReason,
@@ -28,8 +30,6 @@ from events.jetstream import EventBus
 from events.nats_server import free_port
 from events.pseudonym import pseudonym
 from events.subjects import type_filter
-from ingest.bench import ct_instances
-from ingest.peers import Storescp
 from ingest.statuses import StoreStatus
 from tests.ingest.conftest import (
     SECRET,

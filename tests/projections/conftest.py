@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.base import Event
 from projections.duckdb_store import ProjectionStore
 from projections.folds import RowBatch
-from projections.synthetic import SyntheticConfig, SyntheticSite
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.catalogue import (
     DriftAlertRaised,
     InferenceCompleted,
@@ -26,7 +27,6 @@ from projections import metrics as M
 from projections.drift import alerts_for, drift_windows
 from projections.duckdb_store import ProjectionStore
 from projections.folds import RowBatch
-from projections.synthetic import SyntheticConfig, SyntheticSite
 
 
 def _by_pipeline(events: list, cls: type) -> Counter[str]:

@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.catalogue import DriftAlertRaised, ReviewSubmitted
 from events.export import UidRemapper
 from events.jetstream import EventBus
@@ -25,7 +26,6 @@ from lastmile.projections_wiring import (
 )
 from lastmile.settings import ConfigError, Settings
 from projections.duckdb_store import ProjectionStore
-from projections.synthetic import SyntheticConfig, SyntheticSite
 
 pytestmark = pytest.mark.server
 

@@ -15,10 +15,10 @@ from pydicom.data import get_testdata_file
 
 from dashboards.review import render
 from dashboards.review.dicom_files import EditRejected, load_volume, validate_edit
+from demo.phantoms import brain_mr_study
 from engine.dicom_results import Provenance, build_seg
 from engine.edits import build_edited_seg
 from engine.ops.volume import series_to_volume
-from engine.phantoms import brain_mr_study
 
 
 def _bytes(ds: pydicom.Dataset) -> bytes:
@@ -115,7 +115,7 @@ def test_uploads_that_are_not_a_correction_of_this_result_are_refused(ai_case: d
 def test_colours_follow_label_names_not_segment_numbers(tmp_path: Path) -> None:
     """Blinded reading: a person's SEG that numbers its segments differently from the
     AI's must look the same, or the colours would tell the sources apart."""
-    from engine.phantoms import abdomen_ct_study
+    from demo.phantoms import abdomen_ct_study
 
     study = abdomen_ct_study(11)
     vol = series_to_volume(study.datasets)

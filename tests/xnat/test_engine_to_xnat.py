@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demo.phantoms import abdomen_ct_study, pelvis_study
 from engine.feed import feed_study
-from engine.phantoms import abdomen_ct_study, pelvis_study
 from engine.registry import deployed_event
 from engine.spec import REFERENCE_DIR, load_pipeline
 from engine.worker import EngineWorker, WorkerConfig
@@ -24,9 +24,9 @@ from engine.xnat_publisher import (
 from events.catalogue import InferenceCompleted, ResultPublished, Stage
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
+from xnat_client.session import XnatAccess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 SECRET = b"xnat-e2e-secret-0123456789abcdef"

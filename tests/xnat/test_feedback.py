@@ -24,9 +24,9 @@ from events.catalogue import EditSubmitted, ReviewSubmitted
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from ingest.xnat_feedback import FormError, XnatFeedbackPoller, parse_review
-from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, USER, StudyResult, build_seg
 from tests.xnat.standin import XnatStandIn
+from xnat_client.session import XnatAccess
 
 PROJECT = "LMTEST"
 

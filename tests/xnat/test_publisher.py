@@ -31,9 +31,9 @@ from engine.xnat_publisher import (
 from events.catalogue import DeliveryFailed, PublishFailed, ResultPublished
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from xnat_client.session import XnatAccess
 from tests.xnat.conftest import PASSWORD, PSEUDONYM, USER, StudyResult, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
+from xnat_client.session import XnatAccess
 
 PROJECT = "LMTEST"
 

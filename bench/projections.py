@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo.synthetic import SyntheticConfig, SyntheticSite, first_events, site_for_count
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from projections import metrics as M
 from projections.drift import drift_windows
 from projections.duckdb_store import ProjectionStore
 from projections.projector import Projector
-from projections.synthetic import SyntheticConfig, SyntheticSite, first_events, site_for_count
 
 
 @dataclass

@@ -24,13 +24,13 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from bench.peers import Orthanc, PeerError, Storescp, dcmtk_env, orthanc_binary
 from events.catalogue import StudyCompleted
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from events.subjects import subject_for, type_filter
 from ingest.app import IngestApp, IngestOptions
 from ingest.dicom_scp import ScpConfig
-from ingest.peers import Orthanc, PeerError, Storescp, dcmtk_env, orthanc_binary
 from ingest.rules_file import RulesFile
 
 SECRET = b"bench-secret-not-a-site-secret-0"

@@ -1,6 +1,6 @@
 """Train the three reference models on synthetic phantoms, export ONNX, measure, write cards.
 
-    nice -n 10 .venv/bin/python -m engine.training.train [--only bts,lts,hfd] [--out DIR]
+    nice -n 10 .venv/bin/python -m demo.training.train [--only bts,lts,hfd] [--out DIR]
 
 Needs the ``train`` extra (torch); the platform itself never imports torch. The
 preprocessing is the engine's own (``engine.ops.preprocess``), and held-out metrics
@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.ops import inference, postprocess, preprocess
-from engine.phantoms import (
+from demo.phantoms import (
     BTS_LABELS,
     HIP_CLASSES,
     HIP_SIDES,
@@ -34,9 +33,10 @@ from engine.phantoms import (
     brain_mr_arrays,
     pelvis_radiograph,
 )
+from engine.ops import inference, postprocess, preprocess
 from engine.runtimes import OnnxRuntimeCpu
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "engine" / "models"
 
 # --------------------------------------------------------------------------- networks
 
@@ -291,7 +291,7 @@ CARDS = {
                       "window ROI 32x64x64, overlap 0.25, Gaussian blending",
         outputs="logits (N, 2, 32, 64, 64): background, lesion; argmax, largest "
                 "connected component; lesion volume in mL",
-        training="40 synthetic brain phantoms (engine.phantoms.brain_mr_arrays: ellipsoid "
+        training="40 synthetic brain phantoms (demo.phantoms.brain_mr_arrays: ellipsoid "
                  "head, skull rim, ventricles, one bright spherical lesion of radius "
                  "6-22 mm, Gaussian noise); no patient data",
     ),
@@ -303,7 +303,7 @@ CARDS = {
                       "32x64x64, overlap 0.25",
         outputs="logits (N, 4, 32, 64, 64): background, left lobe, right lobe, vessels; "
                 "argmax, largest component per lobe; volumes in mL",
-        training="40 synthetic abdomen phantoms (engine.phantoms.abdomen_ct_arrays: body, "
+        training="40 synthetic abdomen phantoms (demo.phantoms.abdomen_ct_arrays: body, "
                  "spine, ellipsoid liver split by an oblique fissure; the left lobe is "
                  "~27 HU less dense than the right, a synthetic cue real livers do not "
                  "have; contrast vessels ~185 HU); no patient data",
@@ -315,7 +315,7 @@ CARDS = {
         preprocessing="area-average resize to 128x128, scale 0..4095 to [0, 1]",
         outputs="boxes (N, 2, 4): right/left hip boxes, normalised x0, y0, x1, y1; "
                 "logits (N, 2, 3): normal / fracture / hardware per hip",
-        training="1200 synthetic pelvis radiographs at 512 px (engine.phantoms."
+        training="1200 synthetic pelvis radiographs at 512 px (demo.phantoms."
                  "pelvis_radiograph: pelvic ring, femoral heads/necks/shafts, fracture = "
                  "dark line across the neck, hardware = bright screw); held-out images "
                  "at 1024 px; no patient data",
@@ -323,7 +323,7 @@ CARDS = {
 }
 
 
-PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+PIPELINES_DIR = Path(__file__).resolve().parents[2] / "engine" / "pipelines"
 
 
 def update_pipeline_hash(t: Trained) -> None:
@@ -353,7 +353,7 @@ def write_card(t: Trained, out: Path, extra: dict[str, object]) -> Path:
         f"- preprocessing: {card['preprocessing']}",
         f"- outputs: {card['outputs']}",
         f"- training data: {card['training']}",
-        "- produced by: `nice -n 10 python -m engine.training.train` "
+        "- produced by: `nice -n 10 python -m demo.training.train` "
         f"(training + evaluation took {t.train_s:.0f} s on this machine's CPU)",
         "",
         "## Held-out metrics (measured by the training script on the exported ONNX file)",
