@@ -20,9 +20,9 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from dicom_rules.conditions import TagValues
 from events.pseudonym import age_band, pseudonym, sex_code
 from ingest.errors import BadInstance
-from ingest.rules import TagValues
 from ingest.statuses import StoreStatus
 
 
@@ -279,7 +279,7 @@ def series_tag_values(
     manufacturer: str | None = None, model: str | None = None, station: str | None = None,
     institution: str | None = None,
 ) -> TagValues:
-    """A series as manifest rules see it (``ingest.rules.SERIES_TAGS``)."""
+    """A series as manifest rules see it (``dicom_rules.conditions.SERIES_TAGS``)."""
     pairs = {
         "Modality": modality, "SeriesDescription": description,
         "SeriesNumber": None if number is None else str(number), "SeriesInstanceUID": series_uid,

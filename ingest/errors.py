@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dicom_rules.errors import RuleError
+
 
 class IngestError(Exception):
     """Root of every error raised by ``ingest``."""
 
 
-class RulesError(IngestError):
+class RulesError(IngestError, RuleError):
     """A routing rules file is invalid. The message names the file, line and key."""
 
 

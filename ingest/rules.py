@@ -25,11 +25,9 @@ general AE title, and how each pipeline decides that a study is complete::
           expected_series:
             - {id: axial-flair, when: {tag: SeriesDescription, regex: "(?i)flair"}}
 
-Conditions: ``equals``, ``one_of``, ``regex`` (``re.search``), ``range`` (``min``/``max``,
-numeric), ``exists`` (true/false) on a tag given by keyword (``Modality``) or number
-(``(0008,0060)``, ``00080060``); combined with ``all``, ``any`` and ``not``. A multi-valued
-element matches when any of its values does. Everything here is pure: ``route`` and
-``evaluate`` take values and return values. ``load_rules`` parses and validates a file
+Conditions are the rule language of ``dicom_rules`` (shared with pipeline selection);
+this module adds what routing needs: rules, pipelines and their completion policies.
+``route`` takes values and returns values. ``load_rules`` parses and validates a file
 and refuses it with the line and key of the first problem.
 """
 
@@ -43,170 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydicom.datadict import dictionary_has_tag, keyword_for_tag, tag_for_keyword
 
+from dicom_rules.conditions import Condition, TagValues, condition_tags, evaluate
+from dicom_rules.errors import RuleError
+from dicom_rules.parse import ConditionParser, LineLoader, LineMap
 from ingest.errors import RulesError
 
-#: Tag values as the rules see them: keyword -> values (as strings). A tag that is
-#: absent from the mapping is absent from the dataset.
-TagValues = Mapping[str, tuple[str, ...]]
-
-#: Identity tags: rules may test them, but their values never appear in a reason
-#: (reasons are recorded in events, and events never carry patient identity).
-IDENTITY_TAGS = frozenset({
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
-    "OtherPatientNames", "OtherPatientIDsSequence", "PatientAddress", "PatientTelephoneNumbers",
-    "PatientMotherBirthName", "IssuerOfPatientID", "AccessionNumber", "ReferringPhysicianName",
-    "PerformingPhysicianName", "OperatorsName", "PatientComments", "MilitaryRank",
-    "EthnicGroup", "PatientReligiousPreference", "MedicalRecordLocator",
-})
-
-#: Tags a series manifest may use: what ``ingest.instance.stored`` events carry.
-SERIES_TAGS = frozenset({
-    "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID", "Manufacturer",
-    "ManufacturerModelName", "StationName", "InstitutionName",
-})
-
 DEFAULT_PIPELINE_AES: Mapping[str, str] = {"bts": "LM_BTS", "lts": "LM_LTS", "hfd": "LM_HFD"}
-
-
-# --------------------------------------------------------------------------- conditions
-
-
-@dataclass(frozen=True)
-class Equals:
-    tag: str
-    value: str
-
-
-@dataclass(frozen=True)
-class OneOf:
-    tag: str
-    values: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Regex:
-    tag: str
-    pattern: re.Pattern[str]
-
-
-@dataclass(frozen=True)
-class Range:
-    tag: str
-    min: float | None
-    max: float | None
-
-
-@dataclass(frozen=True)
-class Exists:
-    tag: str
-    present: bool
-
-
-@dataclass(frozen=True)
-class AllOf:
-    items: tuple[Condition, ...]
-
-
-@dataclass(frozen=True)
-class AnyOf:
-    items: tuple[Condition, ...]
-
-
-@dataclass(frozen=True)
-class Not:
-    item: Condition
-
-
-Condition = Equals | OneOf | Regex | Range | Exists | AllOf | AnyOf | Not
-
-
-def _shown(tag: str, values: tuple[str, ...] | None) -> str:
-    if values is None:
-        return f"{tag} absent"
-    if tag in IDENTITY_TAGS:
-        return f"{tag}=<identity, not shown>"
-    text = "\\".join(values)
-    return f"{tag}={text[:64]!r}"
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def evaluate(cond: Condition, tags: TagValues) -> tuple[bool, str]:
-    """Whether ``cond`` holds for ``tags``, and a short human reason (for events and CLI).
-
-    On identity tags neither the value nor the rule's operand appears in the reason.
-    """
-    tag = getattr(cond, "tag", None)
-    if tag in IDENTITY_TAGS:
-        ok, _ = _evaluate(cond, tags)
-        return ok, f"{tag} {'matches' if ok else 'does not match'} (identity: not shown)"
-    return _evaluate(cond, tags)
-
-
-def _evaluate(cond: Condition, tags: TagValues) -> tuple[bool, str]:
-    match cond:
-        case Equals(tag, value):
-            vals = tags.get(tag)
-            ok = vals is not None and any(v == value for v in vals)
-            return ok, f"{_shown(tag, vals)} {'==' if ok else '!='} {value!r}"
-        case OneOf(tag, values):
-            vals = tags.get(tag)
-            ok = vals is not None and any(v in values for v in vals)
-            return ok, f"{_shown(tag, vals)} {'in' if ok else 'not in'} {list(values)}"
-        case Regex(tag, pattern):
-            vals = tags.get(tag)
-            ok = vals is not None and any(pattern.search(v) for v in vals)
-            return ok, f"{_shown(tag, vals)} {'~' if ok else '!~'} /{pattern.pattern}/"
-        case Range(tag, lo, hi):
-            vals = tags.get(tag)
-            nums = [n for n in (_number(v) for v in vals or ()) if n is not None]
-            ok = any((lo is None or n >= lo) and (hi is None or n <= hi) for n in nums)
-            return ok, f"{_shown(tag, vals)} {'in' if ok else 'not in'} [{lo}, {hi}]"
-        case Exists(tag, present):
-            ok = (tag in tags) == present
-            return ok, f"{tag} {'present' if tag in tags else 'absent'}"
-        case AllOf(items):
-            reasons = []
-            for item in items:
-                ok, why = evaluate(item, tags)
-                reasons.append(why)
-                if not ok:
-                    return False, why
-            return True, " and ".join(reasons)
-        case AnyOf(items):
-            misses = []
-            for item in items:
-                ok, why = evaluate(item, tags)
-                if ok:
-                    return True, why
-                misses.append(why)
-            return False, "none of: " + "; ".join(misses)
-        case Not(item):
-            ok, why = evaluate(item, tags)
-            return (not ok), f"not ({why})"
-    raise TypeError(f"not a condition: {cond!r}")  # pragma: no cover - exhaustive
-
-
-def condition_tags(cond: Condition) -> frozenset[str]:
-    """Every tag a condition reads (so the SCP extracts only those)."""
-    match cond:
-        case AllOf(items) | AnyOf(items):
-            out: frozenset[str] = frozenset()
-            for item in items:
-                out |= condition_tags(item)
-            return out
-        case Not(item):
-            return condition_tags(item)
-        case Equals(tag) | OneOf(tag) | Regex(tag) | Range(tag) | Exists(tag):
-            return frozenset({tag})
-    raise TypeError(f"not a condition: {cond!r}")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- rule set
@@ -360,128 +201,16 @@ def default_rules() -> RuleSet:
 # --------------------------------------------------------------------------- YAML
 
 
-class _Map(dict[str, Any]):
-    line: int = 0
-    key_lines: dict[str, int]
+class _Parser(ConditionParser):
+    error = RulesError
 
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings remember the line of each key (for error messages)."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise RulesError(f"line {key_node.start_mark.line + 1}: keys must be text, "
-                             f"got {key!r}")
-        if key in out:
-            raise RulesError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.key_lines[key] = key_node.start_mark.line + 1
-    return out
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-class _Parser:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, node: Any, path: str, message: str, key: str | None = None) -> RulesError:
-        line = None
-        if isinstance(node, _Map):
-            line = node.key_lines.get(key, node.line) if key else node.line
-        where = f"{self.source}:{line}" if line else self.source
-        return RulesError(f"{where}: {path}: {message}")
-
-    def mapping(self, node: Any, path: str, allowed: set[str]) -> _Map:
-        if not isinstance(node, _Map):
-            raise self.fail(None, path, f"expected a mapping, got {type(node).__name__}")
-        for key in node:
-            if key not in allowed:
-                raise self.fail(node, f"{path}.{key}", f"unknown key {key!r} "
-                                f"(expected one of: {', '.join(sorted(allowed))})", key)
-        return node
-
-    def tag(self, node: _Map, path: str, series_only: bool) -> str:
-        raw = node.get("tag")
-        if not isinstance(raw, str) or not raw.strip():
-            raise self.fail(node, f"{path}.tag", "a tag keyword or number is required", "tag")
-        name = canonical_tag(raw)
-        if name is None:
-            raise self.fail(node, f"{path}.tag", f"unknown DICOM tag {raw!r}", "tag")
-        if series_only and name not in SERIES_TAGS:
-            raise self.fail(node, f"{path}.tag", f"a manifest can only use series tags "
-                            f"({', '.join(sorted(SERIES_TAGS))}), not {name}", "tag")
-        return name
-
-    def condition(self, node: Any, path: str, series_only: bool = False) -> Condition:
-        ops = {"equals", "one_of", "regex", "range", "exists"}
-        node = self.mapping(node, path, {"all", "any", "not", "tag", *ops})
-        combinators = [k for k in ("all", "any", "not") if k in node]
-        if combinators:
-            if len(node) != 1:
-                raise self.fail(node, path, f"{combinators[0]!r} must stand alone in its "
-                                "mapping", combinators[0])
-            key = combinators[0]
-            if key == "not":
-                return Not(self.condition(node["not"], f"{path}.not", series_only))
-            items = node[key]
-            if not isinstance(items, list) or not items:
-                raise self.fail(node, f"{path}.{key}", "expected a non-empty list", key)
-            parsed = tuple(self.condition(it, f"{path}.{key}[{i}]", series_only)
-                           for i, it in enumerate(items))
-            return AllOf(parsed) if key == "all" else AnyOf(parsed)
-        tag = self.tag(node, path, series_only)
-        given = [k for k in ops if k in node]
-        if len(given) != 1:
-            raise self.fail(node, path, "exactly one of equals, one_of, regex, range, exists "
-                            f"is required with a tag (got {sorted(given) or 'none'})")
-        op = given[0]
-        value = node[op]
-        where = f"{path}.{op}"
-        if op == "equals":
-            if isinstance(value, list | dict) or value is None:
-                raise self.fail(node, where, "expected one value", op)
-            return Equals(tag, _text(value))
-        if op == "one_of":
-            if not isinstance(value, list) or not value:
-                raise self.fail(node, where, "expected a non-empty list", op)
-            return OneOf(tag, tuple(_text(v) for v in value))
-        if op == "regex":
-            if not isinstance(value, str):
-                raise self.fail(node, where, "expected a regular expression string", op)
-            try:
-                return Regex(tag, re.compile(value))
-            except re.error as exc:
-                raise self.fail(node, where, f"invalid regular expression: {exc}", op) from None
-        if op == "range":
-            rng = self.mapping(value, where, {"min", "max"})
-            lo, hi = rng.get("min"), rng.get("max")
-            for k, v in (("min", lo), ("max", hi)):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-                    raise self.fail(rng, f"{where}.{k}", "expected a number", k)
-            if lo is None and hi is None:
-                raise self.fail(node, where, "give min, max or both", op)
-            if lo is not None and hi is not None and lo > hi:
-                raise self.fail(node, where, f"min {lo} is greater than max {hi}", op)
-            return Range(tag, None if lo is None else float(lo), None if hi is None else float(hi))
-        if not isinstance(value, bool):
-            raise self.fail(node, where, "expected true or false", op)
-        return Exists(tag, value)
-
-    def number(self, node: _Map, key: str, path: str, default: float) -> float:
+    def number(self, node: LineMap, key: str, path: str, default: float) -> float:
         value = node.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise self.fail(node, f"{path}.{key}", "expected a number >= 0", key)
         return float(value)
 
-    def boolean(self, node: _Map, key: str, path: str, default: bool) -> bool:
+    def boolean(self, node: LineMap, key: str, path: str, default: bool) -> bool:
         value = node.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(node, f"{path}.{key}", "expected true or false", key)
@@ -523,7 +252,7 @@ class _Parser:
         out = {n: PipelineRoute(n, ae) for n, ae in DEFAULT_PIPELINE_AES.items()}
         if node is None:
             return out
-        if not isinstance(node, _Map):
+        if not isinstance(node, LineMap):
             raise self.fail(None, "pipelines", "expected a mapping of pipeline name -> settings")
         seen_aes: dict[str, str] = {}
         for name, body in node.items():
@@ -531,7 +260,7 @@ class _Parser:
             if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
                 raise self.fail(node, path, "pipeline names are lower-case letters, digits, "
                                 "- and _ (max 32)", name)
-            body = self.mapping(body if body is not None else _Map(), path,
+            body = self.mapping(body if body is not None else LineMap(), path,
                                 {"ae_title", "completion"})
             ae = body.get("ae_title", DEFAULT_PIPELINE_AES.get(name))
             if ae is not None and (not isinstance(ae, str)
@@ -602,37 +331,18 @@ class _Parser:
         return tuple(out)
 
 
-def _text(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def canonical_tag(raw: str) -> str | None:
-    """A keyword for known tags (``(0008,0060)`` -> ``Modality``), 8 hex digits otherwise."""
-    raw = raw.strip()
-    if tag_for_keyword(raw) is not None:
-        return raw
-    digits = re.sub(r"[\s(),]", "", raw)
-    if re.fullmatch(r"[0-9A-Fa-f]{8}", digits):
-        number = int(digits, 16)
-        keyword = keyword_for_tag(number) if dictionary_has_tag(number) else ""
-        return keyword or digits.upper()
-    return None
-
-
 def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
     """Parse and validate a rules document, or raise ``RulesError`` with line and key."""
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=LineLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         raise RulesError(f"{source}{line}: not valid YAML: {exc.problem}") from None
-    except RulesError as exc:
+    except RuleError as exc:
         raise RulesError(f"{source}: {exc}") from None
     if doc is None:
-        doc = _Map()
+        doc = LineMap()
         doc.line, doc.key_lines = 1, {}
     p = _Parser(source)
     doc = p.mapping(doc, "(top level)", {"version", "rules", "pipelines"})

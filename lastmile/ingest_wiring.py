@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dicom_rules.conditions import evaluate
 from events.base import Event
 from events.catalogue import InstanceStored
 from events.codec import to_builtins
@@ -33,7 +34,7 @@ from ingest.completion import CompletionTracker
 from ingest.dataset import tag_values
 from ingest.dicom_scp import ScpConfig
 from ingest.errors import IngestError
-from ingest.rules import EXAMPLE_RULES, RuleSet, evaluate, route
+from ingest.rules import EXAMPLE_RULES, RuleSet, route
 from ingest.rules_file import RulesFile
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings

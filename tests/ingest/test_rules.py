@@ -9,21 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dicom_rules.conditions import AllOf, AnyOf, Equals, Exists, Not, OneOf, Range, Regex, evaluate
+from dicom_rules.parse import canonical_tag
 from ingest.errors import RulesError
 from ingest.rules import (
     EXAMPLE_RULES,
-    AllOf,
-    AnyOf,
     CompletionPolicy,
-    Equals,
-    Exists,
-    Not,
-    OneOf,
-    Range,
-    Regex,
     SeriesExpectation,
-    canonical_tag,
-    evaluate,
     load_rules,
     manifest_status,
     parse_rules,
