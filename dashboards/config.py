@@ -2,8 +2,8 @@
 
 ``lastmile up`` starts the Streamlit process with ``LASTMILE_DASHBOARD_DUCKDB`` and
 ``LASTMILE_DASHBOARD_BUS`` (the bus settings as JSON, so a password never appears on a
-command line) in its environment; run by hand, the dashboard falls back to the site's
-settings (``lastmile.settings.load_settings``).
+command line) in its environment (``dashboards.process.dashboard_env``); without them
+the pages say how to start them.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ class DashboardConfig:
         db = env.get(ENV_DUCKDB)
         raw_bus = env.get(ENV_BUS)
         bus = bus_from_json(raw_bus) if raw_bus else None
-        if db and raw_bus:
-            return cls(Path(db), bus)
-        from lastmile.settings import load_settings
-
-        settings = load_settings()
-        return cls(Path(db) if db else settings.duckdb_path, bus or settings.bus())
+        if not db:
+            raise DashboardConfigError(f"{ENV_DUCKDB} is not set: start the pages with "
+                                       "`lastmile dashboard` or `lastmile up`")
+        return cls(Path(db), bus)
 
 
 def bus_to_json(bus: BusSettings) -> str:
@@ -108,12 +106,8 @@ class ReviewConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ReviewConfig:
         env = os.environ if environ is None else environ
         raw_state = env.get(ENV_STATE_DIR)
-        if raw_state:
-            state = Path(raw_state)
-        else:
-            from lastmile.settings import load_settings
-
-            state = load_settings().state_dir
+        # the setting's own default (lastmile.settings: LASTMILE_STATE_DIR, else .lastmile)
+        state = Path(raw_state or env.get("LASTMILE_STATE_DIR") or ".lastmile")
         users = Path(env[ENV_USERS]) if env.get(ENV_USERS) else state / "users.toml"
         qc = frozenset(p.strip() for p in env.get(ENV_QC_PIPELINES, "hfd").split(",")
                        if p.strip())

@@ -15,10 +15,9 @@ from dashboards.curves import thin
 from dashboards.event_log import history_json, pipeline_events, study_history
 from dashboards.queries import Filters
 from dashboards.report import governance_report
-from events.errors import EventsError
-from lastmile.projections_wiring import ProjectionsConfig
-from lastmile.settings import ConfigError
+from events.errors import ConfigError, EventsError
 from projections import metrics as M
+from projections.config import ProjectionsConfig
 from projections.metrics import INPUT_FEATURES, SUBGROUPS
 from projections.report import DEFAULT_POSITIVE
 

@@ -5,6 +5,11 @@ class EventsError(Exception):
     """Root of every error raised by ``events``."""
 
 
+class ConfigError(Exception):
+    """A configuration problem, with the file, line and key (or environment variable) when
+    known. Not an ``EventsError``: every part's settings raise it, the command line exits 3."""
+
+
 class Unprocessable(Exception):  # noqa: N818 - a verdict, raised by handlers
     """A consumer's handler says retrying cannot help (the input itself is wrong): the
     message is dead-lettered on this delivery instead of after ``max_attempts``."""

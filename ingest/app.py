@@ -1,6 +1,6 @@
 """Ingest as running parts: the SCP (with its store, index and rules) and the detector.
 
-``IngestApp`` is what ``lastmile up`` runs (through ``lastmile.ingest_wiring``) and what
+``IngestApp`` is what ``lastmile up`` runs (through ``lastmile.services_ingest``) and what
 the tests and the benchmark start on free ports: the same code path in all three.
 """
 

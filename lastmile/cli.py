@@ -21,6 +21,7 @@ from rich.table import Table
 from events.base import Event
 from events.codec import to_builtins
 from events.errors import BusUnavailable, CodecError, EventsError, PublishError
+from lastmile import cli_bench
 from lastmile.settings import ConfigError, Settings, load_settings
 
 EXIT_FAILED = 1
@@ -35,9 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-bench_app = typer.Typer(help="Benchmarks against real servers, with a peer in the same run.",
-                        no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+app.add_typer(cli_bench.bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -220,8 +219,10 @@ def replay(
                     sys.stdout.write(json.dumps({"sequence": seq, **json.loads(row["body"])})
                                      + "\n")
             if exporter is not None and to is not None:
+                from lastmile.services_projections import export_labels_from_bus
+
                 exporter.close()
-                await projections_wiring.export_labels_from_bus(
+                await export_labels_from_bus(
                     bus, to[1], remapper=remapper, study_uid=study, from_sequence=from_sequence)
         return n, bad
 
@@ -237,66 +238,31 @@ def replay(
                       + (f"; {bad} undecodable messages skipped" if bad else ""))
 
 
-# --------------------------------------------------------------------------- bench
-
-
-@bench_app.command("events")
-def bench_events(
-    count: Annotated[int, typer.Option(min=1000, help="Events to publish and consume.")] = 100_000,
-    sync: Annotated[str, typer.Option(help='JetStream fsync: "2m" (server default) or '
-                                      '"always".')] = "2m",
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Publish + consume N events on a real JetStream file store; peer: plain nats-py."""
-    from bench.events import run_events_bench
-
-    result = asyncio.run(run_events_bench(count, sync))
-    if as_json:
-        print(json.dumps(result.as_dict(), indent=1))
-        return
-    table = Table(title=f"bench events: {count} events of ~{result.event_bytes} B, sync {sync}")
-    for col in ("path", "publish /s", "consume /s"):
-        table.add_column(col)
-    table.add_row("lastmile (codec + adapter)", f"{result.lastmile_publish_per_s:,.0f}",
-                  f"{result.lastmile_consume_per_s:,.0f}")
-    table.add_row("plain nats-py loop (peer)", f"{result.plain_publish_per_s:,.0f}",
-                  f"{result.plain_consume_per_s:,.0f}")
-    table.add_row("plain nats-py + Nats-Msg-Id", f"{result.plain_dedupe_publish_per_s:,.0f}",
-                  f"{result.plain_dedupe_consume_per_s:,.0f}")
-    table.add_row("ratio lastmile / plain", f"{result.publish_ratio:.2f}",
-                  f"{result.consume_ratio:.2f}")
-    out.print(table)
-
-
-# --------------------------------------------------------------------------- the parts' commands
+# --------------------------------------------------------------------------- command groups
+# One small module per group; each imports its part (and bench/, demo/) when it runs.
 
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
-    dashboards_wiring,
-    demo,
-    engine_wiring,
-    ingest_wiring,
-    projections_wiring,
-    review_wiring,
-    xnat_wiring,
+    cli_dashboard,
+    cli_demo,
+    cli_pipelines,
+    cli_projections,
+    cli_review,
+    cli_route,
+    cli_study,
+    cli_xnat,
 )
 
-app.add_typer(ingest_wiring.route_app, name="route")
-app.add_typer(ingest_wiring.study_app, name="study")
-app.add_typer(engine_wiring.pipelines_app, name="pipelines")
-app.add_typer(projections_wiring.projections_app, name="projections")
-app.command("metrics")(projections_wiring.metrics_command)
-app.command("dashboard")(dashboards_wiring.dashboard_command)
-app.command("demo")(demo.demo_command)
-app.add_typer(xnat_wiring.xnat_app, name="xnat")
-app.add_typer(review_wiring.users_app, name="users")
-app.add_typer(review_wiring.review_app, name="review")
-app.command("link")(review_wiring.link_command)
-bench_app.command("ingest")(ingest_wiring.bench_ingest)
-bench_app.command("e2e")(engine_wiring.bench_e2e)
-bench_app.command("projections")(projections_wiring.bench_projections_command)
-bench_app.command("dashboards")(dashboards_wiring.bench_dashboards_command)
-bench_app.command("review")(review_wiring.bench_review_command)
-
+app.add_typer(cli_route.route_app, name="route")
+app.add_typer(cli_study.study_app, name="study")
+app.add_typer(cli_pipelines.pipelines_app, name="pipelines")
+app.add_typer(cli_projections.projections_app, name="projections")
+app.command("metrics")(cli_projections.metrics_command)
+app.command("dashboard")(cli_dashboard.dashboard_command)
+app.command("demo")(cli_demo.demo_command)
+app.add_typer(cli_xnat.xnat_app, name="xnat")
+app.add_typer(cli_review.users_app, name="users")
+app.add_typer(cli_review.review_app, name="review")
+app.command("link")(cli_review.link_command)
 
 # --------------------------------------------------------------------------- entry
 

@@ -5,12 +5,12 @@ when an XNAT is configured."""
 from __future__ import annotations
 
 from lastmile import (
-    dashboards_wiring,
-    engine_wiring,
-    ingest_wiring,
-    projections_wiring,
-    review_wiring,
-    xnat_wiring,
+    services_dashboards,
+    services_engine,
+    services_ingest,
+    services_projections,
+    services_review,
+    services_xnat,
 )
 from lastmile.runtime import Service
 from lastmile.settings import Settings
@@ -20,14 +20,14 @@ def services_for(settings: Settings) -> list[Service]:
     wanted = set(settings.services)
     services: list[Service] = []
     if "ingest" in wanted:
-        services += ingest_wiring.ingest_services(settings)
+        services += services_ingest.ingest_services(settings)
     if "engine" in wanted:
-        services += engine_wiring.engine_services(settings)
+        services += services_engine.engine_services(settings)
     if "projector" in wanted:
-        services.append(projections_wiring.ProjectorService(settings))
+        services.append(services_projections.ProjectorService(settings))
     if "dashboard" in wanted:
-        services.append(dashboards_wiring.DashboardService(settings))
-        services += review_wiring.review_services(settings)
+        services.append(services_dashboards.DashboardService(settings))
+        services += services_review.review_services(settings)
     if "xnat" in wanted:
-        services += xnat_wiring.xnat_services(settings)
+        services += services_xnat.xnat_services(settings)
     return services

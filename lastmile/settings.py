@@ -17,13 +17,12 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from events.errors import ConfigError
 from events.jetstream import BusSettings
 
 SECRET_FILE = "site_secret"
 
-
-class ConfigError(Exception):
-    """A configuration problem, with the file, line and key when known."""
+__all__ = ["ConfigError", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):

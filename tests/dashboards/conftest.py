@@ -19,12 +19,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from bench.dashboards import browser
+from dashboards.process import DashboardProcess
 from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.base import Event
 from events.catalogue import InferenceCompleted, PipelineDeployed, Stage
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
-from lastmile.dashboards_wiring import DashboardProcess, browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboards"
@@ -70,7 +71,7 @@ def known_site_events() -> tuple[list[Event], SyntheticConfig, dict[str, str]]:
 
 
 async def _publish_fold(settings: BusSettings, events: list[Event], db: Path) -> None:
-    from lastmile.dashboards_wiring import publish_and_fold
+    from bench.dashboards import publish_and_fold
 
     bus = await EventBus.connect(settings)
     try:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from lastmile.dashboards_wiring import PAGES, page_url, wait_for_page
+from bench.dashboards import wait_for_page
+from dashboards.process import PAGES, page_url
 from tests.dashboards import oracle
 from tests.dashboards.conftest import ARTIFACTS, NEW_VERSION, ROOT, KnownSite
 

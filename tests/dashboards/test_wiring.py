@@ -12,14 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from dashboards.process import DashboardError, streamlit_command
 from events.jetstream import EventBus
 from events.nats_server import free_port
-from lastmile.dashboards_wiring import (
-    DashboardError,
-    DashboardService,
-    dashboard_command,
-    streamlit_command,
-)
+from lastmile.cli_dashboard import dashboard_command
+from lastmile.services_dashboards import DashboardService
 from lastmile.settings import Settings
 from projections.duckdb_store import ProjectionStore
 

@@ -16,24 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from demo.phantoms import fake_patient
-from events.catalogue import InferenceCompleted, ReviewSubmitted
-from events.nats_server import free_port
-from lastmile.demo import (
+from demo.people import (
     EDIT_KINDS,
     PlannedEdit,
-    PlannedStudy,
     Reader,
-    Truth,
     edit_for,
     people_events,
-    plan,
-    rng_for,
-    seed_for,
     simulate_edit,
     simulate_read,
 )
-from lastmile.demo import random as demo_random
+from demo.people import random as demo_random
+from demo.phantoms import fake_patient
+from demo.studies import PlannedStudy, Truth, plan, rng_for, seed_for
+from events.catalogue import InferenceCompleted, ReviewSubmitted
+from events.nats_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from lastmile.engine_wiring import STAGES, run_e2e_bench
+from bench.e2e import STAGES, run_e2e_bench
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from engine.spec import REFERENCE_DIR
 from events.nats_server import EmbeddedNats
-from lastmile.engine_wiring import pipelines_app
+from lastmile.cli_pipelines import pipelines_app
 from lastmile.settings import Settings
 
 pytestmark = [pytest.mark.server]

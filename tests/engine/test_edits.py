@@ -417,7 +417,7 @@ async def test_bad_edits_are_dead_lettered_without_a_recomputation(bus: EventBus
 async def test_lastmile_up_runs_the_recompute_beside_the_worker(bus: EventBus,
                                                                tmp_path: Path) -> None:
     """The service `lastmile up` starts reads the settings' result and instance stores."""
-    from lastmile.engine_wiring import EditRecomputeService, engine_services
+    from lastmile.services_engine import EditRecomputeService, engine_services
     from lastmile.settings import Settings
 
     settings = Settings(state_dir=tmp_path / "state", site_secret="x" * 32, worker_id="w1")

@@ -26,7 +26,7 @@ from events.catalogue import (
     StudyAmended,
 )
 from events.jetstream import EventBus
-from lastmile.engine_wiring import EngineWorkerService, engine_services, worker_config
+from lastmile.services_engine import EngineWorkerService, engine_services, worker_config
 from lastmile.settings import Settings
 from tests.engine.conftest import SECRET, RunningWorker, has, wait_for
 
@@ -100,7 +100,7 @@ def test_up_service_uses_settings_and_finds_the_reference_pipelines(tmp_path: Pa
     cfg = worker_config(settings)
     assert cfg.instances_dir == settings.instances_dir and cfg.worker_id == "w1"
     assert cfg.secret == b"x" * 32
-    from lastmile.engine_wiring import pipeline_dirs
+    from lastmile.services_engine import pipeline_dirs
 
     assert pipeline_dirs(settings)[0] == REFERENCE_DIR
 

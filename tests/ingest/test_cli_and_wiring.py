@@ -17,13 +17,9 @@ from events.catalogue import CompletionReason, StudyCompleted
 from events.jetstream import EventBus
 from events.nats_server import free_port
 from ingest.rules import EXAMPLE_RULES, load_rules
-from lastmile.ingest_wiring import (
-    CompletionService,
-    ScpService,
-    force_complete,
-    ingest_services,
-    route_app,
-)
+from lastmile.cli_route import route_app
+from lastmile.cli_study import force_complete
+from lastmile.services_ingest import CompletionService, ScpService, ingest_services
 from lastmile.settings import Settings
 from tests.ingest.conftest import SECRET, StartIngest, needs_dcmtk, storescu, wait_for_events
 

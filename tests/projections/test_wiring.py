@@ -16,15 +16,10 @@ from events.catalogue import DriftAlertRaised, ReviewSubmitted
 from events.export import UidRemapper
 from events.jetstream import EventBus
 from events.nats_server import EmbeddedNats
-from lastmile.projections_wiring import (
-    ProjectionsConfig,
-    ProjectorService,
-    check_drift,
-    export_labels_from_bus,
-    metrics_command,
-    projections_app,
-)
+from lastmile.cli_projections import metrics_command, projections_app
+from lastmile.services_projections import ProjectorService, check_drift, export_labels_from_bus
 from lastmile.settings import ConfigError, Settings
+from projections.config import ProjectionsConfig
 from projections.duckdb_store import ProjectionStore
 
 pytestmark = pytest.mark.server

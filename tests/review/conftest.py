@@ -19,16 +19,11 @@ from typing import Any
 
 import pytest
 
+from bench.review import SeededSite, review_dashboard, seed_review_site, write_user
 from dashboards.config import ReviewConfig
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
-from lastmile.review_wiring import (
-    CaseAssignmentService,
-    SeededSite,
-    review_dashboard,
-    seed_review_site,
-    write_user,
-)
+from lastmile.services_review import CaseAssignmentService
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "review"
@@ -228,7 +223,7 @@ wait_rows = _wait_rows
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    from lastmile.dashboards_wiring import browser
+    from bench.dashboards import browser
 
     with browser() as b:
         yield b

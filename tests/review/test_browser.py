@@ -13,6 +13,8 @@ import pydicom
 import pytest
 from playwright.sync_api import expect
 
+from bench.dashboards import wait_for_page
+from bench.review import sign_in, wait_case
 from events.catalogue import (
     CaseAssigned,
     EditSubmitted,
@@ -22,8 +24,6 @@ from events.catalogue import (
     QcPassed,
     ReviewSubmitted,
 )
-from lastmile.dashboards_wiring import wait_for_page
-from lastmile.review_wiring import sign_in, wait_case
 from tests.review.conftest import ARTIFACTS, PASSWORD, ReviewSite, wait_rows
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -282,7 +282,7 @@ def test_blinded_reading_shows_masks_under_codes_and_unblinds_only_in_projection
         review_site: ReviewSite, context: Any, tmp_path: Path) -> None:
     from dashboards.config import ReviewConfig
     from dashboards.review.blinded import load_blinded_study, unblinding
-    from lastmile.review_wiring import add_mask
+    from lastmile.services_review import add_mask
 
     site = review_site
     (lts,) = site.seeded.results["lts"]
@@ -336,8 +336,8 @@ def test_blinded_reading_shows_masks_under_codes_and_unblinds_only_in_projection
 
 def test_trusted_proxy_header_signs_in_known_users_only_when_configured(
         review_site: ReviewSite, chromium: Any) -> None:
+    from bench.review import review_dashboard
     from events.nats_server import free_port
-    from lastmile.review_wiring import review_dashboard
 
     site = review_site
     with review_dashboard(site.db, site.bus, site.state, site.users_file, free_port(),
@@ -367,8 +367,8 @@ def test_trusted_proxy_header_signs_in_known_users_only_when_configured(
 
 def test_demo_mode_without_users_opens_as_demo_viewer(
         review_site: ReviewSite, chromium: Any, tmp_path: Path) -> None:
+    from bench.review import review_dashboard
     from events.nats_server import free_port
-    from lastmile.review_wiring import review_dashboard
 
     site = review_site
     with review_dashboard(site.db, site.bus, site.state, tmp_path / "no-users.toml",

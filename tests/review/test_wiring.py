@@ -12,19 +12,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from bench.review import write_user
 from dashboards.config import ReviewConfig
 from dashboards.review.auth import Role, authenticate, load_users
 from events.catalogue import CaseAssigned, InferenceCompleted, QcPassed
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats
-from lastmile.review_wiring import (
-    CaseAssignmentService,
-    deep_link,
-    link_command,
-    review_app,
-    users_app,
-    write_user,
-)
+from lastmile.cli_review import link_command, review_app, users_app
+from lastmile.services_review import CaseAssignmentService, deep_link
 from lastmile.settings import load_settings
 
 

@@ -13,14 +13,14 @@ import xnat.exceptions
 from typer.testing import CliRunner
 
 from events.jetstream import EventBus
-from lastmile.settings import ConfigError, Settings
-from lastmile.xnat_wiring import (
+from lastmile.cli_xnat import xnat_app
+from lastmile.services_xnat import (
     XnatFeedbackService,
     XnatPublisherService,
     XnatSettings,
-    xnat_app,
     xnat_services,
 )
+from lastmile.settings import ConfigError, Settings
 from tests.xnat.conftest import PASSWORD, USER, StudyResult, of_type, wait_for
 from tests.xnat.standin import XnatStandIn
 

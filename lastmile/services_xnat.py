@@ -1,11 +1,7 @@
-"""XNAT's place in the composition root: the publisher and the feedback poller for
-`lastmile up`, and `lastmile xnat check`.
+"""XNAT's services for `lastmile up`: the publisher and the feedback poller.
 
 Both services run only when an XNAT URL is configured; without one, results stay in
-Lastmile's own review pages. Registered by the integrator with one line each:
-
-    services += xnat_wiring.xnat_services(settings)                 # lastmile/services.py
-    app.add_typer(xnat_wiring.xnat_app, name="xnat")                # lastmile/cli.py
+Lastmile's own review pages.
 
 Settings (environment; read here, not in ``lastmile.settings``, so the shared settings
 object stays untouched):
@@ -31,16 +27,10 @@ import asyncio
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Annotated
-
-import typer
-from rich.console import Console
 
 from engine.xnat_publisher import (
     PublisherConfig,
-    XnatConnection,
     XnatPublisher,
-    XnatPublishError,
 )
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
@@ -51,8 +41,6 @@ from lastmile.settings import ConfigError, Settings
 from xnat_client.session import XnatAccess
 
 PUBLISHER_DURABLE = "xnat-publisher"
-out = Console()
-err = Console(stderr=True)
 
 
 def _flag(value: str) -> bool:
@@ -171,44 +159,3 @@ def xnat_services(settings: Settings, xnat: XnatSettings | None = None) -> list[
     if not xnat.enabled:
         return []
     return [XnatPublisherService(settings, xnat), XnatFeedbackService(settings, xnat)]
-
-
-xnat_app = typer.Typer(help="XNAT: check the connection the publisher will use.",
-                       no_args_is_help=True)
-
-
-@xnat_app.command("check")
-def xnat_check(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Log in to the configured XNAT and report its version and the project's state."""
-    import json
-
-    try:
-        xnat = XnatSettings.from_env()
-    except ConfigError as exc:
-        err.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from None
-    if not xnat.enabled:
-        err.print("LASTMILE_XNAT_URL is not set: results go to Lastmile's own review pages")
-        raise typer.Exit(1)
-    connection = XnatConnection(xnat.access())
-
-    def probe(session: object) -> dict[str, object]:
-        projects = session.projects  # type: ignore[attr-defined]
-        return {"url": xnat.url, "version": session.xnat_version,  # type: ignore[attr-defined]
-                "user": session.logged_in_user,  # type: ignore[attr-defined]
-                "project": xnat.project, "project_exists": xnat.project in projects}
-
-    try:
-        info = connection.call(probe)
-    except XnatPublishError as exc:
-        err.print(f"[red]{exc}[/]")
-        raise typer.Exit(3) from None
-    finally:
-        connection.close()
-    if as_json:
-        print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            out.print(f"{k}: {v}")

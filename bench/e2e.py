@@ -1,42 +1,27 @@
-"""The engine's place in the composition root: `lastmile pipelines ...`, the worker
-and edit-recompute services for `lastmile up`, and `lastmile bench e2e`.
-
-Registered by the integrator with one line each (see the engine report):
-
-    app.add_typer(engine_wiring.pipelines_app, name="pipelines")        # lastmile/cli.py
-    bench_app.command("e2e")(engine_wiring.bench_e2e)                   # lastmile/cli.py
-    services += engine_wiring.engine_services(settings)                 # lastmile/services.py
-"""
+"""`lastmile bench e2e`: per pipeline, study completed -> result published, with the
+per-stage p50/p90 and the platform's overhead; an Orthanc PACS is the peer that receives
+the results when its binary is installed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
 import yaml
-from rich.console import Console
-from rich.table import Table
 
 from engine.errors import EngineError
 from engine.registry import (
-    PIPELINE_EVENTS,
     deployed_event,
-    fold_pipelines,
-    retired_event,
-    stage_changed_event,
 )
-from engine.spec import REFERENCE_DIR, LoadedPipeline, discover, load_pipeline
-from events.base import Event
+from engine.spec import REFERENCE_DIR, LoadedPipeline, load_pipeline
 from events.catalogue import (
     InferenceCompleted,
     InstanceStored,
@@ -45,219 +30,9 @@ from events.catalogue import (
     StudyCompleted,
 )
 from events.jetstream import EventBus
-from lastmile.runtime import Service
-from lastmile.settings import Settings
 
-if TYPE_CHECKING:  # the worker pulls in highdicom, scipy and ONNX Runtime: not for --help
-    from engine.worker import EngineWorker, RunOutcome, WorkerConfig
-
-out = Console()
-err = Console(stderr=True)
-
-pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, retire.",
-                            no_args_is_help=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    if not isinstance(obj, Settings):
-        raise typer.BadParameter("settings not loaded")
-    return obj
-
-
-def _who(who: str | None) -> str:
-    return who or os.environ.get("USER") or "unknown"
-
-
-def pipeline_dirs(settings: Settings) -> list[Path]:
-    """Reference pipelines first; the site's ``pipelines_dir`` overrides by name."""
-    return [REFERENCE_DIR, settings.pipelines_dir]
-
-
-def worker_config(settings: Settings) -> WorkerConfig:
-    from engine.worker import WorkerConfig
-
-    return WorkerConfig(
-        instances_dir=settings.instances_dir,
-        results_dir=settings.results_dir,
-        secret=settings.secret(),
-        worker_id=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
-    )
-
-
-class EngineWorkerService(Service):
-    """`lastmile up`'s engine worker: loads the pipeline files, then consumes."""
-
-    name = "engine-worker"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
-        pipelines = discover(pipeline_dirs(self.settings))
-        from engine.worker import EngineWorker
-
-        worker = EngineWorker(pipelines, worker_config(self.settings))
-        await worker.run(bus, stop)
-
-
-class EditRecomputeService(Service):
-    """`lastmile up`'s recomputation after a clinician's edit: volumes and Dice of each
-    corrected SEG against the AI's (``engine.edits``, durable consumer ``engine-edits``)."""
-
-    name = "engine-edits"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
-        from engine.edits import EditConfig, EditRecomputer
-
-        config = EditConfig(
-            instances_dir=self.settings.instances_dir,
-            results_dir=self.settings.results_dir,
-            worker_id=self.settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
-        )
-        await EditRecomputer(config).run(bus, stop)
-
-
-class PacsRedeliveryService(Service):
-    """`lastmile up`'s retry from the log of results a PACS did not take
-    (``engine.pacs_redelivery``, durable consumer ``pacs-redelivery``)."""
-
-    name = "pacs-redelivery"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
-        from engine.pacs_redelivery import PacsRedelivery, RedeliveryConfig
-
-        await PacsRedelivery(RedeliveryConfig(results_dir=self.settings.results_dir)
-                             ).run(bus, stop)
-
-
-def engine_services(settings: Settings) -> list[Service]:
-    return [EngineWorkerService(settings), EditRecomputeService(settings),
-            PacsRedeliveryService(settings)]
-
-
-async def _fold(bus: EventBus) -> dict[str, Any]:
-    events = [ev async for _, ev, _ in bus.read(filter_subject=PIPELINE_EVENTS)
-              if isinstance(ev, Event)]
-    return fold_pipelines(events)
-
-
-def _run(ctx: typer.Context, coro_fn: Any) -> Any:
-    from lastmile.runtime import open_bus
-
-    async def go() -> Any:
-        async with open_bus(_settings(ctx)) as bus:
-            return await coro_fn(bus)
-
-    return asyncio.run(go())
-
-
-@pipelines_app.command("list")
-def pipelines_list(
-    ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Pipeline files found and their deployed state (from the event log)."""
-    settings = _settings(ctx)
-    try:
-        files = discover(pipeline_dirs(settings))
-    except EngineError as exc:
-        err.print(f"[red]{exc}[/]")
-        raise typer.Exit(3) from None
-    state = _run(ctx, _fold)
-    rows = []
-    for name in sorted(set(files) | set(state)):
-        f, d = files.get(name), state.get(name)
-        rows.append({
-            "name": name,
-            "file": str(f.path) if f else None,
-            "version": (d.version if d else f.spec.version if f else None),
-            "stage": d.stage.value if d and not d.retired else ("retired" if d else None),
-            "deployed_by": d.deployed_by if d else None,
-            "file_matches_deployed": (f.file_sha256 == d.file_sha256) if f and d else None,
-            "model_sha256": f.spec.model.sha256 if f else (d.model_sha256 if d else None),
-        })
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return
-    table = Table(title="pipelines")
-    for col in ("name", "version", "stage", "file matches", "deployed by", "file"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], r["version"] or "", r["stage"] or "not deployed",
-                      "" if r["file_matches_deployed"] is None
-                      else ("yes" if r["file_matches_deployed"] else "NO: redeploy"),
-                      r["deployed_by"] or "", r["file"] or "")
-    out.print(table)
-
-
-@pipelines_app.command("deploy")
-def pipelines_deploy(
-    ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
-    stage: Annotated[Stage, typer.Option(help="Initial stage.")] = Stage.STAGING,
-    who: Annotated[str | None, typer.Option(help="Who deploys (default: $USER).")] = None,
-    why: Annotated[str | None, typer.Option(help="Why (recorded in the log).")] = None,
-) -> None:
-    """Validate FILE (model hash included) and record its deployment with the file's hash."""
-    try:
-        loaded = load_pipeline(file)
-    except EngineError as exc:
-        err.print(f"[red]{exc}[/]")
-        raise typer.Exit(3) from None
-    ev = deployed_event(loaded, actor=_who(who), reason=why, stage=stage)
-    _run(ctx, lambda bus: bus.publish(ev))
-    out.print(f"deployed {loaded.name} {loaded.spec.version} in {stage.value} "
-              f"(file sha256 {loaded.file_sha256[:12]}, model {loaded.spec.model.sha256[:12]})")
-
-
-@pipelines_app.command("stage")
-def pipelines_stage(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument()],
-    to: Annotated[Stage, typer.Argument(help="staging | silent | validation | clinical")],
-    who: Annotated[str, typer.Option(help="Who decides.")],
-    why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
-) -> None:
-    """Move a deployed pipeline to another stage; the event records who and why."""
-
-    async def go(bus: EventBus) -> str:
-        state = await _fold(bus)
-        if name not in state:
-            raise typer.BadParameter(f"pipeline {name} is not deployed")
-        ev = stage_changed_event(state[name], to, actor=who, reason=why)
-        await bus.publish(ev)
-        return f"{name}: {ev.from_stage.value} -> {ev.to_stage.value}"
-
-    out.print(_run(ctx, go))
-
-
-@pipelines_app.command("retire")
-def pipelines_retire(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument()],
-    why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
-    who: Annotated[str | None, typer.Option(help="Who (default: $USER).")] = None,
-) -> None:
-    """Retire a pipeline: workers stop running it (recorded with who and why)."""
-
-    async def go(bus: EventBus) -> str:
-        state = await _fold(bus)
-        if name not in state or state[name].retired:
-            raise typer.BadParameter(f"pipeline {name} is not deployed")
-        await bus.publish(retired_event(state[name], actor=_who(who), reason=why))
-        return f"retired {name}"
-
-    out.print(_run(ctx, go))
-
-
-# --------------------------------------------------------------------------- bench e2e
+if TYPE_CHECKING:
+    from engine.worker import EngineWorker, RunOutcome
 
 STAGE_OF_OPERATOR = {
     "select_series": "selection",
@@ -269,6 +44,8 @@ STAGE_OF_OPERATOR = {
     "longitudinal": "postprocess", "detections": "postprocess",
     "write_seg": "seg_sr_write", "write_sr": "seg_sr_write",
 }
+
+
 STAGES = ("transfer", "completion", "queue", "load", "selection", "preprocess", "inference",
           "postprocess", "seg_sr_write", "publish", "total", "end_to_end")
 
@@ -513,31 +290,3 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
                                                    strict=True)], 50), 4),
         "platform_overhead_share_p50": round(_pct(overhead_share, 50), 4),
     }
-
-
-def bench_e2e(
-    studies: Annotated[int, typer.Option(min=1, help="Studies per pipeline.")] = 10,
-    pipelines: Annotated[str, typer.Option(help="Comma-separated: hfd,bts,lts.")] = "hfd,bts,lts",
-    via: Annotated[str, typer.Option(help="auto | dicom (storescu -> ingest SCP) | feed.")]
-    = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """End to end per pipeline: study completed -> result published, per-stage p50/p90."""
-    result = asyncio.run(run_e2e_bench(studies, tuple(p.strip() for p in pipelines.split(",")),
-                                       via))
-    if as_json:
-        print(json.dumps(result.as_dict(), indent=1))
-        return
-    for name, r in result.pipelines.items():
-        table = Table(title=f"bench e2e {name}: {r['studies']} studies (seconds)")
-        table.add_column("stage")
-        table.add_column("p50")
-        table.add_column("p90")
-        for s in STAGES:
-            table.add_row(s, f"{r['p50_s'][s]:.3f}", f"{r['p90_s'][s]:.3f}")
-        table.add_row("platform overhead (total - inference)",
-                      f"{r['platform_overhead_p50_s']:.3f}",
-                      f"share {r['platform_overhead_share_p50']:.0%}")
-        out.print(table)
-    for note in result.notes:
-        out.print(f"- {note}")

@@ -1,0 +1,204 @@
+"""The demo's simulated people: readers with their sensitivity, specificity and reading
+time, the QC reviewer, blinded LTS readers, and the mask edits a clinician would make; each
+choice is seeded, so the same seed gives the same events."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from demo.studies import PROGRESSION_PCT, Truth, rng_for
+from events.base import Event, deterministic_id
+from events.catalogue import (
+    CaseAssigned,
+    InferenceCompleted,
+    QcPassed,
+    QcRejected,
+    ReviewSubmitted,
+)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A simulated reader: how often they call a positive positive (sensitivity) and a
+    negative negative (specificity), how often they pick another class regardless
+    (disagreement), and their typical seconds on a case (log-normal around it)."""
+
+    name: str
+    sensitivity: float = 0.92
+    specificity: float = 0.95
+    disagreement: float = 0.03
+    seconds: float = 60.0
+
+
+HFD_READERS = (Reader("msk_a", 0.93, 0.96, 0.02, 45.0), Reader("msk_b", 0.90, 0.95, 0.04, 60.0),
+               Reader("msk_c", 0.85, 0.92, 0.06, 90.0))
+
+
+BTS_READERS = (Reader("neurorad_a", 0.92, 0.94, 0.03, 150.0),
+               Reader("neurorad_b", 0.88, 0.92, 0.05, 200.0))
+
+
+LTS_READERS = (Reader("abdrad_a", seconds=240.0), Reader("abdrad_b", seconds=300.0),
+               Reader("abdrad_c", seconds=180.0))
+
+
+QC_REJECT_RATE = 0.1
+
+
+QC_REASONS = ("wrong body part", "boxes misplaced", "image quality")
+
+
+LTS_ACCEPT = 0.85  # chance a reader rates the AI liver mask acceptable
+
+
+EDIT_KINDS = ("erode", "dilate", "trim")
+
+
+def simulate_read(reader: Reader, truth: str, *, positive: str, negative: str,
+                  classes: Sequence[str], rng: random.Random) -> str:
+    """One reader's class for one finding, given the truth. Classes other than
+    positive/negative (e.g. hardware) are recognised unless the reader disagrees."""
+    if truth == positive:
+        read = positive if rng.random() < reader.sensitivity else negative
+    elif truth == negative:
+        read = negative if rng.random() < reader.specificity else positive
+    else:
+        read = truth
+    if rng.random() < reader.disagreement:
+        read = rng.choice([c for c in classes if c != read])
+    return read
+
+
+def review_seconds(reader: Reader, rng: random.Random) -> float:
+    return round(rng.lognormvariate(0.0, 0.4) * reader.seconds, 1)
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    """A simulated reader's correction of one AI mask."""
+
+    reader: str
+    kind: str  # one of EDIT_KINDS
+    label: str | None  # the segment corrected; None: a non-empty one, chosen by seed
+
+
+def edit_for(seed: int, pipeline: str, study_uid: str, patient: int, timepoint: int
+             ) -> PlannedEdit | None:
+    """Which AI masks a reader corrects: every patient's second BTS exam (the first
+    neuroradiologist) and every other patient's LTS exam (the first abdominal radiologist);
+    the kind of correction comes from the seed."""
+    if pipeline == "bts" and timepoint == 1:
+        reader = BTS_READERS[0].name
+    elif pipeline == "lts" and patient % 2 == 0:
+        reader = LTS_READERS[0].name
+    else:
+        return None
+    rng = rng_for(seed, study_uid, "edit")
+    return PlannedEdit(reader, rng.choice(EDIT_KINDS), None)
+
+
+def simulate_edit(masks: dict[str, Any], edit: PlannedEdit, rng: random.Random
+                  ) -> dict[str, Any]:
+    """The corrected masks: one label (``edit.label``, else one of the non-empty ones,
+    chosen by ``rng``) eroded or dilated by one pixel in each slice, or its first or last
+    one or two slices removed. Masks are ``(slices, rows, columns)`` bool arrays; the
+    others are returned unchanged."""
+    import numpy as np
+    from scipy import ndimage
+
+    label = edit.label or rng.choice(sorted(k for k in masks if np.any(masks[k]))
+                                     or sorted(masks))
+    mask = np.asarray(masks[label], bool)
+    if edit.kind == "erode":
+        new = np.stack([ndimage.binary_erosion(s) for s in mask])
+    elif edit.kind == "dilate":
+        new = np.stack([ndimage.binary_dilation(s) for s in mask])
+    elif edit.kind == "trim":
+        new = mask.copy()
+        rows = np.flatnonzero(mask.any(axis=(1, 2)))
+        n = min(len(rows), rng.choice((1, 2)))
+        new[rows[:n] if rng.random() < 0.5 else rows[len(rows) - n:]] = False
+    else:
+        raise ValueError(f"unknown edit kind {edit.kind!r} (one of {EDIT_KINDS})")
+    return {**masks, label: new}
+
+
+def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: Truth,
+                  prior_volume_ml: float | None) -> list[Event]:
+    """The simulated people's events for one completed run (pure; deterministic ids)."""
+    study, run_key = outcome.study_uid or "", outcome.run_key
+    evs: list[Event] = []
+
+    def eid(*parts: object) -> str:
+        return deterministic_id("demo", seed, study, *parts)
+
+    if pipeline == "hfd":
+        rng = rng_for(seed, study, "qc")
+        if rng.random() < QC_REJECT_RATE:
+            evs.append(QcRejected.new(actor="qc_demo", study_uid=study, pipeline=pipeline,
+                                      event_id=eid("qc_demo", "qc"), run_key=run_key,
+                                      reason=rng.choice(QC_REASONS),
+                                      seconds_on_case=round(rng.uniform(5, 40), 1)))
+            return evs
+        evs.append(QcPassed.new(actor="qc_demo", study_uid=study, pipeline=pipeline,
+                                event_id=eid("qc_demo", "qc"), run_key=run_key,
+                                seconds_on_case=round(rng.uniform(3, 25), 1)))
+        ai: dict[str, str] = {}
+        for f in sorted(outcome.findings, key=lambda f: -(f.probability or 0.0)):
+            ai.setdefault(f.label, f.classification)
+        for reader in HFD_READERS:
+            rng = rng_for(seed, study, reader.name)
+            reads = {label: simulate_read(reader, truth.labels.get(label, "normal"),
+                                          positive="fracture", negative="normal",
+                                          classes=("normal", "fracture", "hardware"), rng=rng)
+                     for label in sorted(ai)}
+            evs += _assigned_and_review(eid, reader, study, pipeline, run_key, reads, ai, rng)
+        return evs
+    if pipeline == "bts":
+        if outcome.progression is None or prior_volume_ml is None or truth.volume_ml is None:
+            return evs  # a first exam: nothing to compare, nothing to read
+        grew = 100.0 * (truth.volume_ml - prior_volume_ml) / prior_volume_ml > PROGRESSION_PCT
+        true_class = "progression" if grew else "stable"
+        ai = {"lesion": "progression" if outcome.progression else "stable"}
+        for reader in BTS_READERS:
+            rng = rng_for(seed, study, reader.name)
+            reads = {"lesion": simulate_read(reader, true_class, positive="progression",
+                                             negative="stable",
+                                             classes=("progression", "stable"), rng=rng)}
+            evs += _assigned_and_review(eid, reader, study, pipeline, run_key, reads, ai, rng)
+        return evs
+    # lts: three readers rate the AI mask under its blinded label
+    label = outcome.blinding_hash or hashlib.sha256(f"demo/{run_key}".encode()).hexdigest()[:12]
+    for reader in LTS_READERS:
+        rng = rng_for(seed, study, reader.name)
+        ok = rng.random() < LTS_ACCEPT
+        evs.append(CaseAssigned.new(actor="worklist", study_uid=study, pipeline=pipeline,
+                                    event_id=eid(reader.name, "assigned"), run_key=run_key,
+                                    reader=reader.name, blinded_label=label))
+        evs.append(ReviewSubmitted.new(
+            actor=reader.name, study_uid=study, pipeline=pipeline,
+            event_id=eid(reader.name, "review"), run_key=run_key, reader=reader.name,
+            reads={"mask": "acceptable" if ok else "unacceptable"},
+            confidence=rng.randint(3, 5) if ok else rng.randint(1, 3),
+            seconds_on_case=review_seconds(reader, rng), blinded_label=label))
+    return evs
+
+
+def _assigned_and_review(eid: Any, reader: Reader, study: str, pipeline: str, run_key: str,
+                         reads: dict[str, str], ai: dict[str, str],
+                         rng: random.Random) -> list[Event]:
+    return [
+        CaseAssigned.new(actor="worklist", study_uid=study, pipeline=pipeline,
+                         event_id=eid(reader.name, "assigned"), run_key=run_key,
+                         reader=reader.name),
+        ReviewSubmitted.new(actor=reader.name, study_uid=study, pipeline=pipeline,
+                            event_id=eid(reader.name, "review"), run_key=run_key,
+                            reader=reader.name, reads=reads,
+                            agree={k: v == ai.get(k) for k, v in reads.items()},
+                            confidence=rng.randint(2, 5),
+                            seconds_on_case=review_seconds(reader, rng)),
+    ]

@@ -1,0 +1,166 @@
+"""`lastmile pipelines list | deploy | stage | retire`: pipeline files and their stages,
+each change an event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import EngineError
+from engine.registry import (
+    PIPELINE_EVENTS,
+    deployed_event,
+    fold_pipelines,
+    retired_event,
+    stage_changed_event,
+)
+from engine.spec import discover, load_pipeline
+from events.base import Event
+from events.catalogue import (
+    Stage,
+)
+from events.jetstream import EventBus
+from lastmile.services_engine import pipeline_dirs
+from lastmile.settings import Settings
+
+out = Console()
+
+
+err = Console(stderr=True)
+
+
+pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, retire.",
+                            no_args_is_help=True)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, Settings):
+        raise typer.BadParameter("settings not loaded")
+    return obj
+
+
+def _who(who: str | None) -> str:
+    return who or os.environ.get("USER") or "unknown"
+
+
+async def _fold(bus: EventBus) -> dict[str, Any]:
+    events = [ev async for _, ev, _ in bus.read(filter_subject=PIPELINE_EVENTS)
+              if isinstance(ev, Event)]
+    return fold_pipelines(events)
+
+
+def _run(ctx: typer.Context, coro_fn: Any) -> Any:
+    from lastmile.runtime import open_bus
+
+    async def go() -> Any:
+        async with open_bus(_settings(ctx)) as bus:
+            return await coro_fn(bus)
+
+    return asyncio.run(go())
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Pipeline files found and their deployed state (from the event log)."""
+    settings = _settings(ctx)
+    try:
+        files = discover(pipeline_dirs(settings))
+    except EngineError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(3) from None
+    state = _run(ctx, _fold)
+    rows = []
+    for name in sorted(set(files) | set(state)):
+        f, d = files.get(name), state.get(name)
+        rows.append({
+            "name": name,
+            "file": str(f.path) if f else None,
+            "version": (d.version if d else f.spec.version if f else None),
+            "stage": d.stage.value if d and not d.retired else ("retired" if d else None),
+            "deployed_by": d.deployed_by if d else None,
+            "file_matches_deployed": (f.file_sha256 == d.file_sha256) if f and d else None,
+            "model_sha256": f.spec.model.sha256 if f else (d.model_sha256 if d else None),
+        })
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title="pipelines")
+    for col in ("name", "version", "stage", "file matches", "deployed by", "file"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["version"] or "", r["stage"] or "not deployed",
+                      "" if r["file_matches_deployed"] is None
+                      else ("yes" if r["file_matches_deployed"] else "NO: redeploy"),
+                      r["deployed_by"] or "", r["file"] or "")
+    out.print(table)
+
+
+@pipelines_app.command("deploy")
+def pipelines_deploy(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
+    stage: Annotated[Stage, typer.Option(help="Initial stage.")] = Stage.STAGING,
+    who: Annotated[str | None, typer.Option(help="Who deploys (default: $USER).")] = None,
+    why: Annotated[str | None, typer.Option(help="Why (recorded in the log).")] = None,
+) -> None:
+    """Validate FILE (model hash included) and record its deployment with the file's hash."""
+    try:
+        loaded = load_pipeline(file)
+    except EngineError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(3) from None
+    ev = deployed_event(loaded, actor=_who(who), reason=why, stage=stage)
+    _run(ctx, lambda bus: bus.publish(ev))
+    out.print(f"deployed {loaded.name} {loaded.spec.version} in {stage.value} "
+              f"(file sha256 {loaded.file_sha256[:12]}, model {loaded.spec.model.sha256[:12]})")
+
+
+@pipelines_app.command("stage")
+def pipelines_stage(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument()],
+    to: Annotated[Stage, typer.Argument(help="staging | silent | validation | clinical")],
+    who: Annotated[str, typer.Option(help="Who decides.")],
+    why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
+) -> None:
+    """Move a deployed pipeline to another stage; the event records who and why."""
+
+    async def go(bus: EventBus) -> str:
+        state = await _fold(bus)
+        if name not in state:
+            raise typer.BadParameter(f"pipeline {name} is not deployed")
+        ev = stage_changed_event(state[name], to, actor=who, reason=why)
+        await bus.publish(ev)
+        return f"{name}: {ev.from_stage.value} -> {ev.to_stage.value}"
+
+    out.print(_run(ctx, go))
+
+
+@pipelines_app.command("retire")
+def pipelines_retire(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument()],
+    why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
+    who: Annotated[str | None, typer.Option(help="Who (default: $USER).")] = None,
+) -> None:
+    """Retire a pipeline: workers stop running it (recorded with who and why)."""
+
+    async def go(bus: EventBus) -> str:
+        state = await _fold(bus)
+        if name not in state or state[name].retired:
+            raise typer.BadParameter(f"pipeline {name} is not deployed")
+        await bus.publish(retired_event(state[name], actor=_who(who), reason=why))
+        return f"retired {name}"
+
+    out.print(_run(ctx, go))

@@ -1,0 +1,194 @@
+"""`lastmile users ...`, `lastmile link UID` and `lastmile review add-mask | unblinding-key`:
+who may sign in to the review pages, the stable link a PACS button opens, and blinded LTS
+reading's reference masks and key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dashboards.config import (
+    ENV_BLINDED,
+)
+from dashboards.review import dicom_files
+from dashboards.review.auth import (
+    AuthError,
+    User,
+    Users,
+    hash_password,
+    load_users,
+    parse_roles,
+    save_users,
+    with_user,
+)
+from dashboards.review.blinded import BlindedStudyError, load_blinded_study, unblinding
+from dashboards.review.policy import (
+    ReviewRefused,
+)
+from events.base import Event
+from events.catalogue import InferenceCompleted
+from events.subjects import type_filter
+from lastmile.runtime import open_bus
+from lastmile.services_review import add_mask, deep_link, review_config
+from lastmile.settings import Settings
+
+out = Console()
+
+
+err = Console(stderr=True)
+
+
+users_app = typer.Typer(help="Who may sign in to the pages, with which roles.",
+                        no_args_is_help=True)
+
+
+review_app = typer.Typer(help="Blinded reading: extra masks and the unblinding key.",
+                         no_args_is_help=True)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.find_root().obj
+    if not isinstance(settings, Settings):
+        raise typer.BadParameter("settings not loaded")
+    return settings
+
+
+def _load(path: Path) -> Users:
+    try:
+        return load_users(path)
+    except AuthError as exc:
+        err.print(f"[red]users:[/] {exc}")
+        raise typer.Exit(3) from None
+
+
+@users_app.command("add")
+def users_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Sign-in name (letters, digits, . _ -).")],
+    role: Annotated[list[str], typer.Option("--role", help="reader, qc, governance or "
+                                            "admin; repeat for several.")],
+    pipeline: Annotated[list[str] | None, typer.Option(
+        "--pipeline", help="Pipelines this user reads or QCs; repeat; none = all.")] = None,
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from standard input (scripts).")] = False,
+) -> None:
+    """Add a user (or replace their roles, pipelines and password). The password is
+    prompted for and stored only as an scrypt hash, in a file of mode 0600."""
+    cfg = review_config(_settings(ctx))
+    try:
+        roles = parse_roles(role)
+        from dashboards.review.auth import NAME
+
+        if not NAME.match(name):
+            raise AuthError(f"{name!r} is not a valid user name (letters, digits, . _ -)")
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        user = User(name, roles, tuple(pipeline or ()), hash_password(password))
+    except AuthError as exc:
+        err.print(f"[red]users:[/] {exc}")
+        raise typer.Exit(2) from None
+    save_users(cfg.users_file, with_user(_load(cfg.users_file), user))
+    out.print(f"user {name}: {', '.join(sorted(r.value for r in roles))}"
+              f"{' for ' + ', '.join(user.pipelines) if user.pipelines else ''} "
+              f"(in {cfg.users_file})")
+
+
+@users_app.command("list")
+def users_list(ctx: typer.Context) -> None:
+    """The users, their roles and pipelines (never their password hashes)."""
+    cfg = review_config(_settings(ctx))
+    users = _load(cfg.users_file)
+    t = Table(title=str(cfg.users_file))
+    for col in ("user", "roles", "pipelines"):
+        t.add_column(col)
+    for name in sorted(users.by_name):
+        u = users.by_name[name]
+        t.add_row(name, ", ".join(sorted(r.value for r in u.roles)),
+                  ", ".join(u.pipelines) or "(all)")
+    out.print(t)
+
+
+def link_command(
+    ctx: typer.Context,
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    ours: Annotated[bool, typer.Option("--ours", help="Our case page even when XNAT is "
+                                       "configured.")] = False,
+) -> None:
+    """Print the PACS deep link of a study (configure it as a PACS button with the
+    StudyInstanceUID substituted)."""
+    settings = _settings(ctx)
+    print(deep_link(review_config(settings), study_uid.strip(),
+                    dashboard_port=settings.dashboard_port, ours=ours))
+
+
+@review_app.command("add-mask")
+def add_mask_command(
+    ctx: typer.Context,
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="DICOM SEG.")],
+    source: Annotated[str, typer.Option(help="Where the mask comes from (e.g. expert, "
+                                        "novice).")],
+    run: Annotated[str | None, typer.Option(help="Run key, if several results.")] = None,
+    actor: Annotated[str, typer.Option(help="Who registers it (recorded).")] = "admin",
+) -> None:
+    """Add an expert or novice segmentation of a study for blinded reading."""
+    settings = _settings(ctx)
+    cfg = review_config(settings)
+    if source == "ai":
+        err.print("[red]review:[/] the source 'ai' is the AI's own result")
+        raise typer.Exit(2)
+
+    async def go() -> Event:
+        async with open_bus(settings) as bus:
+            return await add_mask(bus, cfg, study_uid, source, file.read_bytes(), actor, run)
+
+    try:
+        ev = asyncio.run(go())
+    except (ReviewRefused, dicom_files.EditRejected) as exc:
+        err.print(f"[red]review:[/] {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"{source} mask recorded for run {getattr(ev, 'run_key', '?')} "
+              f"(event {ev.event_id})")
+
+
+@review_app.command("unblinding-key")
+def unblinding_key_command(
+    ctx: typer.Context,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON file label -> source "
+                                           "(mode 0600), for LASTMILE_UNBLINDING_KEY.")],
+) -> None:
+    """Write the blinded study's key (label -> ai/expert/novice) for every run of its
+    pipeline in the log; only the holder of the study configuration (its salt) can."""
+    settings = _settings(ctx)
+    cfg = review_config(settings)
+    if cfg.blinded_study is None:
+        err.print(f"[red]review:[/] {ENV_BLINDED} is not set")
+        raise typer.Exit(3)
+    try:
+        study = load_blinded_study(cfg.blinded_study)
+    except BlindedStudyError as exc:
+        err.print(f"[red]review:[/] {exc}")
+        raise typer.Exit(3) from None
+
+    async def go() -> dict[str, str]:
+        async with open_bus(settings) as bus:
+            evs = [e async for _, e, _ in bus.read(
+                filter_subject=type_filter(InferenceCompleted.type_name()))
+                if isinstance(e, Event)]
+            return unblinding(study, evs)
+
+    key = asyncio.run(go())
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(key, f, indent=1, sort_keys=True)
+    out.print(f"{len(key)} labels written to {out_file}")
