@@ -4,6 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo
 APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
 
 .PHONY: setup system-packages demo up test lint bench
@@ -30,12 +31,14 @@ up: setup
 	$(BIN)/lastmile up
 
 test: setup
-	$(BIN)/ruff check events ingest engine projections dashboards lastmile tests
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check events ingest engine projections dashboards lastmile tests
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 bench: setup

@@ -47,7 +47,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from engine.dicom_results import MANUFACTURER, SOFTWARE_VERSION, uid_from
-from engine.errors import InputError
 from engine.ops.postprocess import dice, volumes_ml
 from engine.ops.volume import functional_group
 from events.base import Event, deterministic_id
@@ -58,7 +57,7 @@ from events.catalogue import (
     Measurement,
     MeasurementRecomputed,
 )
-from events.errors import Unprocessable
+from events.errors import EditRejected
 from events.jetstream import Delivery, EventBus
 from events.subjects import type_filter
 
@@ -73,10 +72,6 @@ TRIGGER = type_filter(EditSubmitted.type_name())
 POSITION_TOL_MM = 0.05  # two frames are on the same plane when closer than this
 ORIENTATION_TOL = 1e-3
 SPACING_REL_TOL = 0.02
-
-
-class EditRejected(InputError, Unprocessable):
-    """The edited segmentation cannot be compared with the AI result (and why)."""
 
 
 # --------------------------------------------------------------------------- pure core

@@ -27,8 +27,8 @@ from engine.ops.selection import Selection, describe_series, select_series
 from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume
 
 if TYPE_CHECKING:
+    from engine.pipeline_model import LoadedPipeline
     from engine.runtimes import Runtime
-    from engine.spec import LoadedPipeline
 
 
 class Params(BaseModel):

@@ -15,6 +15,13 @@ class Unprocessable(Exception):  # noqa: N818 - a verdict, raised by handlers
     message is dead-lettered on this delivery instead of after ``max_attempts``."""
 
 
+class EditRejected(Unprocessable):
+    """An edited (corrected) segmentation cannot be accepted or compared with the AI result;
+    the message says why, in our words with the attribute's keyword. Raised where the
+    upload is checked (the review pages) and where the edit is recomputed (the engine,
+    which dead-letters the edit on its first delivery: retrying cannot help)."""
+
+
 class CodecError(EventsError):
     """Bytes on a subject are not a valid Lastmile event (not our codec, unknown type,
     failed validation, or written by a newer version). The message is the reason."""

@@ -18,9 +18,6 @@ from dashboards.review import pages as P
 from dashboards.review.auth import Role
 from dashboards.review.blinded import (
     BlindedMask,
-    BlindedStudy,
-    BlindedStudyError,
-    load_blinded_study,
     masks_of_run,
     ordered_for,
 )
@@ -30,24 +27,8 @@ from dashboards.review.policy import (
     build_blinded_review,
     cases_of_study,
 )
-from dashboards.review.session import require, review_config
+from dashboards.review.session import blinded_study, require, review_config
 from projections import review_queries as RQ
-
-
-@st.cache_resource
-def _study(path: str, mtime: float) -> BlindedStudy:
-    return load_blinded_study(Path(path))
-
-
-def blinded_study() -> BlindedStudy | None:
-    cfg = review_config()
-    if cfg.blinded_study is None:
-        return None
-    try:
-        return _study(str(cfg.blinded_study), cfg.blinded_study.stat().st_mtime)
-    except (OSError, BlindedStudyError) as exc:
-        st.error(f"The blinded study configuration cannot be read: {exc}")
-        st.stop()
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)

@@ -19,11 +19,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from events.errors import EditRejected
+
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-class EditRejected(Exception):
-    """An uploaded file is not an acceptable corrected segmentation; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from dashboards.config import ReviewConfig
 from dashboards.review import dicom_files, render
 from dashboards.review import event_log as log
 from dashboards.review.auth import Role, User
-from dashboards.review.dicom_files import EditRejected
 from dashboards.review.policy import (
     Case,
     ReviewForm,
@@ -36,10 +35,10 @@ from dashboards.review.policy import (
     current_cases,
     questions,
 )
-from dashboards.review.session import require, review_config
+from dashboards.review.session import blinded_study, require, review_config
 from events.base import Event
 from events.catalogue import InferenceCompleted, InstanceStored, MeasurementRecomputed
-from events.errors import EventsError, StoreError
+from events.errors import EditRejected, EventsError, StoreError
 from events.instance_store import InstanceStore
 from events.jetstream import BusSettings
 from projections import review_queries as RQ
@@ -350,8 +349,6 @@ def worklist_page() -> None:
     cfg = review_config()
     rows = _read_model(RQ.worklist, user.name, list(user.pipelines),
                        sorted(cfg.qc_pipelines))
-    from dashboards.review.blinded_page import blinded_study
-
     blinded = blinded_study()
     if blinded is not None and user.name in blinded.readers:  # read on the blinded page
         rows = [r for r in rows if r.pipeline != blinded.pipeline]
@@ -398,8 +395,6 @@ def case_page() -> None:
         st.caption(f"Study {study}")
         st.warning("No AI result of this study for your pipelines (yet).")
         return
-    from dashboards.review.blinded_page import blinded_study
-
     blinded = blinded_study()
     if blinded is not None and case.pipeline == blinded.pipeline and \
             user.name in blinded.readers:

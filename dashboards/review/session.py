@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import streamlit as st
 
@@ -25,6 +26,11 @@ from dashboards.review.auth import (
     load_users,
     make_token,
     session_key,
+)
+from dashboards.review.blinded import (
+    BlindedStudy,
+    BlindedStudyError,
+    load_blinded_study,
 )
 
 DEMO_VIEWER = User("demo.viewer", frozenset({Role.READER, Role.QC, Role.GOVERNANCE}))
@@ -141,4 +147,20 @@ def require(user: User, role: Role, what: str) -> None:
         st.error(f"{what} needs the {role.value} role; {user.name} has "
                  f"{', '.join(sorted(r.value for r in user.roles))}.")
         st.caption("Ask an admin to add the role (`lastmile users add NAME --role ...`).")
+        st.stop()
+
+
+@st.cache_resource
+def _study(path: str, mtime: float) -> BlindedStudy:
+    return load_blinded_study(Path(path))
+
+
+def blinded_study() -> BlindedStudy | None:
+    cfg = review_config()
+    if cfg.blinded_study is None:
+        return None
+    try:
+        return _study(str(cfg.blinded_study), cfg.blinded_study.stat().st_mtime)
+    except (OSError, BlindedStudyError) as exc:
+        st.error(f"The blinded study configuration cannot be read: {exc}")
         st.stop()

@@ -26,7 +26,6 @@ from engine.edits import (
     DURABLE,
     EditConfig,
     EditRecomputer,
-    EditRejected,
     build_edited_seg,
     masks_on_sources,
     read_seg_frames,
@@ -40,6 +39,7 @@ from events.catalogue import (
     Measurement,
     MeasurementRecomputed,
 )
+from events.errors import EditRejected
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
 from projections import metrics

@@ -14,11 +14,12 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from dashboards.review import render
-from dashboards.review.dicom_files import EditRejected, load_volume, validate_edit
+from dashboards.review.dicom_files import load_volume, validate_edit
 from demo.phantoms import brain_mr_study
 from engine.dicom_results import Provenance, build_seg
 from engine.edits import build_edited_seg
 from engine.ops.volume import series_to_volume
+from events.errors import EditRejected
 
 
 def _bytes(ds: pydicom.Dataset) -> bytes:

@@ -1,0 +1,142 @@
+"""The typed model of a pipeline file (``PipelineSpec``) and of a validated, loaded one
+(``LoadedPipeline``): what the operators read at run time. Parsing and validation against
+the operator registry live in ``engine.spec``, which imports the registry; this module
+imports neither, so the steps can name these types without an import circle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from engine.ops.selection import SelectionRule
+from engine.runtimes import RUNTIME_NAMES
+
+SPEC_VERSION = 1
+Stage = Literal["staging", "silent", "validation", "clinical"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionSpec(_Strict):
+    modalities: tuple[str, ...] = ()
+    description_regex: str | None = None
+    exclude_regex: str | None = None
+    orientation: Literal["axial", "coronal", "sagittal"] | None = None
+    min_slices: int = Field(1, ge=1)
+    max_slices: int | None = Field(None, ge=1)
+    max_spacing_mm: float | None = Field(None, gt=0)
+    multiple: bool = False
+
+    @field_validator("description_regex", "exclude_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule(**self.model_dump())
+
+
+class OperatorSpec(_Strict):
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    card: Path | None = None
+    labels: dict[int, str] = Field(default_factory=dict)  # segmentation label values
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[int, str]) -> dict[int, str]:
+        if any(k <= 0 for k in v):
+            raise ValueError("label values start at 1 (0 is background)")
+        return v
+
+
+class PublisherSpec(_Strict):
+    kind: Literal["store", "pacs"]
+    ae_title: str | None = Field(None, max_length=16)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(1.0, ge=0)
+    # the stages in which this destination receives results: PACS only once readers
+    # may see them (silent trials keep results from clinicians)
+    stages: tuple[Stage, ...] = ("staging", "silent", "validation", "clinical")
+
+    @model_validator(mode="after")
+    def _pacs_address(self) -> PublisherSpec:
+        if self.kind == "pacs" and not (self.ae_title and self.host and self.port):
+            raise ValueError("a pacs publisher needs ae_title, host and port")
+        return self
+
+
+class OutputSpec(_Strict):
+    seg: bool = False
+    sr: bool = True
+    series_description: str = Field("Lastmile AI result", max_length=64)
+    blinding_hash: bool = False  # LTS: salted hash in the SEG series description
+
+
+class PipelineSpec(_Strict):
+    spec_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    version: str = Field(min_length=1, max_length=32)
+    description: str = ""
+    task: Literal["segmentation3d", "detection2d"]
+    ae_title: str = Field(max_length=16, pattern=r"^[A-Z0-9_ ]+$")
+    selection: SelectionSpec
+    operators: tuple[OperatorSpec, ...] = Field(min_length=1)
+    model: ModelSpec
+    runtime: str = "auto"
+    fp16: bool = False
+    outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
+    publishers: tuple[PublisherSpec, ...] = Field(
+        default_factory=lambda: (PublisherSpec.model_validate({"kind": "store"}),))
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        if v not in RUNTIME_NAMES:
+            raise ValueError(f"unknown runtime {v!r}; one of {', '.join(RUNTIME_NAMES)}")
+        return v
+
+
+class LoadedPipeline(BaseModel):
+    """A validated pipeline file, with where it came from and its hash."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spec: PipelineSpec
+    path: Path
+    file_sha256: str
+    model_path: Path
+    card_path: Path | None
+    operator_params: tuple[BaseModel, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
