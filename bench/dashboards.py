@@ -18,8 +18,6 @@ from events.base import Event
 from events.jetstream import BusSettings, EventBus
 
 CHROMIUM = "/usr/bin/chromium"
-
-
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-quic"]

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from engine.errors import EngineError
-from engine.registry import (
-    deployed_event,
-)
+from engine.registry import deployed_event
 from engine.spec import REFERENCE_DIR, LoadedPipeline, load_pipeline
 from events.catalogue import (
     InferenceCompleted,

@@ -47,14 +47,8 @@ LTS_READERS = (Reader("abdrad_a", seconds=240.0), Reader("abdrad_b", seconds=300
 
 
 QC_REJECT_RATE = 0.1
-
-
 QC_REASONS = ("wrong body part", "boxes misplaced", "image quality")
-
-
 LTS_ACCEPT = 0.85  # chance a reader rates the AI liver mask acceptable
-
-
 EDIT_KINDS = ("erode", "dilate", "trim")
 
 

@@ -12,11 +12,7 @@ from datetime import date, timedelta
 from typing import Any
 
 PIPELINES = ("bts", "lts", "hfd")
-
-
 AE = {"bts": "LM_BTS", "lts": "LM_LTS", "hfd": "LM_HFD"}
-
-
 FIRST_DATE = date(2026, 1, 5)  # a Monday; study dates are spread over --weeks from here
 
 

@@ -11,8 +11,6 @@ from dashboards.process import DashboardError, DashboardProcess
 from lastmile.settings import Settings
 
 out = Console()
-
-
 err = Console(stderr=True)
 
 

@@ -23,18 +23,13 @@ from engine.registry import (
 )
 from engine.spec import discover, load_pipeline
 from events.base import Event
-from events.catalogue import (
-    Stage,
-)
+from events.catalogue import Stage
 from events.jetstream import EventBus
 from lastmile.services_engine import pipeline_dirs
 from lastmile.settings import Settings
 
 out = Console()
-
-
 err = Console(stderr=True)
-
 
 pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, retire.",
                             no_args_is_help=True)

@@ -21,10 +21,7 @@ from projections.report import all_metrics
 from projections.stats import Stat
 
 out = Console()
-
-
 err = Console(stderr=True)
-
 
 projections_app = typer.Typer(help="The DuckDB read models folded from the event log.",
                               no_args_is_help=True)

@@ -15,9 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dashboards.config import (
-    ENV_BLINDED,
-)
+from dashboards.config import ENV_BLINDED
 from dashboards.review import dicom_files
 from dashboards.review.auth import (
     AuthError,
@@ -30,9 +28,7 @@ from dashboards.review.auth import (
     with_user,
 )
 from dashboards.review.blinded import BlindedStudyError, load_blinded_study, unblinding
-from dashboards.review.policy import (
-    ReviewRefused,
-)
+from dashboards.review.policy import ReviewRefused
 from events.base import Event
 from events.catalogue import InferenceCompleted
 from events.subjects import type_filter
@@ -41,10 +37,7 @@ from lastmile.services_review import add_mask, deep_link, review_config
 from lastmile.settings import Settings
 
 out = Console()
-
-
 err = Console(stderr=True)
-
 
 users_app = typer.Typer(help="Who may sign in to the pages, with which roles.",
                         no_args_is_help=True)

@@ -21,19 +21,11 @@ from lastmile.services_ingest import rules_path
 from lastmile.settings import Settings
 
 out = Console()
-
-
 err = Console(stderr=True)
 
-
 EXIT_FAILED = 1
-
-
 EXIT_CONFIG = 3
-
-
 EXIT_NOT_FOUND = 5
-
 
 route_app = typer.Typer(help="Routing rules: which pipelines a file would go to.",
                         no_args_is_help=True)

@@ -15,10 +15,7 @@ from lastmile.services_xnat import XnatSettings
 from lastmile.settings import ConfigError
 
 out = Console()
-
-
 err = Console(stderr=True)
-
 
 xnat_app = typer.Typer(help="XNAT: check the connection the publisher will use.",
                        no_args_is_help=True)
