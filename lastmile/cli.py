@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
@@ -22,12 +21,16 @@ from events.base import Event
 from events.codec import to_builtins
 from events.errors import BusUnavailable, CodecError, EventsError, PublishError
 from lastmile import cli_bench
-from lastmile.settings import ConfigError, Settings, load_settings
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 3
-EXIT_BUS = 4
-EXIT_NOT_FOUND = 5
+from lastmile.cli_common import (
+    EXIT_BUS,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    err,
+    out,
+    settings_of,
+)
+from lastmile.settings import ConfigError, load_settings
 
 app = typer.Typer(
     name="lastmile",
@@ -38,13 +41,6 @@ app = typer.Typer(
 )
 app.add_typer(cli_bench.bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings: Settings = ctx.obj
-    return settings
 
 
 @app.callback()
@@ -99,7 +95,7 @@ def up(ctx: typer.Context) -> None:
     from lastmile.runtime import Supervisor, embedded_server
     from lastmile.services import services_for
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
 
     async def ready(bus: Any) -> None:
         seq = await bus.last_sequence()
@@ -154,7 +150,7 @@ def audit(
     from lastmile.runtime import open_bus
 
     async def run() -> list[tuple[int, Event]]:
-        async with open_bus(_settings(ctx)) as bus:
+        async with open_bus(settings_of(ctx)) as bus:
             return await bus.history(study_uid)
 
     history = asyncio.run(run())
@@ -197,7 +193,7 @@ def replay(
     from events.export import ParquetExporter, UidRemapper, event_row
     from lastmile.runtime import open_bus
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if to is not None and to[0] != "parquet":
         err.print(f"unknown format {to[0]!r}: the only one is parquet (--to parquet DIR)")
         raise typer.Exit(2)

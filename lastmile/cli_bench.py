@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from events.errors import EventsError
-
-out = Console()
-err = Console(stderr=True)
+from lastmile.cli_common import err, out
 
 bench_app = typer.Typer(help="Benchmarks against real servers, with a peer in the same run.",
                         no_args_is_help=True)

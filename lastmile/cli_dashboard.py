@@ -5,18 +5,14 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.console import Console
 
 from dashboards.process import DashboardError, DashboardProcess
-from lastmile.settings import Settings
-
-out = Console()
-err = Console(stderr=True)
+from lastmile.cli_common import err, out, settings_of
 
 
 def dashboard_command(ctx: typer.Context) -> None:
     """Run only the governance dashboard (Streamlit) on the read model, until Ctrl-C."""
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     if not settings.duckdb_path.exists():
         err.print(f"no read model at {settings.duckdb_path}: run `lastmile up` or "
                   "`lastmile projections rebuild` first")

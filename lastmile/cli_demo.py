@@ -9,16 +9,14 @@ import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from events.jetstream import EventBus
+from lastmile.cli_common import err, out, settings_of
 from lastmile.settings import Settings
 
 if TYPE_CHECKING:
     from demo.run import DemoOptions
 
-out = Console()
-err = Console(stderr=True)
 
 
 def demo_main(settings: Settings, options: DemoOptions) -> int:
@@ -107,9 +105,7 @@ def demo_command(
     simulate QC and readers, print a summary; stays up until Ctrl-C."""
     from demo.run import DemoOptions
 
-    settings = ctx.find_root().obj
-    if not isinstance(settings, Settings):
-        raise typer.BadParameter("settings not loaded")
+    settings = settings_of(ctx)
     code = demo_main(settings, DemoOptions(patients=patients, seed=seed, weeks=weeks,
                                            dashboard=not no_dashboard,
                                            exit_when_done=exit_when_done))

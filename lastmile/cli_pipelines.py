@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from engine.errors import EngineError
@@ -25,21 +24,11 @@ from engine.spec import discover, load_pipeline
 from events.base import Event
 from events.catalogue import Stage
 from events.jetstream import EventBus
+from lastmile.cli_common import err, out, settings_of
 from lastmile.services_engine import pipeline_dirs
-from lastmile.settings import Settings
-
-out = Console()
-err = Console(stderr=True)
 
 pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, retire.",
                             no_args_is_help=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    if not isinstance(obj, Settings):
-        raise typer.BadParameter("settings not loaded")
-    return obj
 
 
 def _who(who: str | None) -> str:
@@ -56,7 +45,7 @@ def _run(ctx: typer.Context, coro_fn: Any) -> Any:
     from lastmile.runtime import open_bus
 
     async def go() -> Any:
-        async with open_bus(_settings(ctx)) as bus:
+        async with open_bus(settings_of(ctx)) as bus:
             return await coro_fn(bus)
 
     return asyncio.run(go())
@@ -68,7 +57,7 @@ def pipelines_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Pipeline files found and their deployed state (from the event log)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     try:
         files = discover(pipeline_dirs(settings))
     except EngineError as exc:

@@ -8,10 +8,9 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lastmile.settings import Settings
+from lastmile.cli_common import err, out, settings_of
 from projections import metrics as M
 from projections.config import ProjectionsConfig
 from projections.duckdb_store import ProjectionStore, read_only
@@ -19,9 +18,6 @@ from projections.errors import ProjectionsError
 from projections.projector import rebuild
 from projections.report import all_metrics
 from projections.stats import Stat
-
-out = Console()
-err = Console(stderr=True)
 
 projections_app = typer.Typer(help="The DuckDB read models folded from the event log.",
                               no_args_is_help=True)
@@ -35,7 +31,7 @@ def rebuild_command(
     """Drop every read-model table and fold the whole log again from the first event."""
     from lastmile.runtime import open_bus
 
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
 
     async def run() -> tuple[int, dict[str, int], int]:
         async with open_bus(settings) as bus:
@@ -72,7 +68,7 @@ def metrics_command(
 ) -> None:
     """Governance metrics from the read model (turnaround, runtime, outcomes, agreement,
     drift), each with its 95% CI or "not enough data"."""
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     config = ProjectionsConfig.from_env()
     try:
         with read_only(settings.duckdb_path) as con:

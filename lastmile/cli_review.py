@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dashboards.config import ENV_BLINDED
@@ -32,12 +31,9 @@ from dashboards.review.policy import ReviewRefused
 from events.base import Event
 from events.catalogue import InferenceCompleted
 from events.subjects import type_filter
+from lastmile.cli_common import err, out, settings_of
 from lastmile.runtime import open_bus
 from lastmile.services_review import add_mask, deep_link, review_config
-from lastmile.settings import Settings
-
-out = Console()
-err = Console(stderr=True)
 
 users_app = typer.Typer(help="Who may sign in to the pages, with which roles.",
                         no_args_is_help=True)
@@ -45,13 +41,6 @@ users_app = typer.Typer(help="Who may sign in to the pages, with which roles.",
 
 review_app = typer.Typer(help="Blinded reading: extra masks and the unblinding key.",
                          no_args_is_help=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.find_root().obj
-    if not isinstance(settings, Settings):
-        raise typer.BadParameter("settings not loaded")
-    return settings
 
 
 def _load(path: Path) -> Users:
@@ -75,7 +64,7 @@ def users_add(
 ) -> None:
     """Add a user (or replace their roles, pipelines and password). The password is
     prompted for and stored only as an scrypt hash, in a file of mode 0600."""
-    cfg = review_config(_settings(ctx))
+    cfg = review_config(settings_of(ctx))
     try:
         roles = parse_roles(role)
         from dashboards.review.auth import NAME
@@ -99,7 +88,7 @@ def users_add(
 @users_app.command("list")
 def users_list(ctx: typer.Context) -> None:
     """The users, their roles and pipelines (never their password hashes)."""
-    cfg = review_config(_settings(ctx))
+    cfg = review_config(settings_of(ctx))
     users = _load(cfg.users_file)
     t = Table(title=str(cfg.users_file))
     for col in ("user", "roles", "pipelines"):
@@ -119,7 +108,7 @@ def link_command(
 ) -> None:
     """Print the PACS deep link of a study (configure it as a PACS button with the
     StudyInstanceUID substituted)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     print(deep_link(review_config(settings), study_uid.strip(),
                     dashboard_port=settings.dashboard_port, ours=ours))
 
@@ -135,7 +124,7 @@ def add_mask_command(
     actor: Annotated[str, typer.Option(help="Who registers it (recorded).")] = "admin",
 ) -> None:
     """Add an expert or novice segmentation of a study for blinded reading."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     cfg = review_config(settings)
     if source == "ai":
         err.print("[red]review:[/] the source 'ai' is the AI's own result")
@@ -162,7 +151,7 @@ def unblinding_key_command(
 ) -> None:
     """Write the blinded study's key (label -> ai/expert/novice) for every run of its
     pipeline in the log; only the holder of the study configuration (its salt) can."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     cfg = review_config(settings)
     if cfg.blinded_study is None:
         err.print(f"[red]review:[/] {ENV_BLINDED} is not set")

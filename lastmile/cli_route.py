@@ -9,7 +9,6 @@ from typing import Annotated
 
 import pydicom
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dicom_rules.conditions import evaluate
@@ -17,15 +16,9 @@ from ingest.dataset import tag_values
 from ingest.errors import IngestError
 from ingest.rules import EXAMPLE_RULES, RuleSet, route
 from ingest.rules_file import RulesFile
+from lastmile.cli_common import EXIT_CONFIG, EXIT_FAILED, err, out
 from lastmile.services_ingest import rules_path
 from lastmile.settings import Settings
-
-out = Console()
-err = Console(stderr=True)
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 3
-EXIT_NOT_FOUND = 5
 
 route_app = typer.Typer(help="Routing rules: which pipelines a file would go to.",
                         no_args_is_help=True)

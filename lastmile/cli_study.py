@@ -16,9 +16,9 @@ from events.codec import to_builtins
 from events.jetstream import EventBus
 from ingest.completion import CompletionTracker
 from ingest.rules import RuleSet
-from lastmile.cli_route import EXIT_NOT_FOUND, err, open_rules, out
+from lastmile.cli_common import EXIT_NOT_FOUND, err, out, settings_of
+from lastmile.cli_route import open_rules
 from lastmile.services_ingest import rules_path
-from lastmile.settings import Settings
 
 study_app = typer.Typer(help="Studies: force completion by hand.", no_args_is_help=True)
 
@@ -47,7 +47,7 @@ def study_complete(
     """Force completion of a study now (reason: forced), for its pending pipelines."""
     from lastmile.runtime import open_bus
 
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     rules = open_rules(rules_path(settings))()
 
     async def run() -> tuple[list[Event], int]:

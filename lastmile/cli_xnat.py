@@ -5,17 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from engine.xnat_publisher import (
     XnatConnection,
     XnatPublishError,
 )
+from lastmile.cli_common import err, out
 from lastmile.services_xnat import XnatSettings
 from lastmile.settings import ConfigError
-
-out = Console()
-err = Console(stderr=True)
 
 xnat_app = typer.Typer(help="XNAT: check the connection the publisher will use.",
                        no_args_is_help=True)
