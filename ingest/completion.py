@@ -178,12 +178,7 @@ class CompletionTracker:
                 self._unrouted.setdefault((ev.study_uid, ev.series_uid), []).append(ev)
                 return
         for p in sorted(pipelines):
-            track = self.tracks.get((ev.study_uid, p))
-            if track is None:
-                track = self.tracks[(ev.study_uid, p)] = Track(
-                    ev.study_uid, p, ev.occurred_at, ev.occurred_at, ev.event_id)
-            track.add(ev)
-            self._active.add((ev.study_uid, p))
+            self._stored_for(ev, p)
 
     def _completed(self, ev: StudyCompleted, study_uid: str, pipeline: str) -> None:
         track = self.tracks.get((study_uid, pipeline))

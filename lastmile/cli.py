@@ -270,10 +270,7 @@ def main() -> None:
     except ConfigError as exc:
         err.print(f"[red]configuration:[/] {exc}")
         sys.exit(EXIT_CONFIG)
-    except BusUnavailable as exc:
-        err.print(f"[red]NATS:[/] {exc}")
-        sys.exit(EXIT_BUS)
-    except PublishError as exc:
+    except (BusUnavailable, PublishError) as exc:
         err.print(f"[red]NATS:[/] {exc}")
         sys.exit(EXIT_BUS)
     except EventsError as exc:
