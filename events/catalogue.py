@@ -1,7 +1,7 @@
 """The event catalogue: every fact Lastmile records, as a frozen typed struct.
 
 Names are past tense and dotted ``<domain>.<entity>.<what happened>``; the dotted
-name is the stable identity stored in the log (see DESIGN.md, "Events").
+name is the stable identity stored in the log (README, "The event log").
 
 Patient identity never appears here. A patient is referred to only by
 ``patient_pseudonym`` (HMAC-SHA256 with the site secret, ``events.pseudonym``);

@@ -1,4 +1,4 @@
-"""The ``lastmile`` command line (names as in DESIGN.md).
+"""The ``lastmile`` command line (the commands of README, "Command line").
 
 Exit codes: 0 done; 1 the operation failed; 2 wrong usage; 3 bad configuration;
 4 NATS unreachable or refusing; 5 nothing found (e.g. an unknown study).

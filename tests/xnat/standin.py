@@ -1,6 +1,6 @@
 """A STAND-IN for an XNAT server: the REST endpoints the real ``xnat`` client calls.
 
-No XNAT server can run on these machines (DESIGN.md, "Real parts"), so the tests of the
+No XNAT server can run on these machines (README, "What is verified here"), so the tests of the
 XNAT publisher and the feedback poller drive the REAL client (``xnat.connect``, xnatpy
 0.8.1, unmodified) against this small in-memory HTTP server instead. It is a stand-in,
 not XNAT: it keeps projects, subjects, experiments (image sessions), scans, assessors,
