@@ -15,7 +15,6 @@ import typer
 from rich.table import Table
 
 from dashboards.config import ENV_BLINDED
-from dashboards.review import dicom_files
 from dashboards.review.auth import (
     AuthError,
     User,
@@ -30,6 +29,7 @@ from dashboards.review.blinded import BlindedStudyError, load_blinded_study, unb
 from dashboards.review.policy import ReviewRefused
 from events.base import Event
 from events.catalogue import InferenceCompleted
+from events.errors import EditRejected
 from events.subjects import type_filter
 from lastmile.cli_common import err, out, settings_of
 from lastmile.runtime import open_bus
@@ -136,7 +136,7 @@ def add_mask_command(
 
     try:
         ev = asyncio.run(go())
-    except (ReviewRefused, dicom_files.EditRejected) as exc:
+    except (ReviewRefused, EditRejected) as exc:
         err.print(f"[red]review:[/] {exc}")
         raise typer.Exit(1) from None
     out.print(f"{source} mask recorded for run {getattr(ev, 'run_key', '?')} "
