@@ -55,6 +55,7 @@ from engine.runtimes import (
     Runtime,
     RuntimeChoice,
     load_runtime,
+    model_format,
     probe_host,
     select_runtime,
 )
@@ -295,7 +296,8 @@ class EngineWorker:
         try:
             # a pipeline pinned to a GPU runtime fails here on a CPU host; not final:
             # the redelivery may reach a worker on a GPU host (same durable consumer)
-            choice = select_runtime(spec.runtime, self.host)
+            choice = select_runtime(spec.runtime, self.host,
+                                    model_format(loaded.model_path))
         except RuntimeUnavailable as exc:
             return await self._failed(bus, caused, key, attempt, exc)
         await bus.publish(caused(InferenceStarted, deterministic_id("started", key, attempt),

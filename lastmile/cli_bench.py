@@ -195,3 +195,33 @@ def bench_review_command(
               f"{result.warm_p90_ms:.0f}", str(result.agree_clicks))
     out.print(t)
     out.print(f"{result.target}: {result.verdict}. Peer: {result.peer}.")
+
+
+@bench_app.command("gpu")
+def bench_gpu_command(
+    bundle: Annotated[Path, typer.Option("--out", help="Folder for the bundle (TorchScript "
+                                         "programs, "
+                                      "inputs, CPU reference outputs, gpu_check.py).")
+                   ] = Path("gpu-bundle"),
+    run: Annotated[bool, typer.Option(help="Also run the check with this interpreter "
+                                      "(CPU here; CUDA where torch sees a GPU).")] = True,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per CUDA mode.")] = 20,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")
+                        ] = None,
+) -> None:
+    """GPU check: TorchScript models on CPU, CUDA fp32 and CUDA fp16, compared with this
+    machine's CPU outputs, with latency per model. Needs torch (the train extra).
+
+    On a GPU host with only Python, PyTorch and numpy: copy the bundle folder there and
+    run `python3 BUNDLE/gpu_check.py BUNDLE --json result.json`."""
+    try:
+        from bench.gpu import build_bundle, run_check
+        manifest = build_bundle(bundle)
+    except ImportError as exc:
+        err.print(f"bench gpu needs torch (pip install -e '.[train]'): {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"bundle: {bundle} ({len(manifest['models'])} models: "
+               f"{', '.join(m['name'] for m in manifest['models'])}); on a GPU host run: "
+               f"python3 {bundle}/gpu_check.py {bundle} --json result.json", highlight=False)
+    if run:
+        raise typer.Exit(run_check(bundle, runs=runs, json_out=json_out))
