@@ -123,15 +123,19 @@ FIELD_ACTIONS: Mapping[str, Action] = {
         "value", "unit", "label", "classification", "probability", "box")},
 }
 
-_UID_IN_TEXT = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){3,}(?![\w.])")
+# a UID (three components or more, e.g. 2.25.<n>) standing alone, "seg-<uid>.dcm" too
+_UID_IN_TEXT = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){2,}(?!\.?\d)")
 _ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*")
 _DIGEST = re.compile(r"\b[0-9a-f]{64}\b")
 _RUN_KEY = re.compile(r"[0-9a-f]{32}")
+_UID_SYNTAX = re.compile(r"[0-2](?:\.(?:0|[1-9]\d*))+")
 
 
 def is_standard_uid(value: str) -> bool:
     """True for a UID of the DICOM registry (PS3.6 Annex A: SOP Classes, Transfer
     Syntaxes, coding schemes, well-known instances), as pydicom's UID dictionary has it."""
+    if not _UID_SYNTAX.fullmatch(value):
+        return False
     from pydicom.uid import UID
 
     return UID(value).name != value
@@ -249,7 +253,8 @@ class Deidentifier:
 
     def clean_text(self, text: str) -> str:
         """Free text with UIDs remapped and paths, digests and known values replaced."""
-        text = _UID_IN_TEXT.sub(lambda m: self.pseudo.uid(m.group(0)), text)
+        text = _UID_IN_TEXT.sub(lambda m: self.pseudo.uid(m.group(0)) if len(m.group(0)) >= 10
+                                else m.group(0), text)  # "1.0.0" is a version
         text = _ABS_PATH.sub("<path>", text)
         text = _DIGEST.sub("<sha256>", text)
         known = self._known()

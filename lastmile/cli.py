@@ -247,6 +247,7 @@ def replay(
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
     cli_dashboard,
     cli_demo,
+    cli_export,
     cli_pipelines,
     cli_projections,
     cli_review,
@@ -266,6 +267,7 @@ app.add_typer(cli_xnat.xnat_app, name="xnat")
 app.add_typer(cli_review.users_app, name="users")
 app.add_typer(cli_review.review_app, name="review")
 app.command("link")(cli_review.link_command)
+app.command("export")(cli_export.export_command)
 
 # --------------------------------------------------------------------------- entry
 
