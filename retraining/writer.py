@@ -34,7 +34,6 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from engine.edits import (
-    EditRejected,
     find_ai_seg,
     in_root,
     masks_on_sources,
@@ -45,6 +44,7 @@ from engine.errors import EngineError
 from engine.ops.volume import Volume, series_to_volume
 from events.base import Event
 from events.deidentify import Deidentifier, LogContext, Pseudonymiser
+from events.errors import EditRejected
 from events.export import TIMESTAMP, ParquetExporter
 from projections.export import export_labels
 from retraining.dicom_deid import DicomActions, deidentify_dataset
