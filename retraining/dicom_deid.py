@@ -19,7 +19,8 @@ DICOM agrees with the event tables of the same export:
   identifying value known from the object and the log;
 - Patient ID and Patient's Name become the export's patient pseudonym, a content
   creator (the reader who corrected a mask) the reader's export pseudonym;
-- removed (X) or emptied (Z, for type-2 attributes): private attributes, institution,
+- removed (X), emptied (Z, type-2 attributes) or a dummy (D, the device serial number,
+  type 1 in a SEG's Enhanced General Equipment): private attributes, institution,
   station, device serial number, AE titles, patient age, sex, size, weight, birth date
   and the other patient characteristics, comments and the request attributes;
 - Patient Identity Removed = YES, Longitudinal Temporal Information Modified =
@@ -50,7 +51,7 @@ from events.deidentify import Deidentifier
 #: PS3.15 Table E.1-1 attributes the basic profile removes (X) that dicognito keeps.
 REMOVE = frozenset({
     "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "InstitutionCodeSequence", "StationName", "DeviceSerialNumber", "DeviceUID",
+    "InstitutionCodeSequence", "StationName", "DeviceUID",
     "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
     "ReceivingApplicationEntityTitle", "RetrieveAETitle", "StationAETitle",
     "ScheduledStationAETitle", "PerformedStationAETitle", "PerformedLocation",
@@ -67,6 +68,8 @@ REMOVE = frozenset({
 })
 #: Type-2 attributes of the Patient module: present, empty (PS3.15 action Z).
 EMPTY = frozenset({"PatientSex", "PatientBirthDate"})
+#: Type-1 where they occur (Enhanced General Equipment): a dummy value (action D).
+DUMMY = {"DeviceSerialNumber": "DEIDENTIFIED"}
 #: Descriptors kept under the Clean Descriptors option, cleaned.
 DESCRIPTORS = frozenset({
     "StudyDescription", "SeriesDescription", "ProtocolName", "ImageComments",
@@ -94,7 +97,7 @@ class DicomActions:
     """Counts of what the handlers did, by keyword (the export's manifest)."""
 
     removed: Counter[str] = field(default_factory=Counter)
-    emptied: Counter[str] = field(default_factory=Counter)
+    emptied: Counter[str] = field(default_factory=Counter)  # and dummies
     cleaned: Counter[str] = field(default_factory=Counter)
     remapped_uids: int = 0
 
@@ -139,6 +142,10 @@ class _LastmileHandler(ElementAnonymizer):
             el.value = ""
             self.actions.emptied[kw] += 1
             return True
+        if kw in DUMMY:
+            el.value = DUMMY[kw]
+            self.actions.emptied[kw] += 1
+            return True
         if kw in ("PatientID", "PatientName"):
             el.value = self.patient
             return True
@@ -163,7 +170,7 @@ class _LastmileHandler(ElementAnonymizer):
 
     def describe_actions(self) -> Iterator[str]:
         yield "Remove private attributes and " + ", ".join(sorted(REMOVE))
-        yield "Empty " + ", ".join(sorted(EMPTY))
+        yield "Empty " + ", ".join(sorted(EMPTY)) + "; dummy " + ", ".join(sorted(DUMMY))
         yield "Patient ID and Patient's Name: the export's patient pseudonym"
         yield "UIDs: the export's keyed 2.25 UIDs, registry UIDs kept"
         yield "Clean " + ", ".join(sorted(DESCRIPTORS))

@@ -201,7 +201,7 @@ def write_retraining_set(events: Sequence[tuple[int, Event]], *, instances_dir: 
                         "Information with Modified Dates Option",
             "library": f"dicognito {version('dicognito')}",
             "dicom": {"removed": dict(sorted(actions.removed.items())),
-                      "emptied": dict(sorted(actions.emptied.items())),
+                      "emptied_or_dummy": dict(sorted(actions.emptied.items())),
                       "cleaned": dict(sorted(actions.cleaned.items())),
                       "uids_remapped": actions.remapped_uids,
                       "replaced_by_dicognito": "person names, IDs, accession numbers, "
