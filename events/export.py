@@ -50,8 +50,9 @@ def event_row(sequence: int, event: Event, deid: Deidentifier | None = None) -> 
         data = to_builtins(event)
     row = {k: data.get(k) for k in ENVELOPE_COLUMNS if k != "sequence"}
     for k in _TIMESTAMPS:
-        if isinstance(row[k], str):
-            row[k] = datetime.fromisoformat(row[k])
+        value = row[k]
+        if isinstance(value, str):
+            row[k] = datetime.fromisoformat(value)
     row["sequence"] = sequence
     row["body"] = msgspec.json.encode(data).decode()
     return row

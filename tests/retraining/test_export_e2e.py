@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian: the header ends here
 
-pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(900),
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(1500),
               pytest.mark.skipif(shutil.which("storescu") is None,
                                  reason="dcmtk storescu not installed")]
 
@@ -49,26 +49,36 @@ def lastmile(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    state = tmp_path_factory.mktemp("site") / "state"
-    env = {**os.environ, "LASTMILE_STATE_DIR": str(state),
-           "LASTMILE_NATS_PORT": str(free_port()), "LASTMILE_DICOM_PORT": str(free_port()),
-           "LASTMILE_DASHBOARD_PORT": str(free_port()), "COLUMNS": "200"}
+def _demo(env: dict[str, str]) -> tuple[int, str, str]:
     args = [sys.executable, "-m", "lastmile", "demo", "--exit-when-done", "--no-dashboard",
             "--patients", "1", "--seed", "11", "--weeks", "3"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
         try:
             proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the demo did not finish in 300 s")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        pytest.fail("the demo did not finish in 400 s")
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    state = tmp_path_factory.mktemp("site") / "state"
+    env = {**os.environ, "LASTMILE_STATE_DIR": str(state),
+           "LASTMILE_NATS_PORT": str(free_port()), "LASTMILE_DICOM_PORT": str(free_port()),
+           "LASTMILE_DASHBOARD_PORT": str(free_port()), "COLUMNS": "200"}
+    # On a loaded machine the demo's first JetStream request can time out before anything
+    # is sent; the demo is idempotent on its state, so a second run completes it.
+    for attempt in (1, 2):
+        code, stdout, stderr = _demo(env)
+        if code == 0 or attempt == 2 or "nats: timeout" not in stderr:
+            break
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     replay = lastmile(env, "replay")
     assert replay.returncode == 0, replay.stderr
     yield Site(state, env, [json.loads(x) for x in replay.stdout.splitlines() if x.strip()])
