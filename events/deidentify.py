@@ -208,7 +208,8 @@ class LogContext:
         if patient and event.study_uid:
             self.study_patient.setdefault(event.study_uid, patient)
         for key in ("calling_ae", "called_ae", "ae_title", "source_address", "institution",
-                    "station_name", "address", "reader", "worker_id", "actor"):
+                    "station_name", "address", "reader", "worker_id", "actor",
+                    "blinding_hash", "blinded_label"):  # LTS SEGs carry the label in text
             value = data.get(key)
             if isinstance(value, str) and len(value.strip()) >= 3:
                 self.known_values.add(value.strip())

@@ -317,3 +317,28 @@ def _loads_for_training(root: Path, nn: Path, datalist: Path) -> None:
     except ImportError as exc:
         pytest.skip(f"nnunetv2 is not importable here ({exc}); CI installs it")
     verify_dataset_integrity(str(nn), num_processes=1)  # raises on any inconsistency
+
+
+def test_lts_reviewed_set_keeps_every_label_and_cleans_the_blinded_label(
+        site: Site, tmp_path: Path) -> None:
+    from monai.data import load_decathlon_datalist
+    from monai.transforms import LoadImaged
+
+    root = tmp_path / "lts"
+    summary = _export(site, root, "--pipeline", "lts", "--reviewed-only")
+    assert summary["cases"] == summary["nifti_cases"] == 1
+    # the SEG's series description carried the blinded label: cleaned like every identifier
+    assert leaks(root, identifiers(site, _studies(site, "lts"))) == {}
+    dataset = json.loads((Path(str(summary["nnunet"])) / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "CT"}
+    assert dataset["labels"] == {"background": 0, "left_lobe": 1, "right_lobe": 2,
+                                 "vessels": 3}
+    (item,) = load_decathlon_datalist(str(summary["datalist"]), True, "training", str(root))
+    data = LoadImaged(keys=["image", "label"])(item)
+    assert tuple(data["image"].shape) == tuple(data["label"].shape)
+    assert set(np.unique(np.asarray(data["label"])).tolist()) == {0, 1, 2, 3}
+    assert item["label_source"].startswith("U-")  # the reader's correction is the label
+    # nothing passes a filter for a pipeline the log does not have: exit 5, nothing written
+    res = lastmile(site.env, "export", "--out", str(tmp_path / "none"), "--pipeline", "xyz")
+    assert res.returncode == 5 and "no xyz result passes the filter" in res.stderr
+    assert not (tmp_path / "none").exists()
