@@ -43,7 +43,7 @@ def export_command(
         "--disagreements-only", help="Only results a reader disagreed with or corrected "
         "(Dice < 1).")] = False,
     dataset_id: Annotated[int | None, typer.Option(
-        help="nnU-Net dataset id [bts 501, lts 502, hfd 503].", min=1, max=999)] = None,
+        help="nnU-Net dataset id (default: bts 501, lts 502, hfd 503).", min=1, max=999)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
 ) -> None:
     """Write a de-identified retraining set: DICOM (PS3.15 basic profile, modified dates,
