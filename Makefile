@@ -4,10 +4,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo
+PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo retraining
 APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
 
-.PHONY: setup system-packages demo up test lint bench
+.PHONY: setup system-packages demo up test lint bench screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,3 +43,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/lastmile bench events
+
+# The README's screenshots: the browser tests write theirs to test-artifacts/ (never to
+# docs/); this refreshes docs/screenshots/ from a run of those tests.
+SCREENSHOTS := dashboards/overview dashboards/agreement review/case-hfd review/blinded-reading
+screenshots: setup
+	$(BIN)/python -m pytest -q tests/dashboards/test_pages.py::test_every_page_renders_with_freshness \
+	  tests/review/test_browser.py
+	mkdir -p docs/screenshots
+	for s in $(SCREENSHOTS); do cp test-artifacts/$$s.png docs/screenshots/; done

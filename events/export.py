@@ -1,17 +1,17 @@
-"""Replay and export: the log as JSON lines or Parquet, optionally with UIDs remapped.
+"""Replay and export: the log as JSON lines or Parquet, optionally de-identified.
 
-``--deidentify`` replaces every DICOM UID (study, series, SOP instance, and the
-correlation ids derived from them) with a ``2.25.<n>`` UID computed by HMAC under
-a key, so the same UID maps to the same new UID across the whole export, and
-across exports made with the same key, but cannot be mapped back without it.
+``--deidentify`` passes every event through one ``events.deidentify.Deidentifier``
+(UIDs, ids, people and dates remapped with a key derived from the site secret; the
+site's files, places and network removed; free text cleaned), the same one the label
+tables and a retraining set use, so every file of an export joins every other.
+
+Timestamps are Parquet timestamps (UTC, microseconds) in every table.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from events.base import Event
 from events.codec import to_builtins
+from events.deidentify import Deidentifier
 
 ENVELOPE_COLUMNS = (
     "sequence",
@@ -35,48 +36,36 @@ ENVELOPE_COLUMNS = (
     "study_uid",
     "pipeline",
 )
-
-_UID_KEYS = ("_uid", "_uids")
-_ID_KEYS = ("correlation_id", "run_key")  # run keys embed the study UID
+_TIMESTAMPS = ("occurred_at", "recorded_at")
 
 
-class UidRemapper:
-    """Consistent one-way remapping of DICOM UIDs (PS3.5 B.2: UUID-derived 2.25 UIDs)."""
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def uid(self, value: str) -> str:
-        digest = hmac.new(self._key, b"uid\x1f" + value.encode(), hashlib.sha256).digest()
-        return "2.25." + str(uuid.UUID(bytes=digest[:16]).int)
-
-    def ident(self, value: str) -> str:
-        digest = hmac.new(self._key, b"id\x1f" + value.encode(), hashlib.sha256).digest()
-        return str(uuid.UUID(bytes=digest[:16]))
-
-    def remap(self, obj: Any, key: str = "") -> Any:
-        if isinstance(obj, dict):
-            return {k: self.remap(v, k) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return [self.remap(v, key) for v in obj]
-        if isinstance(obj, str) and obj:
-            if key.endswith(_UID_KEYS):
-                return self.uid(obj)
-            if key in _ID_KEYS:
-                return self.ident(obj)
-        return obj
-
-
-def event_row(sequence: int, event: Event, remapper: UidRemapper | None = None) -> dict[str, Any]:
-    """A flat row: envelope columns, plus the whole event as JSON in ``body``."""
-    data = to_builtins(event)
-    if remapper is not None:
-        data = remapper.remap(data)
+def event_row(sequence: int, event: Event, deid: Deidentifier | None = None) -> dict[str, Any]:
+    """A flat row: envelope columns (timestamps as ``datetime``), plus the whole event as
+    JSON in ``body``; de-identified when ``deid`` is given (the sequence then being the
+    event's position in the export)."""
+    if deid is not None:
+        data = deid.event(event)
+        sequence = deid.sequence(sequence)
+    else:
+        data = to_builtins(event)
     row = {k: data.get(k) for k in ENVELOPE_COLUMNS if k != "sequence"}
+    for k in _TIMESTAMPS:
+        value = row[k]
+        if isinstance(value, str):
+            row[k] = datetime.fromisoformat(value)
     row["sequence"] = sequence
     row["body"] = msgspec.json.encode(data).decode()
     return row
 
+
+def json_line(sequence: int, event: Event, deid: Deidentifier | None = None) -> str:
+    """One line of ``lastmile replay`` (JSON, the sequence first)."""
+    data = deid.event(event) if deid is not None else to_builtins(event)
+    seq = deid.sequence(sequence) if deid is not None else sequence
+    return msgspec.json.encode({"sequence": seq, **data}).decode()
+
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 SCHEMA = pa.schema(
     [
@@ -84,8 +73,8 @@ SCHEMA = pa.schema(
         ("event_id", pa.string()),
         ("type", pa.string()),
         ("schema_version", pa.int32()),
-        ("occurred_at", pa.string()),
-        ("recorded_at", pa.string()),
+        ("occurred_at", TIMESTAMP),
+        ("recorded_at", TIMESTAMP),
         ("correlation_id", pa.string()),
         ("causation_id", pa.string()),
         ("actor", pa.string()),
@@ -99,18 +88,18 @@ SCHEMA = pa.schema(
 class ParquetExporter:
     """Writes ``events.parquet`` in row groups, so a long log never sits in memory."""
 
-    def __init__(self, directory: Path, *, remapper: UidRemapper | None = None,
+    def __init__(self, directory: Path, *, deid: Deidentifier | None = None,
                  row_group: int = 50_000) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.parquet"
         self._writer = pq.ParquetWriter(self.path, SCHEMA, compression="zstd")
         self._rows: list[dict[str, Any]] = []
-        self._remapper = remapper
+        self._deid = deid
         self._row_group = row_group
         self.count = 0
 
     def add(self, sequence: int, event: Event) -> None:
-        self._rows.append(event_row(sequence, event, self._remapper))
+        self._rows.append(event_row(sequence, event, self._deid))
         self.count += 1
         if len(self._rows) >= self._row_group:
             self._flush()

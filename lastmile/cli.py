@@ -183,26 +183,35 @@ def replay(
                      "Without it, JSON lines go to stdout."),
     ] = None,
     deidentify: Annotated[
-        bool, typer.Option(help="Remap every DICOM UID consistently (2.25.<hmac>).")
+        bool, typer.Option(help="De-identify: UIDs (registry UIDs kept), ids, people and "
+                           "per-patient shifted dates remapped; sites, addresses, AE titles, "
+                           "file hashes and paths removed (see events/deidentify.py).")
     ] = False,
     study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
     from_sequence: Annotated[int, typer.Option(help="Start at this stream sequence.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Replay the event log in order: to stdout, or exported for audit and retraining."""
-    from events.export import ParquetExporter, UidRemapper, event_row
+    from events.deidentify import Deidentifier, LogContext, Pseudonymiser, export_key
+    from events.export import ParquetExporter, json_line
     from lastmile.runtime import open_bus
 
     settings = settings_of(ctx)
     if to is not None and to[0] != "parquet":
         err.print(f"unknown format {to[0]!r}: the only one is parquet (--to parquet DIR)")
         raise typer.Exit(2)
-    remapper = UidRemapper(settings.secret()) if deidentify else None
 
     async def run() -> tuple[int, int]:
-        exporter = ParquetExporter(to[1], remapper=remapper) if to else None
         n = bad = 0
         async with open_bus(settings) as bus:
+            deid = None
+            if deidentify:  # a first pass: whose study is whose, what to clean from text
+                context = LogContext()
+                async for seq, ev, _ in bus.read(study_uid=study, from_sequence=from_sequence):
+                    if not isinstance(ev, CodecError):
+                        context.learn(seq, ev)
+                deid = Deidentifier(Pseudonymiser(export_key(settings.secret())), context)
+            exporter = ParquetExporter(to[1], deid=deid) if to else None
             async for seq, ev, _ in bus.read(study_uid=study, from_sequence=from_sequence):
                 if isinstance(ev, CodecError):
                     bad += 1
@@ -211,15 +220,13 @@ def replay(
                 if exporter is not None:
                     exporter.add(seq, ev)
                 else:
-                    row = event_row(seq, ev, remapper)
-                    sys.stdout.write(json.dumps({"sequence": seq, **json.loads(row["body"])})
-                                     + "\n")
+                    sys.stdout.write(json_line(seq, ev, deid) + "\n")
             if exporter is not None and to is not None:
                 from lastmile.services_projections import export_labels_from_bus
 
                 exporter.close()
                 await export_labels_from_bus(
-                    bus, to[1], remapper=remapper, study_uid=study, from_sequence=from_sequence)
+                    bus, to[1], deid=deid, study_uid=study, from_sequence=from_sequence)
         return n, bad
 
     n, bad = asyncio.run(run())
@@ -230,7 +237,7 @@ def replay(
             print(json.dumps(summary))
         else:
             out.print(f"wrote {n} events to {summary['path']}"
-                      + (" (UIDs remapped)" if deidentify else "")
+                      + (" (de-identified)" if deidentify else "")
                       + (f"; {bad} undecodable messages skipped" if bad else ""))
 
 
@@ -240,6 +247,7 @@ def replay(
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
     cli_dashboard,
     cli_demo,
+    cli_export,
     cli_pipelines,
     cli_projections,
     cli_review,
@@ -259,6 +267,7 @@ app.add_typer(cli_xnat.xnat_app, name="xnat")
 app.add_typer(cli_review.users_app, name="users")
 app.add_typer(cli_review.review_app, name="review")
 app.command("link")(cli_review.link_command)
+app.command("export")(cli_export.export_command)
 
 # --------------------------------------------------------------------------- entry
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from lastmile.cli_common import err, out, settings_of
 from projections import metrics as M
 from projections.config import ProjectionsConfig
+from projections.drift import describe_drift
 from projections.duckdb_store import ProjectionStore, read_only
 from projections.errors import ProjectionsError
 from projections.projector import rebuild
@@ -132,9 +133,6 @@ def _print_metrics(r: dict[str, Any]) -> None:
         out.print(f"Dice {d.pipeline}/{d.label}: {_stat(d.mean)}")
     drift = r.get("drift")
     if drift:
-        alerts = [x for x in drift["rows"] if x.alert]
         out.print(f"drift {drift['window'][0]:%Y-%m-%d} week vs baseline from "
-                  f"{drift['baseline'][0]:%Y-%m-%d}: "
-                  + (", ".join(f"{a.pipeline}:{a.feature} PSI {a.psi:.2f}" for a in alerts)
-                     or "no feature over threshold"))
+                  f"{drift['baseline'][0]:%Y-%m-%d}: " + describe_drift(drift["rows"]))
     out.print("(--json for every metric, turnaround per week and subgroups)")

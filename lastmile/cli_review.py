@@ -31,7 +31,7 @@ from events.base import Event
 from events.catalogue import InferenceCompleted
 from events.errors import EditRejected
 from events.subjects import type_filter
-from lastmile.cli_common import err, out, settings_of
+from lastmile.cli_common import EXIT_NOT_FOUND, err, out, settings_of
 from lastmile.runtime import open_bus
 from lastmile.services_review import add_mask, deep_link, review_config
 
@@ -107,10 +107,19 @@ def link_command(
                                        "configured.")] = False,
 ) -> None:
     """Print the PACS deep link of a study (configure it as a PACS button with the
-    StudyInstanceUID substituted)."""
+    StudyInstanceUID substituted). A study the log does not know exits 5, as `audit`."""
     settings = settings_of(ctx)
-    print(deep_link(review_config(settings), study_uid.strip(),
-                    dashboard_port=settings.dashboard_port, ours=ours))
+    uid = study_uid.strip()
+
+    async def known() -> bool:
+        async with open_bus(settings) as bus:
+            return bool(await bus.history(uid))
+
+    if not asyncio.run(known()):
+        err.print(f"no events for study {uid}: nothing to link to")
+        raise typer.Exit(EXIT_NOT_FOUND)
+    print(deep_link(review_config(settings), uid, dashboard_port=settings.dashboard_port,
+                    ours=ours))
 
 
 @review_app.command("add-mask")

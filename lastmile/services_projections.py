@@ -9,8 +9,8 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+from events.deidentify import Deidentifier
 from events.errors import CodecError
-from events.export import UidRemapper
 from events.jetstream import EventBus
 from lastmile.runtime import Service
 from lastmile.settings import Settings
@@ -84,7 +84,7 @@ async def check_drift(bus: EventBus, store: ProjectionStore, config: Projections
 
 
 async def export_labels_from_bus(bus: EventBus, directory: Path, *,
-                                 remapper: UidRemapper | None = None,
+                                 deid: Deidentifier | None = None,
                                  study_uid: str | None = None,
                                  from_sequence: int = 1) -> LabelExport:
     """For `lastmile replay --to parquet DIR [--deidentify]`: the derived labels (reviews,
@@ -92,4 +92,4 @@ async def export_labels_from_bus(bus: EventBus, directory: Path, *,
     events = [(seq, ev) async for seq, ev, _ in
               bus.read(study_uid=study_uid, from_sequence=from_sequence)
               if not isinstance(ev, CodecError)]
-    return export_labels(events, directory, remapper)
+    return export_labels(events, directory, deid)

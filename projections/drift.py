@@ -63,3 +63,22 @@ def alerts_for(rows: Iterable[DriftRow], *, baseline: Window, window: Window,
             baseline_end=baseline[1].isoformat(),
         ))
     return out
+
+
+def describe_drift(rows: Iterable[DriftRow]) -> str:
+    """One line for a person: the features over their threshold (PSI), or that none was
+    among those whose PSI could be computed, or that no PSI could be computed at all (and
+    why) — "no feature over threshold" would claim a check that did not happen."""
+    rows = list(rows)
+    alerts = [r for r in rows if r.alert and r.psi is not None]
+    if alerts:
+        return ", ".join(f"{a.pipeline}:{a.feature} PSI {a.psi:.2f}" for a in alerts)
+    computed = [r for r in rows if r.psi is not None]
+    if computed:
+        return (f"no feature over threshold ({len(computed)} of {len(rows)} features "
+                "compared)")
+    if not rows:
+        return "no PSI could be computed: no exams in the baseline or the window"
+    smallest = min(rows, key=lambda r: min(r.baseline_n, r.window_n))
+    return (f"no PSI could be computed: {len(rows)} features with too few exams (fewest: "
+            f"{smallest.baseline_n} in the baseline, {smallest.window_n} in the window)")

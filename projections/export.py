@@ -6,11 +6,10 @@ label) and ``DIR/labels/edits.parquet`` (one row per corrected mask, with the vo
 recomputed from it and its Dice against the AI mask). Both carry the study UID, so a
 retraining set is assembled per study.
 
-With a ``UidRemapper`` (``--deidentify``) every UID is remapped with the same key as
-the event export, so the labels still join the remapped events; run keys go through
-``ident`` (they embed the study UID); event ids stay as in the
-event export so labels join it; the store key of an edited mask (a path
-that may embed UIDs) is left out and only its SHA-256 kept.
+With a ``Deidentifier`` (``--deidentify``) every value goes through the same mapping as
+the event export (``events.deidentify``): UIDs, run keys, event ids, readers, blinded
+labels and times remapped alike, so the labels still join the de-identified events; the
+store key and SHA-256 of an edited mask (they name the site's file) are left out.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from events.catalogue import (
     MeasurementRecomputed,
     ReviewSubmitted,
 )
-from events.export import UidRemapper
+from events.deidentify import Deidentifier
 
 REVIEWS_SCHEMA = pa.schema([
     ("sequence", pa.int64()),
@@ -74,13 +73,24 @@ class LabelExport:
 
 
 def export_labels(events: Iterable[tuple[int, Event]], directory: Path,
-                  remapper: UidRemapper | None = None) -> LabelExport:
+                  deid: Deidentifier | None = None) -> LabelExport:
     """Write ``labels/reviews.parquet`` and ``labels/edits.parquet`` under ``directory``."""
-    uid = remapper.uid if remapper else (lambda v: v)
-    ident = remapper.ident if remapper else (lambda v: v)
+    p = deid.pseudo if deid else None
 
-    def opt(f: object, v: str | None) -> str | None:
-        return None if v is None else f(v)  # type: ignore[operator]
+    def uid(v: str | None) -> str | None:
+        return None if v is None else (p.uid(v) if p else v)
+
+    def ident(v: str | None, kind: str = "id") -> str | None:
+        return None if v is None else (p.ident(v, kind) if p else v)
+
+    def person(v: str) -> str:
+        return p.person(v) if p else v
+
+    def seq_of(seq: int) -> int:
+        return deid.sequence(seq) if deid else seq
+
+    def when(ev: Event) -> object:
+        return deid.timestamp(ev.occurred_at, ev.study_uid) if deid else ev.occurred_at
 
     ai: dict[tuple[str, str], tuple[str, float | None]] = {}
     reviews: list[dict[str, object]] = []
@@ -93,21 +103,22 @@ def export_labels(events: Iterable[tuple[int, Event]], directory: Path,
             for label in sorted(set(ev.reads) | set(ev.agree)):
                 cls, prob = ai.get((ev.run_key, label), (None, None))
                 reviews.append({
-                    "sequence": seq, "event_id": ev.event_id,
-                    "occurred_at": ev.occurred_at, "study_uid": opt(uid, ev.study_uid),
+                    "sequence": seq_of(seq), "event_id": ident(ev.event_id, "event"),
+                    "occurred_at": when(ev), "study_uid": uid(ev.study_uid),
                     "pipeline": ev.pipeline, "run_key": ident(ev.run_key),
-                    "reader": ev.reader, "label": label, "read": ev.reads.get(label),
+                    "reader": person(ev.reader), "label": label, "read": ev.reads.get(label),
                     "agree": ev.agree.get(label), "ai_classification": cls,
                     "ai_probability": prob, "confidence": ev.confidence,
                     "seconds_on_case": ev.seconds_on_case,
-                    "blinded_label": ev.blinded_label, "source": ev.source,
+                    "blinded_label": ident(ev.blinded_label), "source": ev.source,
                 })
         elif isinstance(ev, EditSubmitted):
             edits[ev.event_id] = {
-                "sequence": seq, "event_id": ev.event_id, "occurred_at": ev.occurred_at,
-                "study_uid": opt(uid, ev.study_uid), "pipeline": ev.pipeline,
-                "run_key": ident(ev.run_key), "reader": ev.reader,
-                "store_key": None if remapper else ev.store_key, "sha256": ev.sha256,
+                "sequence": seq_of(seq), "event_id": ident(ev.event_id, "event"),
+                "occurred_at": when(ev), "study_uid": uid(ev.study_uid),
+                "pipeline": ev.pipeline, "run_key": ident(ev.run_key),
+                "reader": person(ev.reader), "store_key": None if deid else ev.store_key,
+                "sha256": None if deid else ev.sha256,
                 "measurements": [], "dice": [],
             }
         elif isinstance(ev, MeasurementRecomputed) and ev.edit_event_id in edits:

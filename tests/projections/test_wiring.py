@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.catalogue import DriftAlertRaised, ReviewSubmitted
-from events.export import UidRemapper
+from events.deidentify import Deidentifier, Pseudonymiser
 from events.jetstream import EventBus
 from events.nats_server import EmbeddedNats
 from lastmile.cli_projections import metrics_command, projections_app
@@ -91,7 +91,7 @@ async def test_service_follows_rebuild_matches_and_metrics_print(
         assert all(isinstance(a, DriftAlertRaised) for a in alerts) and len(alerts) == raised
         # replay --to parquet DIR --deidentify: the labels beside the events
         labels = await export_labels_from_bus(bus, tmp_path / "export",
-                                              remapper=UidRemapper(b"k" * 32))
+                                              deid=Deidentifier(Pseudonymiser(b"k" * 32)))
         assert labels.reviews == sum(len(set(e.reads) | set(e.agree)) for e in events
                                      if isinstance(e, ReviewSubmitted))
         assert labels.edits_path.exists()

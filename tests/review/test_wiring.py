@@ -65,13 +65,29 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
     assert bad.exit_code == 2 and "unknown role" in bad.output
 
 
+@pytest.mark.server
 def test_link_points_to_our_case_page_or_the_xnat_session(
-        tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch,
+        fresh_server: EmbeddedNats) -> None:
+    async def publish() -> None:
+        bus = await EventBus.connect(BusSettings(servers=(fresh_server.url,)))
+        try:
+            await bus.publish(QcPassed.new(actor="qc", study_uid="1.2.840.1", pipeline="hfd",
+                                           run_key="r"))
+        finally:
+            await bus.close()
+
+    fresh_server.start()
+    asyncio.run(publish())
     runner = CliRunner()
-    r = runner.invoke(cli(tmp_path), ["link", "1.2.840.1"])
+    app = cli(tmp_path, fresh_server.url)
+    r = runner.invoke(app, ["link", "1.2.840.1"])
     assert r.exit_code == 0 and r.output.strip() == "http://127.0.0.1:8501/case?study=1.2.840.1"
+    # a study the log does not know: nothing found, as `lastmile audit` says it
+    r = runner.invoke(app, ["link", "1.2.840.404"])
+    assert r.exit_code == 5 and "no events for study 1.2.840.404" in r.output
     monkeypatch.setenv("LASTMILE_PUBLIC_URL", "https://lastmile.example.org/")
-    r = runner.invoke(cli(tmp_path), ["link", "1.2.840.1"])
+    r = runner.invoke(cli(tmp_path, fresh_server.url), ["link", "1.2.840.1"])
     assert r.output.strip() == "https://lastmile.example.org/case?study=1.2.840.1"
     from engine.xnat_publisher import session_label
 
