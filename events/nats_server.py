@@ -62,6 +62,9 @@ class EmbeddedNats:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_payload: str = "8MB"
+    #: an ``authorization { users = [...] }`` block (``events.nats_auth``): one user per
+    #: role with its permissions; replaces ``user``/``password``
+    authorization: str | None = None
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +88,9 @@ class EmbeddedNats:
         ]
         if self.monitor_port:
             lines.insert(2, f'http: "{self.host}:{self.monitor_port}"')
-        if self.user:
+        if self.authorization:
+            lines.append(self.authorization)
+        elif self.user:
             lines.append(f'authorization {{ user: "{self.user}", password: "{self.password}" }}')
         if self.tls_cert and self.tls_key:
             cert = str(self.tls_cert.resolve()).replace("\\", "/")
@@ -102,8 +107,10 @@ class EmbeddedNats:
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
-        conf.write_text(self.config_text())
-        os.chmod(conf, 0o600)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.chmod(conf, 0o600)  # an older file may have been made wider
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config_text())
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
             [find_binary(), "-c", str(conf)],

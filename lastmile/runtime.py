@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from events.jetstream import EventBus
+from events.nats_auth import authorization_block
 from events.nats_server import EmbeddedNats
 from lastmile.settings import Settings
 
@@ -19,13 +20,16 @@ log = logging.getLogger("lastmile")
 
 
 def embedded_server(settings: Settings) -> EmbeddedNats:
+    """The site's embedded nats-server: it always requires credentials, one user per
+    service role (``events.nats_auth``), generated into the state dir at first start."""
+    creds = settings.nats_credentials()
+    assert creds is not None  # always, for the embedded server
     return EmbeddedNats(
         store_dir=settings.state_dir / "nats",
         host=settings.nats_host,
         port=settings.nats_port,
         sync=settings.nats_sync,
-        user=settings.nats_user,
-        password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+        authorization=authorization_block(creds, settings.bus().stream),
         tls_cert=settings.nats_server_tls_cert,
         tls_key=settings.nats_server_tls_key,
     )
@@ -38,15 +42,15 @@ def _listening(host: str, port: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_bus(settings: Settings) -> AsyncIterator[EventBus]:
-    """A connected bus. In embedded mode with no server running (no `lastmile up`),
-    the embedded server is started on the state dir for the duration, so `audit` and
-    `replay` work on a stopped installation too."""
+async def open_bus(settings: Settings, role: str = "admin") -> AsyncIterator[EventBus]:
+    """A connected bus, as NATS user ``role`` (the CLI is admin). In embedded mode with no
+    server running (no `lastmile up`), the embedded server is started on the state dir
+    for the duration, so `audit` and `replay` work on a stopped installation too."""
     server: EmbeddedNats | None = None
     if settings.embedded_nats and not _listening(settings.nats_host, settings.nats_port):
         server = embedded_server(settings).start()
     try:
-        bus = await EventBus.connect(settings.bus())
+        bus = await EventBus.connect(settings.bus(role), ensure_stream=role == "admin")
         try:
             yield bus
         finally:
@@ -60,6 +64,8 @@ class Service:
     """A long-running part of `lastmile up` (SCP, worker, projector, ...)."""
 
     name: str = "service"
+    #: the NATS user it runs as (``events.nats_auth.ROLES``); ``services_for`` sets it
+    nats_role: str = "admin"
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
         raise NotImplementedError
@@ -84,9 +90,19 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        async with open_bus(self.settings) as bus:
-            tasks = [asyncio.create_task(self._keep(s, bus, stop), name=s.name)
-                     for s in self.services]
+        async with open_bus(self.settings) as bus, contextlib.AsyncExitStack() as buses:
+            # one connection per role: each service acts as its own NATS user
+            by_role: dict[str, EventBus] = {"admin": bus}
+            for role in sorted({s.nats_role for s in self.services} - {"admin"}):
+                role_settings = self.settings.bus(role)
+                if role_settings.user == bus.settings.user and \
+                        role_settings.creds_file == bus.settings.creds_file:
+                    by_role[role] = bus  # an external server with one user for all
+                    continue
+                by_role[role] = await buses.enter_async_context(
+                    await EventBus.connect(role_settings, ensure_stream=False))
+            tasks = [asyncio.create_task(self._keep(s, by_role[s.nats_role], stop),
+                                         name=s.name) for s in self.services]
             if self.on_ready is not None:
                 await self.on_ready(bus)
             await stop.wait()
