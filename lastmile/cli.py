@@ -83,6 +83,9 @@ def main_options(
     for noisy in ("highdicom", "pynetdicom", "streamlit"):  # chatty at INFO; ours is enough
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(
             settings.log_level)))
+    import os
+
+    os.umask(0o077)  # whatever a command writes (state, exports) is its user's alone
     ctx.obj = settings
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +16,56 @@ from pathlib import Path
 from events.jetstream import EventBus
 from events.nats_auth import authorization_block
 from events.nats_server import EmbeddedNats
-from lastmile.settings import Settings
+from events.store_lock import StoreLock
+from lastmile.settings import ConfigError, Settings
 
 log = logging.getLogger("lastmile")
+
+
+STATE_UMASK = 0o077
+
+
+def secure_state_dir(settings: Settings) -> int:
+    """Make the state dir owner-only before anything is written into it.
+
+    Sets the process umask to 0o077 (so every file and folder made from now on, by us
+    or by a child such as nats-server or Streamlit, is owner-only: instances, SEG/SR
+    results, DuckDB, exports, logs). A state dir that group or others can reach (an
+    older installation, a hand-made folder) is fixed, with everything under it, and a
+    warning says so. Returns how many paths were fixed. Raises ``ConfigError`` when the
+    folder belongs to another user (we cannot make it ours).
+    """
+    os.umask(STATE_UMASK)
+    root = settings.state_dir
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = root.stat()
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"state dir {root} belongs to uid {st.st_uid}, not to this user "
+                          f"(uid {os.geteuid()}): run Lastmile as its owner")
+    if not st.st_mode & 0o077:
+        return 0  # nobody else can reach anything below it
+    fixed = 0
+    for path in [root, *root.rglob("*")]:
+        with contextlib.suppress(FileNotFoundError):
+            mode = path.lstat().st_mode
+            if not stat.S_ISLNK(mode) and mode & 0o077:
+                path.chmod(stat.S_IMODE(mode) & 0o700)
+                fixed += 1
+    log.warning("state dir %s was readable by group or others: made %d files and folders "
+                "owner-only (it holds patient images and results)", root, fixed)
+    return fixed
+
+
+def read_model_lock(settings: Settings) -> StoreLock:
+    """The one-writer lock of the DuckDB read model (the projector, `projections rebuild`)."""
+    path = settings.duckdb_path
+    return StoreLock(path.with_name(path.name + ".writer.lock"), f"the read model {path}")
 
 
 def embedded_server(settings: Settings) -> EmbeddedNats:
     """The site's embedded nats-server: it always requires credentials, one user per
     service role (``events.nats_auth``), generated into the state dir at first start."""
+    secure_state_dir(settings)
     creds = settings.nats_credentials()
     assert creds is not None  # always, for the embedded server
     return EmbeddedNats(
@@ -86,6 +130,7 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
+        secure_state_dir(self.settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
