@@ -369,6 +369,51 @@ class DeliveryFailed(Event, frozen=True, kw_only=True, tag="system.delivery.fail
     payload_size: int | None = None
 
 
+# --------------------------------------------------------------------------- access and the log
+# (issue 18: who signed in, who failed to, who looked at a case, what was redacted.)
+# Pages (channel "pages") and the CLI (channel "cli") publish the sign-in facts; the NATS
+# role "pages" may publish ``access.>``, the CLI is admin. None carries a password or
+# any DICOM value: a failed sign-in names the user only when that name exists.
+
+
+class SignedIn(Event, frozen=True, kw_only=True, tag="access.sign_in.succeeded"):
+    """A person proved who they are (``actor`` is then ``user:<name>``)."""
+
+    user: str
+    channel: str  # "pages" | "cli"
+    method: str  # "password" | "proxy_header"
+    source_address: str | None = None  # the client's IP address (pages)
+
+
+class SignInFailed(Event, frozen=True, kw_only=True, tag="access.sign_in.failed"):
+    """A refused sign-in. ``user`` is set only for a name in the users file (a mistyped
+    password in the name field must not be logged); ``reason`` is our words."""
+
+    channel: str
+    reason: str  # e.g. "wrong password", "unknown user", "rate limited", "role missing"
+    user: str | None = None
+    source_address: str | None = None
+
+
+class CaseViewed(Event, frozen=True, kw_only=True, tag="access.case.viewed"):
+    """A signed-in person opened a study's case (images, result, reads)."""
+
+    user: str
+    page: str
+    run_key: str | None = None
+
+
+class LogRedacted(Event, frozen=True, kw_only=True, tag="system.log.redacted"):
+    """Messages were erased from the log (``lastmile redact``) because they held a value
+    that must not be there. Records which messages, never the value itself."""
+
+    sequences: tuple[int, ...]
+    types: tuple[str, ...]  # each erased message's event type, in ``sequences`` order
+    event_ids: tuple[str, ...] = ()
+    reason: str
+    read_models_rebuilt: bool = False
+
+
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     InstanceStored,
     InstanceRejected,
@@ -397,4 +442,8 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     EditSubmitted,
     DriftAlertRaised,
     DeliveryFailed,
+    SignedIn,
+    SignInFailed,
+    CaseViewed,
+    LogRedacted,
 )

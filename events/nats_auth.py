@@ -15,7 +15,7 @@ admin      everything, and every JetStream API              the CLI, the supervi
 ingest     ``ingest.>``                                    DICOM receiver, completion
 engine     ``engine.>``                                    workers, edits, PACS redelivery
 projector  ``projections.>`` (drift alerts)                the DuckDB projector
-pages      ``review.>``                                    the Streamlit pages
+pages      ``review.>``, ``access.>`` (sign-ins, views)    the Streamlit pages
 review     ``review.case.>``                               the case assigner
 xnat       ``engine.result.>``, ``review.review.>``,       XNAT publisher and feedback
            ``review.edit.>``
@@ -24,8 +24,8 @@ xnat       ``engine.result.>``, ``review.review.>``,       XNAT publisher and fe
 Every role may read the whole log (create, read and acknowledge consumers on the
 stream) and publish ``system.delivery.failed`` (the dead letters every consumer
 writes). No role but admin may create, change, purge or delete the stream or delete
-a message. So a stolen pages credential can write reviews but no engine, ingest or
-QC-free facts, and a process without a credential cannot connect at all.
+a message. So a stolen pages credential can write reviews but no engine or ingest
+facts, and a process without a credential cannot connect at all.
 
 The permission sets are written against the JetStream API subjects that nats-py
 2.x uses with a nats-server >= 2.9 (``$JS.API.CONSUMER.CREATE.<stream>.<name>[.<filter>]``,
@@ -51,7 +51,7 @@ ROLE_EVENTS: Mapping[str, tuple[str, ...]] = {
     "ingest": ("ingest.>",),
     "engine": ("engine.>",),
     "projector": ("projections.>",),
-    "pages": ("review.>",),
+    "pages": ("review.>", "access.>"),
     "review": ("review.case.>",),
     "xnat": ("engine.result.>", "review.review.>", "review.edit.>"),
 }
