@@ -245,6 +245,7 @@ from lastmile import (  # noqa: E402  (registered after the core commands, in he
     cli_demo,
     cli_pipelines,
     cli_projections,
+    cli_redact,
     cli_review,
     cli_route,
     cli_study,
@@ -262,6 +263,7 @@ app.add_typer(cli_xnat.xnat_app, name="xnat")
 app.add_typer(cli_review.users_app, name="users")
 app.add_typer(cli_review.review_app, name="review")
 app.command("link")(cli_review.link_command)
+app.command("redact")(cli_redact.redact_command)
 
 # --------------------------------------------------------------------------- entry
 
