@@ -115,7 +115,7 @@ def load_or_create(path: Path) -> NatsCredentials:
     """The credentials in ``path``, generated (mode 0600, never overwritten) if absent."""
     if not path.exists():
         creds = NatsCredentials.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process made it first: use theirs

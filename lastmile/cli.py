@@ -248,6 +248,7 @@ from lastmile import (  # noqa: E402  (registered after the core commands, in he
     cli_redact,
     cli_review,
     cli_route,
+    cli_security,
     cli_study,
     cli_xnat,
 )
@@ -264,6 +265,7 @@ app.add_typer(cli_review.users_app, name="users")
 app.add_typer(cli_review.review_app, name="review")
 app.command("link")(cli_review.link_command)
 app.command("redact")(cli_redact.redact_command)
+app.add_typer(cli_security.security_app, name="security")
 
 # --------------------------------------------------------------------------- entry
 

@@ -186,7 +186,7 @@ class Settings(BaseSettings):
                     f"{path} is readable by others (mode {mode:o}); run `chmod 600 {path}`"
                 )
             return path.read_bytes().strip()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_hex(32).encode("ascii"))

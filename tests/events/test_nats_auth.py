@@ -13,6 +13,8 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from events.catalogue import (
     CaseAssigned,
@@ -25,6 +27,7 @@ from events.errors import BusUnavailable, PublishError, Unprocessable
 from events.jetstream import BusSettings, EventBus
 from events.nats_auth import ROLES, CredentialsError, NatsCredentials
 from events.nats_server import EmbeddedNats, free_port
+from lastmile.cli_security import security_app
 from lastmile.runtime import embedded_server
 from lastmile.services import services_for
 from lastmile.settings import ConfigError, Settings
@@ -194,3 +197,31 @@ def test_services_of_up_run_as_their_roles(tmp_path: Path) -> None:
                      "engine-worker": "engine", "engine-edits": "engine",
                      "pacs-redelivery": "engine", "projector": "projector",
                      "dashboard": "pages", "review-assigner": "review"}
+
+
+async def test_rotate_is_refused_while_the_server_runs_and_old_passwords_then_fail(
+        tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "state", nats_port=free_port())
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        ctx.obj = settings
+
+    app.add_typer(security_app, name="security")
+    old = settings.bus("pages")
+    with embedded_server(settings):
+        r = await asyncio.to_thread(CliRunner().invoke, app, ["security", "rotate"])
+        assert r.exit_code != 0 and "in use by pid" in str(r.exception)
+    r = await asyncio.to_thread(CliRunner().invoke, app, ["security", "rotate"])
+    assert r.exit_code == 0, r.output
+    new = settings.bus("pages")
+    assert new.password != old.password
+    config = await asyncio.to_thread(CliRunner().invoke, app, ["security", "nats-config"])
+    assert new.password in config.output and "$JS.API.CONSUMER.MSG.NEXT.LASTMILE.*" \
+        in config.output
+    with embedded_server(settings):
+        with pytest.raises(BusUnavailable, match="refused the credentials"):
+            await EventBus.connect(old, ensure_stream=False)
+        bus = await EventBus.connect(new, ensure_stream=False)
+        await bus.close()
