@@ -403,6 +403,15 @@ class CaseViewed(Event, frozen=True, kw_only=True, tag="access.case.viewed"):
     run_key: str | None = None
 
 
+class UserChanged(Event, frozen=True, kw_only=True, tag="access.user.changed"):
+    """Who may sign in changed (``lastmile users ...``); ``actor`` is who changed it."""
+
+    user: str
+    change: str  # "added" | "updated" | "removed" | "disabled"
+    roles: tuple[str, ...] = ()
+    pipelines: tuple[str, ...] = ()
+
+
 class LogRedacted(Event, frozen=True, kw_only=True, tag="system.log.redacted"):
     """Messages were erased from the log (``lastmile redact``) because they held a value
     that must not be there. Records which messages, never the value itself."""
@@ -445,5 +454,6 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     SignedIn,
     SignInFailed,
     CaseViewed,
+    UserChanged,
     LogRedacted,
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import getpass
 import os
 import pwd
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +118,21 @@ def signed_in_or_exit(settings: Settings, as_user: str | None,
     Console(stderr=True).print(f"[red]{refusal}[/] (recorded)")
     raise typer.Exit(1)
 
+
+
+def record_user_change(settings: Settings, who: CliIdentity, user: str, change: str,
+                       roles: Sequence[str] = (), pipelines: Sequence[str] = ()) -> None:
+    """Record that ``who`` changed who may sign in (``access.user.changed``)."""
+    import asyncio
+
+    from events.catalogue import UserChanged
+    from lastmile.runtime import open_bus
+
+    event = UserChanged.new(actor=who.actor, user=user, change=change, roles=tuple(roles),
+                            pipelines=tuple(pipelines))
+
+    async def record() -> None:
+        async with open_bus(settings) as bus:
+            await bus.publish_many([*who.events(), event])
+
+    asyncio.run(record())

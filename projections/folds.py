@@ -46,6 +46,7 @@ from events.catalogue import (
     SignInFailed,
     StudyAmended,
     StudyCompleted,
+    UserChanged,
 )
 from events.errors import CodecError
 
@@ -278,6 +279,7 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     SignedIn: _not_projected,
     SignInFailed: _not_projected,
     CaseViewed: _not_projected,
+    UserChanged: _not_projected,
     LogRedacted: _not_projected,
 }
 
