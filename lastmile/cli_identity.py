@@ -101,8 +101,8 @@ def signed_in_or_exit(settings: Settings, as_user: str | None,
     import asyncio
 
     import typer
-    from rich.console import Console
 
+    from lastmile.cli_common import err
     from lastmile.runtime import open_bus
 
     try:
@@ -115,7 +115,7 @@ def signed_in_or_exit(settings: Settings, as_user: str | None,
             await bus.publish(refusal.event)
 
     asyncio.run(record())
-    Console(stderr=True).print(f"[red]{refusal}[/] (recorded)")
+    err.print(f"[red]{refusal}[/] (recorded)")
     raise typer.Exit(1)
 
 

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from events.jetstream import EventBus
+from lastmile.cli_common import err, out, settings_of
 from lastmile.settings import Settings
 
 MIN_VALUE_LEN = 4
-out = Console()
-err = Console(stderr=True)
 
 
 class RedactError(Exception):
@@ -134,7 +132,7 @@ def redact_command(
     from lastmile.cli_identity import signed_in_or_exit
     from lastmile.runtime import open_bus, read_model_lock
 
-    settings: Settings = ctx.find_root().obj
+    settings = settings_of(ctx)
     try:
         values = read_values(grep_file) if grep_file else []
         if not values and not sequence:

@@ -16,19 +16,12 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from lastmile.cli_common import out, settings_of
 from lastmile.settings import ConfigError, Settings
 
 security_app = typer.Typer(help="NATS users per service role: print their server "
                            "configuration, rotate their passwords.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings: Settings = ctx.find_root().obj
-    return settings
 
 
 def _path(settings: Settings) -> Path:
@@ -44,7 +37,7 @@ def nats_config_command(ctx: typer.Context) -> None:
     """Print the nats-server `authorization` block for the site's per-role users."""
     from events.nats_auth import authorization_block, load_or_create
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     path = _path(settings)
     # a site making its first file for an external server gets one generated
     creds = settings.nats_credentials() if path.exists() else load_or_create(path)
@@ -58,7 +51,7 @@ def rotate_command(ctx: typer.Context) -> None:
     from events.nats_auth import NatsCredentials
     from events.store_lock import StoreLock
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     path = _path(settings)
     store = settings.state_dir / "nats"
     with StoreLock(store / "store.lock", f"the JetStream store {store}"):
