@@ -22,7 +22,8 @@ xnat       ``engine.result.>``, ``review.review.>``,       XNAT publisher and fe
 =========  ==============================================  ==============================
 
 Every role may read the whole log (create, read and acknowledge consumers on the
-stream) and publish ``system.delivery.failed`` (the dead letters every consumer
+stream, except the other roles' durable consumers, ``ROLE_DURABLES``) and publish
+``system.delivery.failed`` (the dead letters every consumer
 writes). No role but admin may create, change, purge or delete the stream or delete
 a message. So a stolen pages credential can write reviews but no engine or ingest
 facts, and a process without a credential cannot connect at all.
@@ -56,6 +57,15 @@ ROLE_EVENTS: Mapping[str, tuple[str, ...]] = {
     "xnat": ("engine.result.>", "review.review.>", "review.edit.>"),
 }
 ROLES: tuple[str, ...] = tuple(ROLE_EVENTS)
+#: role -> the durable consumers it runs (the services' default names); every other role
+#: is denied them, so a stolen credential cannot pull or acknowledge another service's
+#: work away
+ROLE_DURABLES: Mapping[str, tuple[str, ...]] = {
+    "ingest": ("ingest-completion",),
+    "engine": ("engine-workers", "engine-edits", "pacs-redelivery"),
+    "review": ("review-assigner",),
+    "xnat": ("xnat-publisher",),
+}
 DEAD_LETTER_TYPE = "system.delivery.failed"
 
 
@@ -129,7 +139,8 @@ def load_or_create(path: Path) -> NatsCredentials:
 
 
 def role_permissions(role: str, stream: str = "LASTMILE") -> dict[str, dict[str, list[str]]]:
-    """The NATS ``permissions`` of a role (publish/subscribe allow lists)."""
+    """The NATS ``permissions`` of a role (publish/subscribe allow lists, and a publish
+    deny list of the other roles' durable consumers)."""
     if role not in ROLE_EVENTS:
         raise CredentialsError(f"unknown role {role!r}")
     if role == "admin":
@@ -147,7 +158,16 @@ def role_permissions(role: str, stream: str = "LASTMILE") -> dict[str, dict[str,
         f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
     ]
-    return {"publish": {"allow": publish}, "subscribe": {"allow": ["_INBOX.>"]}}
+    deny = []
+    for other, durables in ROLE_DURABLES.items():
+        if other == role:
+            continue
+        for d in durables:
+            deny += [f"{api}.CONSUMER.CREATE.{stream}.{d}",
+                     f"{api}.CONSUMER.CREATE.{stream}.{d}.>",
+                     f"{api}.CONSUMER.MSG.NEXT.{stream}.{d}",
+                     f"$JS.ACK.{stream}.{d}.>"]
+    return {"publish": {"allow": publish, "deny": deny}, "subscribe": {"allow": ["_INBOX.>"]}}
 
 
 def _quote(text: str) -> str:

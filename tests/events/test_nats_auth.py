@@ -150,7 +150,8 @@ async def test_a_consumer_runs_with_its_role_and_dead_letters(
 async def test_no_role_but_admin_may_change_the_stream_or_delete(
         site: tuple[Settings, EmbeddedNats]) -> None:
     """The JetStream API itself: a raw client with the pages' credential cannot delete the
-    stream, purge it, delete a message or create a stream of its own."""
+    stream, purge it, delete a message, create a stream of its own, or pull from (or
+    redefine) the engine's durable consumer."""
     settings, server = site
     admin = await _connect(settings, "admin")
     await admin.publish(_review())
@@ -166,10 +167,16 @@ async def test_no_role_but_admin_may_change_the_stream_or_delete(
         for subject, body in [("$JS.API.STREAM.DELETE.LASTMILE", b""),
                               ("$JS.API.STREAM.PURGE.LASTMILE", b""),
                               ("$JS.API.STREAM.MSG.DELETE.LASTMILE", b'{"seq":1}'),
-                              ("$JS.API.STREAM.CREATE.MINE", b'{"name":"MINE"}')]:
+                              ("$JS.API.STREAM.CREATE.MINE", b'{"name":"MINE"}'),
+                              # nor pull or take over the engine's work queue
+                              ("$JS.API.CONSUMER.MSG.NEXT.LASTMILE.engine-workers",
+                               b'{"batch":1}'),
+                              ("$JS.API.CONSUMER.CREATE.LASTMILE.engine-workers.lm.ev.>",
+                               b'{"stream_name":"LASTMILE","config":{"name":"engine-workers",'
+                               b'"durable_name":"engine-workers","ack_policy":"explicit"}}')]:
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await nc.request(subject, body, timeout=1.0)
-        assert len(denied) == 4 and all("permissions violation" in d for d in denied)
+        assert len(denied) == 6 and all("permissions violation" in d for d in denied)
         assert await admin.last_sequence() == 1
     finally:
         await nc.close()
