@@ -116,6 +116,15 @@ def test_a_second_up_on_the_same_state_dir_is_refused_naming_the_first(
         assert rebuild.returncode == 1 and f"in use by pid {first.pid}" in text, text
         assert "lastmile.duckdb" in text
 
+        # an extra worker on the same host and state dir, pointed at the first's NATS with
+        # the site's per-role credentials, still runs (it writes neither store)
+        extra_env = {**env, "LASTMILE_SERVICES": '["engine"]',
+                     "LASTMILE_NATS_URL": f"nats://127.0.0.1:{env['LASTMILE_NATS_PORT']}",
+                     "LASTMILE_NATS_CREDENTIALS_FILE": str(
+                         Path(env["LASTMILE_STATE_DIR"]) / "nats-credentials.json")}
+        with lastmile_up(extra_env, tmp_path / "extra.log") as extra:
+            assert extra.poll() is None
+
         # readers still run beside it
         audit = subprocess.run([*LASTMILE, "audit", STUDY, "--json"], env=env,
                                capture_output=True, text=True, timeout=60)
