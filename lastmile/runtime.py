@@ -146,10 +146,13 @@ class Supervisor:
                     continue
                 by_role[role] = await buses.enter_async_context(
                     await EventBus.connect(role_settings, ensure_stream=False))
+            if self.on_ready is not None:
+                # before the services start: a service's first seconds may hold the event
+                # loop (importing the engine's libraries), and a request waiting then
+                # times out (seen on a loaded machine: `up` and `demo` exited at start)
+                await self.on_ready(bus)
             tasks = [asyncio.create_task(self._keep(s, by_role[s.nats_role], stop),
                                          name=s.name) for s in self.services]
-            if self.on_ready is not None:
-                await self.on_ready(bus)
             await stop.wait()
             for t in tasks:
                 t.cancel()
