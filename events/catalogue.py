@@ -370,19 +370,19 @@ class DeliveryFailed(Event, frozen=True, kw_only=True, tag="system.delivery.fail
 
 
 # --------------------------------------------------------------------------- access and the log
-# (issue 18: who signed in, who failed to, who looked at a case, what was redacted.)
-# Pages (channel "pages") and the CLI (channel "cli") publish the sign-in facts; the NATS
-# role "pages" may publish ``access.>``, the CLI is admin. None carries a password or
-# any DICOM value: a failed sign-in names the user only when that name exists.
+# (issue 18: who proved who they are on the command line, who changed the users, what was
+# redacted from the log.) The CLI (NATS role admin) publishes them; the pages' own sign-in
+# and case-view facts are ``review.*`` events. None carries a password or any DICOM
+# value: a failed sign-in names the user only when that name exists.
 
 
 class SignedIn(Event, frozen=True, kw_only=True, tag="access.sign_in.succeeded"):
-    """A person proved who they are (``actor`` is then ``user:<name>``)."""
+    """A person proved who they are to a command (``actor`` is then ``user:<name>``)."""
 
     user: str
-    channel: str  # "pages" | "cli"
-    method: str  # "password" | "proxy_header"
-    source_address: str | None = None  # the client's IP address (pages)
+    channel: str  # "cli"
+    method: str  # "password"
+    source_address: str | None = None
 
 
 class SignInFailed(Event, frozen=True, kw_only=True, tag="access.sign_in.failed"):
@@ -390,17 +390,9 @@ class SignInFailed(Event, frozen=True, kw_only=True, tag="access.sign_in.failed"
     password in the name field must not be logged); ``reason`` is our words."""
 
     channel: str
-    reason: str  # e.g. "wrong password", "unknown user", "rate limited", "role missing"
+    reason: str  # "wrong password", "unknown user", "the governance or admin role is needed"
     user: str | None = None
     source_address: str | None = None
-
-
-class CaseViewed(Event, frozen=True, kw_only=True, tag="access.case.viewed"):
-    """A signed-in person opened a study's case (images, result, reads)."""
-
-    user: str
-    page: str
-    run_key: str | None = None
 
 
 class UserChanged(Event, frozen=True, kw_only=True, tag="access.user.changed"):
@@ -453,7 +445,6 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     DeliveryFailed,
     SignedIn,
     SignInFailed,
-    CaseViewed,
     UserChanged,
     LogRedacted,
 )

@@ -15,7 +15,7 @@ admin      everything, and every JetStream API              the CLI, the supervi
 ingest     ``ingest.>``                                    DICOM receiver, completion
 engine     ``engine.>``                                    workers, edits, PACS redelivery
 projector  ``projections.>`` (drift alerts)                the DuckDB projector
-pages      ``review.>``, ``access.>`` (sign-ins, views)    the Streamlit pages
+pages      ``review.>`` (reads, QC, edits, sign-ins)       the Streamlit pages
 review     ``review.case.>``                               the case assigner
 xnat       ``engine.result.>``, ``review.review.>``,       XNAT publisher and feedback
            ``review.edit.>``
@@ -52,7 +52,7 @@ ROLE_EVENTS: Mapping[str, tuple[str, ...]] = {
     "ingest": ("ingest.>",),
     "engine": ("engine.>",),
     "projector": ("projections.>",),
-    "pages": ("review.>", "access.>"),
+    "pages": ("review.>",),
     "review": ("review.case.>",),
     "xnat": ("engine.result.>", "review.review.>", "review.edit.>"),
 }

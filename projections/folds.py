@@ -16,7 +16,6 @@ from typing import Any
 from events.base import Event
 from events.catalogue import (
     CaseAssigned,
-    CaseViewed,
     DeliveryFailed,
     DriftAlertRaised,
     EditSubmitted,
@@ -278,7 +277,6 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     # access and redaction facts (issue 18): in the log for audit, no read-model rows yet
     SignedIn: _not_projected,
     SignInFailed: _not_projected,
-    CaseViewed: _not_projected,
     UserChanged: _not_projected,
     LogRedacted: _not_projected,
 }
