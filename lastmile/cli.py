@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,8 +84,6 @@ def main_options(
     for noisy in ("highdicom", "pynetdicom", "streamlit"):  # chatty at INFO; ours is enough
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(
             settings.log_level)))
-    import os
-
     os.umask(0o077)  # whatever a command writes (state, exports) is its user's alone
     ctx.obj = settings
 
