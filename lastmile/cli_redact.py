@@ -25,13 +25,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from events.jetstream import EventBus
 from lastmile.cli_common import err, out, settings_of
 from lastmile.settings import Settings
+
+if TYPE_CHECKING:
+    from events.jetstream import EventBus
 
 MIN_VALUE_LEN = 4
 
