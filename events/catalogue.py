@@ -369,6 +369,52 @@ class DeliveryFailed(Event, frozen=True, kw_only=True, tag="system.delivery.fail
     payload_size: int | None = None
 
 
+# --------------------------------------------------------------------------- access and the log
+# (issue 18: who proved who they are on the command line, who changed the users, what was
+# redacted from the log.) The CLI (NATS role admin) publishes them; the pages' own sign-in
+# and case-view facts are ``review.*`` events. None carries a password or any DICOM
+# value: a failed sign-in names the user only when that name exists.
+
+
+class SignedIn(Event, frozen=True, kw_only=True, tag="access.sign_in.succeeded"):
+    """A person proved who they are to a command (``actor`` is then ``user:<name>``)."""
+
+    user: str
+    channel: str  # "cli"
+    method: str  # "password"
+    source_address: str | None = None
+
+
+class SignInFailed(Event, frozen=True, kw_only=True, tag="access.sign_in.failed"):
+    """A refused sign-in. ``user`` is set only for a name in the users file (a mistyped
+    password in the name field must not be logged); ``reason`` is our words."""
+
+    channel: str
+    reason: str  # "wrong password", "unknown user", "the governance or admin role is needed"
+    user: str | None = None
+    source_address: str | None = None
+
+
+class UserChanged(Event, frozen=True, kw_only=True, tag="access.user.changed"):
+    """Who may sign in changed (``lastmile users ...``); ``actor`` is who changed it."""
+
+    user: str
+    change: str  # "added" | "updated" | "removed" | "disabled"
+    roles: tuple[str, ...] = ()
+    pipelines: tuple[str, ...] = ()
+
+
+class LogRedacted(Event, frozen=True, kw_only=True, tag="system.log.redacted"):
+    """Messages were erased from the log (``lastmile redact``) because they held a value
+    that must not be there. Records which messages, never the value itself."""
+
+    sequences: tuple[int, ...]
+    types: tuple[str, ...]  # each erased message's event type, in ``sequences`` order
+    event_ids: tuple[str, ...] = ()
+    reason: str
+    read_models_rebuilt: bool = False
+
+
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     InstanceStored,
     InstanceRejected,
@@ -397,4 +443,8 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     EditSubmitted,
     DriftAlertRaised,
     DeliveryFailed,
+    SignedIn,
+    SignInFailed,
+    UserChanged,
+    LogRedacted,
 )

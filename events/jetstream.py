@@ -240,6 +240,11 @@ class EventBus:
                 nats.js.errors.NoStreamResponseError,
                 nats.js.errors.ServiceUnavailableError,
             ) as exc:
+                if subject in self._conn_log.denied:
+                    raise PublishError(
+                        f"NATS user {self.settings.user or '(none)'} may not publish "
+                        f"{event.type_name()} ({subject}): permissions violation; the event "
+                        "was not recorded") from None
                 if loop.time() + delay > deadline or self.nc.is_closed:
                     raise PublishError(
                         f"JetStream at {self.settings.display_url()} did not acknowledge "
@@ -518,12 +523,16 @@ class _ConnectionLog:
     def __init__(self) -> None:
         self.connected = False
         self.errors: list[Exception] = []  # why the first connect failed (all attempts)
+        self.denied: set[str] = set()  # subjects the server refused (permissions)
 
     def callbacks(self) -> dict[str, Any]:
         return {"error_cb": self.error, "disconnected_cb": self.disconnected,
                 "reconnected_cb": self.reconnected}
 
     async def error(self, exc: Exception) -> None:
+        text = str(exc)
+        if "permissions violation for publish to" in text.lower():
+            self.denied.add(text.rsplit(" to ", 1)[-1].strip().strip('"'))
         if self.connected:
             log.warning("nats: %s", exc)
         elif len(self.errors) < 20:
@@ -536,7 +545,9 @@ class _ConnectionLog:
         for text in texts:
             if "authoriz" in text.lower() or "authentication" in text.lower():
                 return (f" The server refused the credentials ({text}): check "
-                        "LASTMILE_NATS_USER and LASTMILE_NATS_PASSWORD, or LASTMILE_NATS_CREDS.")
+                        "LASTMILE_NATS_USER and LASTMILE_NATS_PASSWORD, LASTMILE_NATS_CREDS, or "
+                        "the role's user in LASTMILE_NATS_CREDENTIALS_FILE (the embedded "
+                        "server's is nats-credentials.json in the state dir).")
         for exc, text in zip(self.errors, texts, strict=True):
             if isinstance(exc, ssl.SSLError) or "certificate" in text.lower() \
                     or "tls" in text.lower():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from events.errors import BusUnavailable
+from events.store_lock import StoreLock
 
 
 def find_binary() -> str:
@@ -62,7 +63,11 @@ class EmbeddedNats:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_payload: str = "8MB"
+    #: an ``authorization { users = [...] }`` block (``events.nats_auth``): one user per
+    #: role with its permissions; replaces ``user``/``password``
+    authorization: str | None = None
     _proc: subprocess.Popen[bytes] | None = None
+    _lock: StoreLock | None = None
 
     @property
     def url(self) -> str:
@@ -85,7 +90,9 @@ class EmbeddedNats:
         ]
         if self.monitor_port:
             lines.insert(2, f'http: "{self.host}:{self.monitor_port}"')
-        if self.user:
+        if self.authorization:
+            lines.append(self.authorization)
+        elif self.user:
             lines.append(f'authorization {{ user: "{self.user}", password: "{self.password}" }}')
         if self.tls_cert and self.tls_key:
             cert = str(self.tls_cert.resolve()).replace("\\", "/")
@@ -101,21 +108,29 @@ class EmbeddedNats:
                 f"use it with --nats-url nats://{self.host}:{self.port}"
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:  # one server per store: a second one would corrupt it
+            self._lock = StoreLock(self.store_dir / "store.lock",
+                                   f"the JetStream store {self.store_dir}",
+                                   detail=f"nats-server on {self.url}").acquire()
         conf = self.store_dir / "nats.conf"
-        conf.write_text(self.config_text())
-        os.chmod(conf, 0o600)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.chmod(conf, 0o600)  # an older file may have been made wider
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config_text())
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
             [find_binary(), "-c", str(conf)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=(self._lock.fileno(),),  # the lock lives as long as the server
         )
         log_file.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 tail = (self.store_dir / "nats-server.log").read_text(errors="replace")[-800:]
+                self._release()
                 raise BusUnavailable(f"nats-server exited at start:\n{tail}")
             if _port_open(self.host, self.port):
                 return self
@@ -127,6 +142,7 @@ class EmbeddedNats:
         """SIGTERM (the server flushes and closes its store), then SIGKILL if stuck."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
+            self._release()
             return
         proc.send_signal(signal.SIGTERM)
         try:
@@ -134,6 +150,12 @@ class EmbeddedNats:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def kill(self) -> None:
         """``kill -9``: for failure drills."""
@@ -141,6 +163,7 @@ class EmbeddedNats:
             self._proc.kill()
             self._proc.wait(5)
         self._proc = None
+        self._release()
 
     def __enter__(self) -> EmbeddedNats:
         return self.start()

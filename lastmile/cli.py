@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,6 +84,7 @@ def main_options(
     for noisy in ("highdicom", "pynetdicom", "streamlit"):  # chatty at INFO; ours is enough
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(
             settings.log_level)))
+    os.umask(0o077)  # whatever a command writes (state, exports) is its user's alone
     ctx.obj = settings
 
 
@@ -250,8 +252,10 @@ from lastmile import (  # noqa: E402  (registered after the core commands, in he
     cli_export,
     cli_pipelines,
     cli_projections,
+    cli_redact,
     cli_review,
     cli_route,
+    cli_security,
     cli_study,
     cli_xnat,
 )
@@ -268,6 +272,8 @@ app.add_typer(cli_review.users_app, name="users")
 app.add_typer(cli_review.review_app, name="review")
 app.command("link")(cli_review.link_command)
 app.command("export")(cli_export.export_command)
+app.command("redact")(cli_redact.redact_command)
+app.add_typer(cli_security.security_app, name="security")
 
 # --------------------------------------------------------------------------- entry
 

@@ -17,7 +17,7 @@ def dashboard_command(ctx: typer.Context) -> None:
         err.print(f"no read model at {settings.duckdb_path}: run `lastmile up` or "
                   "`lastmile projections rebuild` first")
         raise typer.Exit(5)
-    proc = DashboardProcess(settings.duckdb_path, settings.bus(), settings.dashboard_port,
+    proc = DashboardProcess(settings.duckdb_path, settings.bus("pages"), settings.dashboard_port,
                             state_dir=settings.state_dir)
     try:
         proc.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,8 +30,15 @@ pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, re
                             no_args_is_help=True)
 
 
-def _who(who: str | None) -> str:
-    return who or os.environ.get("USER") or "unknown"
+def _signed_in(ctx: typer.Context, as_user: str | None, password_file: Path | None) -> Any:
+    from lastmile.cli_identity import signed_in_or_exit
+
+    return signed_in_or_exit(settings_of(ctx), as_user, password_file)
+
+
+AsUser = Annotated[str | None, typer.Option("--as", help="Act as this user of the users "
+                   "file (governance role; password asked). Default: the OS user (os:NAME).")]
+PasswordFile = Annotated[Path | None, typer.Option(help="File with the --as user's password.")]
 
 
 async def _fold(bus: EventBus) -> dict[str, Any]:
@@ -95,8 +101,9 @@ def pipelines_deploy(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     stage: Annotated[Stage, typer.Option(help="Initial stage.")] = Stage.STAGING,
-    who: Annotated[str | None, typer.Option(help="Who deploys (default: $USER).")] = None,
     why: Annotated[str | None, typer.Option(help="Why (recorded in the log).")] = None,
+    as_user: AsUser = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Validate FILE (model hash included) and record its deployment with the file's hash."""
     try:
@@ -104,8 +111,9 @@ def pipelines_deploy(
     except EngineError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(3) from None
-    ev = deployed_event(loaded, actor=_who(who), reason=why, stage=stage)
-    _run(ctx, lambda bus: bus.publish(ev))
+    who = _signed_in(ctx, as_user, password_file)
+    ev = deployed_event(loaded, actor=who.actor, reason=why, stage=stage)
+    _run(ctx, lambda bus: bus.publish_many([*who.events(), ev]))
     out.print(f"deployed {loaded.name} {loaded.spec.version} in {stage.value} "
               f"(file sha256 {loaded.file_sha256[:12]}, model {loaded.spec.model.sha256[:12]})")
 
@@ -115,17 +123,19 @@ def pipelines_stage(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument()],
     to: Annotated[Stage, typer.Argument(help="staging | silent | validation | clinical")],
-    who: Annotated[str, typer.Option(help="Who decides.")],
     why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
+    as_user: AsUser = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Move a deployed pipeline to another stage; the event records who and why."""
+    who = _signed_in(ctx, as_user, password_file)
 
     async def go(bus: EventBus) -> str:
         state = await _fold(bus)
         if name not in state:
             raise typer.BadParameter(f"pipeline {name} is not deployed")
-        ev = stage_changed_event(state[name], to, actor=who, reason=why)
-        await bus.publish(ev)
+        ev = stage_changed_event(state[name], to, actor=who.actor, reason=why)
+        await bus.publish_many([*who.events(), ev])
         return f"{name}: {ev.from_stage.value} -> {ev.to_stage.value}"
 
     out.print(_run(ctx, go))
@@ -136,15 +146,18 @@ def pipelines_retire(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument()],
     why: Annotated[str, typer.Option(help="Why (recorded in the log).")],
-    who: Annotated[str | None, typer.Option(help="Who (default: $USER).")] = None,
+    as_user: AsUser = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Retire a pipeline: workers stop running it (recorded with who and why)."""
+    who = _signed_in(ctx, as_user, password_file)
 
     async def go(bus: EventBus) -> str:
         state = await _fold(bus)
         if name not in state or state[name].retired:
             raise typer.BadParameter(f"pipeline {name} is not deployed")
-        await bus.publish(retired_event(state[name], actor=_who(who), reason=why))
+        await bus.publish_many([*who.events(),
+                                retired_event(state[name], actor=who.actor, reason=why)])
         return f"retired {name}"
 
     out.print(_run(ctx, go))

@@ -30,13 +30,13 @@ def rebuild_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Drop every read-model table and fold the whole log again from the first event."""
-    from lastmile.runtime import open_bus
+    from lastmile.runtime import open_bus, read_model_lock
 
     settings = settings_of(ctx)
 
     async def run() -> tuple[int, dict[str, int], int]:
         async with open_bus(settings) as bus:
-            with ProjectionStore(settings.duckdb_path) as store:
+            with read_model_lock(settings), ProjectionStore(settings.duckdb_path) as store:
                 n = await rebuild(bus, store)
                 return n, store.counts(), store.checkpoint()
 

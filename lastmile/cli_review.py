@@ -61,9 +61,17 @@ def users_add(
         "--pipeline", help="Pipelines this user reads or QCs; repeat; none = all.")] = None,
     password_stdin: Annotated[bool, typer.Option(
         "--password-stdin", help="Read the password from standard input (scripts).")] = False,
+    as_user: Annotated[str | None, typer.Option("--as", help="Act as this users-file user "
+                       "(governance role). Default: the OS user (os:NAME).")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help="File with the --as user's password.")] = None,
 ) -> None:
     """Add a user (or replace their roles, pipelines and password). The password is
-    prompted for and stored only as an scrypt hash, in a file of mode 0600."""
+    prompted for and stored only as an scrypt hash, in a file of mode 0600. Recorded as
+    an ``access.user.changed`` event with who did it."""
+    from lastmile.cli_identity import record_user_change, signed_in_or_exit
+
+    who = signed_in_or_exit(settings_of(ctx), as_user, password_file)
     cfg = review_config(settings_of(ctx))
     try:
         roles = parse_roles(role)
@@ -79,7 +87,11 @@ def users_add(
     except AuthError as exc:
         err.print(f"[red]users:[/] {exc}")
         raise typer.Exit(2) from None
-    save_users(cfg.users_file, with_user(_load(cfg.users_file), user))
+    before = _load(cfg.users_file)
+    save_users(cfg.users_file, with_user(before, user))
+    record_user_change(settings_of(ctx), who, user.name,
+                       "updated" if before.get(name) else "added",
+                       sorted(r.value for r in roles), user.pipelines)
     out.print(f"user {name}: {', '.join(sorted(r.value for r in roles))}"
               f"{' for ' + ', '.join(user.pipelines) if user.pipelines else ''} "
               f"(in {cfg.users_file})")

@@ -16,18 +16,27 @@ from lastmile.runtime import Service
 from lastmile.settings import Settings
 
 
+def _as(role: str, services: list[Service]) -> list[Service]:
+    """Run ``services`` as NATS user ``role`` (least permissions, ``events.nats_auth``)."""
+    for service in services:
+        service.nats_role = role
+    return services
+
+
 def services_for(settings: Settings) -> list[Service]:
+    """The services of this host, each with the NATS role it publishes as. The dashboard
+    hands its role's credential (``pages``) to the Streamlit process, and only that one."""
     wanted = set(settings.services)
     services: list[Service] = []
     if "ingest" in wanted:
-        services += services_ingest.ingest_services(settings)
+        services += _as("ingest", services_ingest.ingest_services(settings))
     if "engine" in wanted:
-        services += services_engine.engine_services(settings)
+        services += _as("engine", services_engine.engine_services(settings))
     if "projector" in wanted:
-        services.append(services_projections.ProjectorService(settings))
+        services += _as("projector", [services_projections.ProjectorService(settings)])
     if "dashboard" in wanted:
-        services.append(services_dashboards.DashboardService(settings))
-        services += services_review.review_services(settings)
+        services += _as("pages", [services_dashboards.DashboardService(settings)])
+        services += _as("review", services_review.review_services(settings))
     if "xnat" in wanted:
-        services += services_xnat.xnat_services(settings)
+        services += _as("xnat", services_xnat.xnat_services(settings))
     return services

@@ -12,7 +12,7 @@ from pathlib import Path
 from events.deidentify import Deidentifier
 from events.errors import CodecError
 from events.jetstream import EventBus
-from lastmile.runtime import Service
+from lastmile.runtime import Service, read_model_lock
 from lastmile.settings import Settings
 from projections import metrics as M
 from projections.config import ProjectionsConfig
@@ -41,6 +41,10 @@ class ProjectorService(Service):
         self.config = config or ProjectionsConfig.from_env()
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        with read_model_lock(self.settings):  # one writer per DuckDB file
+            await self._run(bus, stop)
+
+    async def _run(self, bus: EventBus, stop: asyncio.Event) -> None:
         store = ProjectionStore(self.settings.duckdb_path, keep_open=False)
         projector = Projector(store, batch_size=self.config.batch_size,
                               idle_s=self.config.idle_s)

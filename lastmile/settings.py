@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.errors import ConfigError
 from events.jetstream import BusSettings
+from events.nats_auth import CREDENTIALS_FILE, CredentialsError, NatsCredentials, load_or_create
 
 SECRET_FILE = "site_secret"
 
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_creds: Path | None = None
+    nats_credentials_file: Path | None = Field(
+        None, description="One NATS user per service role (JSON, owner-only); embedded: "
+        "generated at first start as state_dir/nats-credentials.json")
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
@@ -116,15 +120,48 @@ class Settings(BaseSettings):
             return tuple(u.strip() for u in self.nats_url.split(",") if u.strip())
         return (f"nats://{self.nats_host}:{self.nats_port}",)
 
-    def bus(self) -> BusSettings:
+    @property
+    def credentials_path(self) -> Path | None:
+        """The per-role NATS credentials file: always one for the embedded server."""
+        if self.nats_credentials_file is not None:
+            return self.nats_credentials_file
+        return self.state_dir / CREDENTIALS_FILE if self.embedded_nats else None
+
+    def nats_credentials(self) -> NatsCredentials | None:
+        """Per-role NATS users (generated for the embedded server at first use), or None
+        for an external server configured with one user (``nats_user``/``nats_creds``)."""
+        path = self.credentials_path
+        if path is None:
+            return None
+        try:
+            if self.embedded_nats:
+                return load_or_create(path)
+            if not path.exists():
+                raise ConfigError(f"nats_credentials_file {path} does not exist")
+            return NatsCredentials.read(path)
+        except CredentialsError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def bus(self, role: str = "admin") -> BusSettings:
+        """How a service of ``role`` (``events.nats_auth.ROLES``) reaches the log: with
+        that role's NATS user where per-role credentials exist (always, embedded)."""
         def s(p: Path | None) -> str | None:
             return str(p) if p else None
 
+        user = self.nats_user
+        password = self.nats_password.get_secret_value() if self.nats_password else None
+        creds = self.nats_credentials()
+        if creds is not None:
+            try:
+                u = creds.for_role(role)
+            except CredentialsError as exc:
+                raise ConfigError(f"{self.credentials_path}: {exc}") from None
+            user, password = u.user, u.password
         return BusSettings(
             servers=self.nats_servers(),
-            user=self.nats_user,
-            password=self.nats_password.get_secret_value() if self.nats_password else None,
-            creds_file=s(self.nats_creds),
+            user=user,
+            password=password,
+            creds_file=None if creds is not None else s(self.nats_creds),
             tls_ca=s(self.nats_tls_ca),
             tls_cert=s(self.nats_tls_cert),
             tls_key=s(self.nats_tls_key),
@@ -133,6 +170,7 @@ class Settings(BaseSettings):
             max_age_s=self.stream_max_age_days * 86400.0,
             max_bytes=self.stream_max_bytes,
             publish_retry_s=self.publish_retry_s,
+            name=f"lastmile-{role}",
         )
 
     def secret(self) -> bytes:
@@ -148,7 +186,7 @@ class Settings(BaseSettings):
                     f"{path} is readable by others (mode {mode:o}); run `chmod 600 {path}`"
                 )
             return path.read_bytes().strip()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_hex(32).encode("ascii"))

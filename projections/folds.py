@@ -27,6 +27,7 @@ from events.catalogue import (
     InstanceDuplicated,
     InstanceRejected,
     InstanceStored,
+    LogRedacted,
     MeasurementRecomputed,
     OperatorFinished,
     PipelineDeployed,
@@ -40,8 +41,11 @@ from events.catalogue import (
     RouteMatched,
     RouteUnmatched,
     SeriesCompleted,
+    SignedIn,
+    SignInFailed,
     StudyAmended,
     StudyCompleted,
+    UserChanged,
 )
 from events.errors import CodecError
 
@@ -238,6 +242,10 @@ def _dead(seq: int, ev: DeliveryFailed) -> list[Change]:
                               ev.deliveries, ev.reason, ev.original_type))]
 
 
+def _not_projected(seq: int, ev: Event) -> list[Change]:
+    return []
+
+
 FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     InstanceStored: _stored,
     InstanceRejected: _rejected,
@@ -266,6 +274,11 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     EditSubmitted: _edit,
     DriftAlertRaised: _drift,
     DeliveryFailed: _dead,
+    # access and redaction facts (issue 18): in the log for audit, no read-model rows yet
+    SignedIn: _not_projected,
+    SignInFailed: _not_projected,
+    UserChanged: _not_projected,
+    LogRedacted: _not_projected,
 }
 
 

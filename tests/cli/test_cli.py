@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from events.catalogue import InferenceRequested, RouteUnmatched
-from events.jetstream import BusSettings, EventBus
+from events.jetstream import EventBus
 from events.nats_server import free_port
+from lastmile.settings import Settings
 
 LASTMILE = [sys.executable, "-m", "lastmile"]
 COMMANDS = [[], ["up"], ["audit"], ["replay"], ["bench"], ["bench", "events"]]
@@ -98,12 +99,14 @@ def lastmile_up(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
         proc.wait(10)
 
 
-def _nats_url(env: dict[str, str]) -> str:
-    return f"nats://127.0.0.1:{env['LASTMILE_NATS_PORT']}"
+def _site(env: dict[str, str]) -> Settings:
+    """The settings of the site that `lastmile up` in ``env`` runs (its state dir)."""
+    return Settings(state_dir=Path(env["LASTMILE_STATE_DIR"]),
+                    nats_port=int(env["LASTMILE_NATS_PORT"]))
 
 
 async def _publish(env: dict[str, str], events: list[object]) -> None:
-    bus = await EventBus.connect(BusSettings(servers=(_nats_url(env),)))
+    bus = await EventBus.connect(_site(env).bus())  # the site's admin credential
     for event in events:
         await bus.publish(event)  # type: ignore[arg-type]
     await bus.close()

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from bench.review import write_user
 from dashboards.config import ReviewConfig
 from dashboards.review.auth import Role, authenticate, load_users
-from events.catalogue import CaseAssigned, InferenceCompleted, QcPassed
+from events.base import Event
+from events.catalogue import CaseAssigned, InferenceCompleted, QcPassed, UserChanged
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats
 from lastmile.cli_review import link_command, review_app, users_app
@@ -45,9 +46,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
-        tmp_path: Path, clean_env: None) -> None:
+        tmp_path: Path, clean_env: None, fresh_server: EmbeddedNats) -> None:
+    fresh_server.start()
     runner = CliRunner()
-    app = cli(tmp_path)
+    app = cli(tmp_path, fresh_server.url)
     r = runner.invoke(app, ["users", "add", "dr.a", "--role", "reader", "--role", "qc",
                             "--pipeline", "hfd", "--password-stdin"], input="pw one two\n")
     assert r.exit_code == 0, r.output
@@ -63,6 +65,26 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
     bad = runner.invoke(app, ["users", "add", "x", "--role", "wizard", "--password-stdin"],
                         input="p\n")
     assert bad.exit_code == 2 and "unknown role" in bad.output
+    # who changed it is recorded (the OS account running the command), not the password
+    pw = tmp_path / "dr.a.pw"
+    pw.write_text("pw one two\n")
+    pw.chmod(0o600)
+    r = runner.invoke(app, ["users", "add", "dr.b", "--role", "reader", "--as", "dr.a",
+                            "--password-file", str(pw), "--password-stdin"], input="pw\n")
+    assert r.exit_code == 1 and "the governance or admin role is needed" in r.output
+
+    async def log() -> list[Event]:
+        bus = await EventBus.connect(BusSettings(servers=(fresh_server.url,)))
+        try:
+            return [e async for _, e, _ in bus.read() if isinstance(e, Event)]
+        finally:
+            await bus.close()
+
+    events = asyncio.run(log())
+    assert [(e.type, e.actor.split(":")[0]) for e in events] == [
+        ("access.user.changed", "os"), ("access.sign_in.failed", "os")]
+    assert isinstance(events[0], UserChanged) and events[0].user == "dr.a"
+    assert events[0].change == "added" and events[0].roles == ("qc", "reader")
 
 
 @pytest.mark.server
