@@ -209,9 +209,10 @@ class StorageScp:
         if not self.guard.admit(assoc, address, sock):
             assoc.acse_timeout = 0.05  # nothing will come: let the thread end at once
             return
-        # a connection must deliver its association request quickly; the ACSE timeout
-        # applies again once it has (``_on_requested``)
-        assoc.acse_timeout = self.config.request_timeout_s
+        # a connection must deliver its association request quickly: the guard shuts it
+        # down at the deadline and records it; pynetdicom's own wait (the ACSE timeout,
+        # restored in ``_on_requested``) is only the backstop, a little later
+        assoc.acse_timeout = self.config.request_timeout_s + 5.0
         if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock, address):
             assoc.acse_timeout = 0.05
             return

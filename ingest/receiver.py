@@ -229,8 +229,8 @@ class InstanceReceiver:
     def _admit(self, r: Received, plain: Buffer) -> tuple[InstanceFacts, Dataset]:
         """Decode the header and check it against the request (raises ``BadInstance``)."""
         ds = parse(plain, r.transfer_syntax_uid)
+        problems = undeclared_text(ds)  # first: reading a value decodes it in place
         f = facts(ds, self.secret)
-        problems = undeclared_text(ds)
         if problems:
             f = without_text(f, problems)
         if f.sop_class_uid != r.sop_class_uid:
