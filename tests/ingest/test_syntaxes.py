@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import get_decoder
-from pynetdicom import AE
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -33,6 +32,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE
 
 from engine.ops.volume import series_to_volume
 from engine.worker import read_datasets
