@@ -12,6 +12,7 @@ import logging
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, TypeAlias
@@ -152,24 +153,42 @@ def _walk_items(buf: Buffer, pos: int, end: int, implicit: bool, little: bool, o
             pos += length
 
 
-def inflate(dataset: Buffer, limit: int) -> bytes:
-    """Inflate a Deflated Explicit VR Little Endian dataset (PS3.5 A.5), refusing it with
-    Out of Resources (dataset too large) as soon as it would exceed ``limit`` bytes: the
-    size limit holds for what the dataset becomes, not for what was sent (a 1 MB
-    deflate bomb must not become 1 GiB in memory)."""
+def inflate_pieces(pieces: Iterable[Buffer], limit: int,
+                   piece: int = 1 << 20) -> Iterator[bytes]:
+    """Inflate a Deflated Explicit VR Little Endian dataset (PS3.5 A.5) piece by piece,
+    refusing it with Out of Resources (dataset too large) as soon as it would exceed
+    ``limit`` bytes: the size limit holds for what the dataset becomes, not for what was
+    sent (a 1 MB deflate bomb must not become 1 GiB). Output pieces are at most
+    ``piece`` bytes, so the caller decides whether they go to memory or to disk."""
     inflater = zlib.decompressobj(-15)
+    total = 0
+
+    def count(out: bytes) -> bytes:
+        nonlocal total
+        total += len(out)
+        if total > limit:
+            raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
+                              f"deflated dataset inflates beyond the limit of {limit} bytes "
+                              "(LASTMILE_DICOM_MAX_INSTANCE_MB)", code="inflates_too_large")
+        return out
+
     try:
-        out = inflater.decompress(dataset, limit + 1)
-        if len(out) <= limit and not inflater.unconsumed_tail:
-            out += inflater.flush(limit + 1 - len(out))
+        for data in pieces:
+            view = memoryview(data)
+            for at in range(0, len(view), 1 << 16):  # bounded input: tails stay small
+                out = inflater.decompress(view[at:at + (1 << 16)], piece)
+                yield count(out)
+                while inflater.unconsumed_tail:
+                    yield count(inflater.decompress(inflater.unconsumed_tail, piece))
+        yield count(inflater.flush())
     except zlib.error as exc:
         raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
                           f"deflated dataset does not inflate: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
-                          f"deflated dataset inflates beyond the limit of {limit} bytes "
-                          "(LASTMILE_DICOM_MAX_INSTANCE_MB)", code="inflates_too_large")
-    return out
+
+
+def inflate(dataset: Buffer, limit: int) -> bytes:
+    """``inflate_pieces`` into memory (for datasets already bounded in size)."""
+    return b"".join(inflate_pieces((dataset,), limit))
 
 
 def check_structure(dataset: Buffer, transfer_syntax_uid: str,

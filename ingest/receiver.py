@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from events.base import Event, deterministic_id
 from events.catalogue import (
@@ -44,6 +45,7 @@ from events.catalogue import (
 from events.errors import EventsError, OutOfSpace, StoreError
 from events.instance_store import InstanceStore, StoredFile
 from ingest.dataset import (
+    DEFLATED,
     Buffer,
     InstanceFacts,
     check_structure,
@@ -57,7 +59,7 @@ from ingest.dataset import (
 )
 from ingest.errors import BadInstance
 from ingest.rules import RuleSet, route
-from ingest.spool import SpooledDataset
+from ingest.spool import SpooledDataset, inflate_to_disk
 from ingest.statuses import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -187,8 +189,9 @@ class InstanceReceiver:
                 r.dataset.close()
 
     def _receive(self, r: Received) -> Outcome:
+        inflated: list[SpooledDataset] = []
         try:
-            plain = self._precheck(r)
+            plain = self._precheck(r, inflated)
             assert r.sop_instance_uid is not None
             with self.index.lock(r.sop_instance_uid):
                 return self._store_and_publish(r, plain)
@@ -207,10 +210,15 @@ class InstanceReceiver:
             log.error("event log failed: %s", exc.error)
             return self._reject(r, StoreStatus.PROCESSING_FAILURE,
                                 f"the event log did not acknowledge: {exc.error}", exc.facts)
+        finally:
+            for spool in inflated:
+                spool.close()
 
-    def _precheck(self, r: Received) -> Buffer:
-        """The cheap refusals, before any byte is written. Returns the plain dataset
-        (inflated if it was sent deflated; the limit holds for the inflated size)."""
+    def _precheck(self, r: Received, inflated: list[SpooledDataset]) -> Buffer:
+        """The cheap refusals, before any byte is written. Returns the plain dataset:
+        as received, or inflated to a file in the store's temporary folder if it was
+        sent deflated (added to ``inflated`` for the caller to remove; the size limit
+        holds for the inflated size)."""
         size = len(r.dataset)
         if size > self.config.max_instance_bytes:
             raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
@@ -218,9 +226,14 @@ class InstanceReceiver:
                               f"{self.config.max_instance_bytes} (LASTMILE_DICOM_MAX_INSTANCE_MB)",
                               code="too_large")
         self.store.check_space(size)
-        buffer = r.dataset.view() if isinstance(r.dataset, SpooledDataset) else r.dataset
-        plain = check_structure(buffer, r.transfer_syntax_uid,
-                                max_inflated=self.config.max_instance_bytes)
+        if r.transfer_syntax_uid == DEFLATED:
+            spool = inflate_to_disk(_pieces(r.dataset), self.config.max_instance_bytes,
+                                    self.store.tmp)
+            inflated.append(spool)
+            plain = check_structure(spool.view(), ExplicitVRLittleEndian)
+        else:
+            buffer = r.dataset.view() if isinstance(r.dataset, SpooledDataset) else r.dataset
+            plain = check_structure(buffer, r.transfer_syntax_uid)
         if not r.sop_instance_uid:
             raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID,
                               "the request has no Affected SOP Instance UID")

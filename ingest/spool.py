@@ -12,12 +12,17 @@ O(piece) of an instance in memory, whatever its size, instead of about twice the
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from ingest.dataset import inflate_pieces
 
 PIECE = 1 << 20
 
@@ -38,6 +43,7 @@ class SpooledDataset:
     path: Path
     offset: int
     size: int
+    owned: bool = False  # a file of ours (an inflation): removed by ``close``
     _file: BinaryIO | None = field(default=None, init=False, repr=False)
     _map: mmap.mmap | None = field(default=None, init=False, repr=False)
     _view: memoryview | None = field(default=None, init=False, repr=False)
@@ -84,3 +90,27 @@ class SpooledDataset:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.owned:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.owned = False
+
+
+def inflate_to_disk(pieces: Iterable[bytes | memoryview], limit: int,
+                    directory: Path) -> SpooledDataset:
+    """Inflate a deflated data set into a file of ours in ``directory`` (the store's
+    temporary folder, cleaned at start), never more than ``limit`` bytes: the header
+    walk and decode then read it through a memory map like any received data set, so a
+    deflate bomb costs disk up to the limit, not memory. Raises ``BadInstance``."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix="in-", suffix=".inflated.part")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for out in inflate_pieces(pieces, limit):
+                f.write(out)
+                size += len(out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+    return SpooledDataset(Path(name), 0, size, owned=True)
