@@ -14,12 +14,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bench.ingest import ct_instances
+from bench.peers import Storescp
 from engine.pacs import PacsAddress, c_store
 from events.catalogue import ConnectionRefused, InstanceStored
 from events.jetstream import EventBus
 from events.nats_server import free_port
-from ingest.bench import ct_instances
-from ingest.peers import Storescp
 from ingest.tls import TlsFiles
 from tests.ingest.conftest import StartIngest, needs_dcmtk, run_tool, storescu, wait_for_events
 from tests.ingest.test_receiver_guard import refused

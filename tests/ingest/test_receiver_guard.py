@@ -20,10 +20,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
+from bench.ingest import ct_instances
 from events.catalogue import ConnectionRefused, InstanceRejected, InstanceStored
 from events.jetstream import EventBus
 from events.subjects import type_filter
-from ingest.bench import ct_instances
 from ingest.dataset import file_meta
 from ingest.statuses import StoreStatus
 from tests.ingest.conftest import StartIngest, needs_dcmtk, run_tool, storescu, wait_for_events

@@ -34,11 +34,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from bench.ingest import ct_instances
 from engine.ops.volume import series_to_volume
 from engine.worker import read_datasets
 from events.catalogue import InstanceStored
 from events.jetstream import EventBus
-from ingest.bench import ct_instances
 from ingest.syntaxes import LOSSY, PREFERENCE, decodable_syntaxes
 from tests.ingest.conftest import StartIngest, needs_dcmtk, run_tool, storescu, wait_for_events
 
