@@ -132,7 +132,7 @@ class StorageScp:
         # pynetdicom counts connections still waiting for their request as associations;
         # we count associations ourselves (``_on_requested``), so its own bound is only
         # the outer limit on threads
-        ae.maximum_associations = self.config.max_associations + self.config.max_pending
+        ae.maximum_associations = 2 * (self.config.max_associations + self.config.max_pending)
         ae.network_timeout = self.config.network_timeout_s
         ae.acse_timeout = self.config.acse_timeout_s
         ae.dimse_timeout = self.config.dimse_timeout_s

@@ -6,10 +6,12 @@ declaring a 4 GiB A-ASSOCIATE-RQ had 400 MiB buffered in 1.5 s, and fifteen idle
 connections held every association slot ("Local Limit Exceeded") for the ACSE timeout,
 over and over. The guard closes those doors, per receiver process:
 
-- **at connect** (``admit``): the source address is checked against the allow-list, the
-  number of connections from that address and the number of connections that have not
-  yet sent an association request are bounded; a refused connection is closed at once,
-  before a byte is read.
+- **at connect** (``admit``): the source address is checked against the allow-list and
+  the number of connections from that address is bounded; a refused connection is
+  closed at once, before a byte is read. The connections that have not yet sent an
+  association request are bounded too: when they are full, the one waiting longest is
+  closed to admit the new one (a modality asks within milliseconds; an idler is the
+  one that waits).
 - **before the association is accepted** (``bounded_recv``): a PDU longer than an
   A-ASSOCIATE-RQ can reasonably be (``max_request_pdu``) is refused from its 6-byte
   header, nothing of its body is read; afterwards no PDU may exceed the maximum PDU we
@@ -75,11 +77,17 @@ def _is_over(assoc: Any) -> bool:
     return getattr(assoc, "ident", None) is not None and not assoc.is_alive()
 
 
-def _shutdown(raw: Any) -> None:
+def _shutdown(raw: Any, assoc: Any = None) -> None:
+    """Shut the connection down; wake its association thread if it is still waiting for
+    a request (pynetdicom would otherwise wait out its ACSE timeout: a closed connection
+    yields no primitive, and its thread would hold a slot until then)."""
     try:
         raw.shutdown(socket.SHUT_RDWR)
     except (OSError, ValueError):
         pass
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    if queue is not None and not getattr(assoc, "is_established", False):
+        queue.put(None)  # receive_pdu returns None: "no request", the thread ends
 
 
 @dataclass
@@ -239,10 +247,12 @@ class ConnectionGuard:
         """Called when a connection opens (before anything is read). Returns False, and
         shuts the socket down, when it is refused."""
         refusal: tuple[str, str] | None = None
+        evicted: _Conn | None = None
         with self._lock:
             self._prune()
-            from_address = sum(1 for c in self._conns.values() if c.address == address)
-            pending = sum(1 for c in self._conns.values() if not c.requested)
+            live = [c for c in self._conns.values() if not c.closed]
+            from_address = sum(1 for c in live if c.address == address)
+            pending = [c for c in live if not c.requested]
             if not self.address_allowed(address, self.config.allowed_addresses):
                 refusal = ("address_not_allowed",
                            f"source address {address} is not on the allow-list")
@@ -251,13 +261,21 @@ class ConnectionGuard:
                            f"{from_address} connections from this address already "
                            f"(limit {self.config.max_per_address}, "
                            "LASTMILE_DICOM_MAX_CONNECTIONS_PER_ADDRESS)")
-            elif pending >= self.config.max_pending:
-                refusal = ("too_many_pending",
-                           f"{pending} connections are waiting to send an association "
-                           f"request (limit {self.config.max_pending})")
             else:
+                if len(pending) >= self.config.max_pending:
+                    # full of connections that have not asked for anything: the one
+                    # waiting longest goes, so a flood from many addresses cannot keep a
+                    # modality (which asks within milliseconds) from connecting
+                    evicted = min(pending, key=lambda c: c.opened)
+                    evicted.closed = True
                 self._conns[id(assoc)] = _Conn(address, time.monotonic(), weakref.ref(assoc),
                                                raw)
+        if evicted is not None:
+            _shutdown(evicted.raw, evicted.assoc())
+            self.refusals.refuse(evicted.address, "too_many_pending",
+                                 f"{self.config.max_pending} connections were waiting for "
+                                 "an association request; the one waiting longest was closed "
+                                 "(LASTMILE_DICOM_MAX_PENDING)")
         if refusal is None:
             return True
         _shutdown(raw)
@@ -283,7 +301,7 @@ class ConnectionGuard:
                     conn.closed = True
                     late.append(conn)
         for conn in late:
-            _shutdown(conn.raw)
+            _shutdown(conn.raw, conn.assoc())
             self.refusals.refuse(
                 conn.address, "no_association_request",
                 f"no valid association request within {self.config.request_timeout_s:g} s "
