@@ -122,6 +122,7 @@ class StorageScp:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     guard: ConnectionGuard | None = field(default=None, init=False)
     accepted_syntaxes: tuple[str, ...] = field(default=(), init=False)
+    _chunked_before: bool = field(default=False, init=False)
 
     def ae_titles(self) -> set[str]:
         return {self.config.general_ae, *self.rules().ae_titles()}
@@ -159,8 +160,10 @@ class StorageScp:
         pynetdicom_log = logging.getLogger("pynetdicom")
         if pynetdicom_log.getEffectiveLevel() < logging.WARNING:
             pynetdicom_log.setLevel(logging.WARNING)
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         if self.config.chunked_receive:
-            # process-wide in pynetdicom; every SCP of ours wants it (ingest.spool)
+            # process-wide in pynetdicom (read as each message is decoded): set while this
+            # SCP runs, restored by ``stop`` for other pynetdicom SCPs in the process
             _config.STORE_RECV_CHUNKED_DATASET = True
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         self.guard = self._guard()
@@ -189,6 +192,7 @@ class StorageScp:
             server.shutdown()
         if self.guard is not None:
             self.guard.stop()
+        _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
 
     def flush_refusals(self) -> None:
         """Publish folded refusal counts whose window is over (the guard's thread does

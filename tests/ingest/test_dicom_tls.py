@@ -135,3 +135,17 @@ async def test_echoscu_over_tls(start_ingest: StartIngest, pki: Path) -> None:
     rc, out = await run_tool("echoscu", "-aec", "LM_BTS", *_tls(pki, "modality"),
                              "127.0.0.1", str(r.port))
     assert rc == 0, out
+
+
+def test_half_a_tls_configuration_is_a_configuration_error(tmp_path: Path) -> None:
+    from lastmile.services_ingest import ingest_options
+    from lastmile.settings import ConfigError, Settings
+
+    cert = tmp_path / "c.pem"
+    with pytest.raises(ConfigError, match="LASTMILE_DICOM_TLS_KEY"):
+        ingest_options(Settings(state_dir=tmp_path, dicom_tls_cert=cert))
+    with pytest.raises(ConfigError, match="LASTMILE_DICOM_TLS_CERT"):
+        ingest_options(Settings(state_dir=tmp_path, dicom_tls_ca=cert))
+    opts = ingest_options(Settings(state_dir=tmp_path, dicom_tls_cert=cert,
+                                   dicom_tls_key=cert, dicom_request_timeout_s=2))
+    assert opts.scp.tls == TlsFiles(cert, cert, None) and opts.scp.request_timeout_s == 2
