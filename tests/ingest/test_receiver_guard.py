@@ -364,3 +364,29 @@ async def test_text_in_an_undeclared_character_set_is_flagged_not_copied(
     assert bad.series_description is None and bad.institution is None  # no mojibake
     assert good.text_encoding_problems == ()
     assert (good.series_description, good.institution) == ("Schädel axial", "Klinikum Süd")
+
+
+async def test_when_waiting_connections_are_full_the_oldest_goes_not_the_modality(
+        start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
+    r = await start_ingest(max_pending=4, request_timeout_s=30)
+    idle = []
+    for k in range(6):  # six idlers from six addresses, one at a time
+        idle.append(_connect(r.port, f"127.0.1.{k + 1}"))
+        await asyncio.sleep(0.2)
+    try:
+        rc, out = await storescu(r.port, ct_instances(tmp_path / "ct", 1), called="LM_LTS")
+        assert rc == 0, out  # admitted: the longest-waiting idler made room
+        closed = await asyncio.to_thread(lambda: [_read_until_closed(s, 1) == b""
+                                                  for s in idle[:3]])
+        assert all(closed)  # the three oldest were closed (for the 5th, 6th and storescu)
+        alive = await asyncio.to_thread(lambda: _read_until_closed(idle[-1], 1))
+        assert alive == b""  # nothing sent to the newest, and...
+        idle[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):  # ...it is still open
+            idle[-1].recv(1)
+    finally:
+        for s in idle:
+            s.close()
+    evs = await refused(bus, "too_many_pending", count=3)
+    assert {e.source_address for e in evs} <= {"127.0.1.1", "127.0.1.2", "127.0.1.3"}
+    assert sum(e.refused_count for e in evs) == 3
