@@ -151,7 +151,8 @@ class ConnectionRefused(Event, frozen=True, kw_only=True, tag="ingest.connection
     ``too_many_pending``, ``no_association_request`` (nothing valid within the request
     timeout), ``request_pdu_too_large``, ``pdu_too_large``, ``malformed_request``
     (answered with an A-ASSOCIATE-RJ, PS3.8 section 9.3.4), ``too_many_associations``
-    (A-ASSOCIATE-RJ local-limit-exceeded) and ``tls_handshake_failed``. A burst from
+    (A-ASSOCIATE-RJ local-limit-exceeded), ``message_too_large`` (a message outgrew the
+    instance size limit while arriving) and ``tls_handshake_failed``. A burst from
     one address is folded: ``refused_count`` counts the refusals this event stands for
     (the first is recorded at once, the rest at most once per window).
     """

@@ -36,6 +36,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE, _config, evt
@@ -150,7 +151,8 @@ class StorageScp:
             GuardConfig(request_timeout_s=c.request_timeout_s,
                         max_pdu=c.max_pdu or UNLIMITED_PDU_CAP, max_pending=c.max_pending,
                         max_per_address=c.max_connections_per_address,
-                        allowed_addresses=c.allowed_addresses),
+                        allowed_addresses=c.allowed_addresses,
+                        max_message_bytes=self.receiver.config.max_instance_bytes + (4 << 20)),
             RefusalLog(self.publish), address_allowed)
 
     def start(self) -> int:
@@ -296,8 +298,13 @@ class StorageScp:
         try:
             req = cast(C_STORE, event.request)
             primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+            if self.guard is not None:
+                self.guard.message_done(assoc)
             data: bytes | SpooledDataset
-            spooled = getattr(req, "_dataset_path", None)
+            try:
+                spooled: Path | None = event.dataset_path  # chunked receive (to disk)
+            except AttributeError:
+                spooled = None
             if spooled is not None:
                 data = SpooledDataset.open(spooled)
             elif req.DataSet is not None:

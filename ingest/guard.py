@@ -60,6 +60,10 @@ class GuardConfig:
     max_per_address: int = 8  # connections (pending or associated) from one address
     allowed_addresses: tuple[str, ...] = ()
     refusal_window_s: float = 10.0
+    #: P-DATA bytes one message may take (the instance size limit plus room for the
+    #: command and PDU headers): a data set is received to disk, so without this a
+    #: sender could fill the disk before the size check at the end of the message
+    max_message_bytes: int = 2048 << 20
 
 
 @dataclass
@@ -70,6 +74,7 @@ class _Conn:
     raw: Any  # the socket (plain or TLS) to shut down
     requested: bool = False
     closed: bool = False
+    message_bytes: int = 0  # P-DATA bytes since the last message was handed over
 
 
 def _is_over(assoc: Any) -> bool:
@@ -314,6 +319,21 @@ class ConnectionGuard:
             return sum(1 for key, c in self._conns.items()
                        if c.requested and not c.closed and key != id(exclude))
 
+    def message_done(self, assoc: Any) -> None:
+        """A DIMSE message was handed to its handler: the next one starts from zero."""
+        with self._lock:
+            conn = self._conns.get(id(assoc))
+            if conn is not None:
+                conn.message_bytes = 0
+
+    def _count_message(self, assoc: Any, n: int) -> int:
+        with self._lock:
+            conn = self._conns.get(id(assoc))
+            if conn is None:
+                return 0
+            conn.message_bytes += n
+            return conn.message_bytes
+
     def counts(self) -> tuple[int, int]:
         """(connections, of which pending) known to the guard now."""
         with self._lock:
@@ -364,6 +384,13 @@ class ConnectionGuard:
                                       "request_pdu_too_large",
                                       f"a {what} of {length} bytes exceeds the limit of "
                                       f"{limit} (PS3.8 9.3.1)")
+                    if established and data[0] == P_DATA_TF:
+                        total = self._count_message(assoc, length)
+                        if total > self.config.max_message_bytes:
+                            return refuse("message_too_large",
+                                          f"one message exceeds {self.config.max_message_bytes}"
+                                          " bytes while arriving (the instance size limit, "
+                                          "LASTMILE_DICOM_MAX_INSTANCE_MB)")
                     state["type"] = data[0]
                 return data
             pdu_type, state["type"] = state["type"], -1

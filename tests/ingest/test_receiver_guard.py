@@ -390,3 +390,20 @@ async def test_when_waiting_connections_are_full_the_oldest_goes_not_the_modalit
     evs = await refused(bus, "too_many_pending", count=3)
     assert {e.source_address for e in evs} <= {"127.0.1.1", "127.0.1.2", "127.0.1.3"}
     assert sum(e.refused_count for e in evs) == 3
+
+
+async def test_an_instance_outgrowing_the_limit_is_cut_off_while_arriving(
+        start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
+    """Received to disk, an instance must not fill the disk before the size check at its
+    end: the connection is closed once its bytes pass the limit."""
+    r = await start_ingest(max_instance_bytes=2 << 20)
+    big = pydicom.dcmread(ct_instances(tmp_path / "ct", 1)[0])
+    big.PixelData = big.PixelData * 16  # 8 MiB
+    big.Rows = 512 * 16
+    big.save_as(tmp_path / "big.dcm", enforce_file_format=True)
+    rc, out = await storescu(r.port, [tmp_path / "big.dcm"], called="LM_LTS")
+    assert rc != 0
+    (ev,) = await refused(bus, "message_too_large")
+    assert ev.source_address == "127.0.0.1"
+    assert list(r.instances_dir.glob("*/*.dcm")) == []
+    assert await echo_ok(r.port)
