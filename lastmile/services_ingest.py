@@ -52,6 +52,7 @@ def ingest_options(settings: Settings) -> IngestOptions:
             max_pending=settings.dicom_max_pending,
             max_connections_per_address=settings.dicom_max_connections_per_address,
             tls=dicom_tls(settings),
+            chunked_receive=settings.dicom_receive_to_disk,
         ),
         rules_path=rules_path(settings),
         max_instance_bytes=settings.dicom_max_instance_mb * 2**20,

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         64, ge=1, description="Connections at once that have not sent an association request")
     dicom_max_connections_per_address: int = Field(
         8, ge=1, description="Connections at once from one source address")
+    dicom_receive_to_disk: bool = Field(
+        True, description="Receive data sets to disk in chunks (memory per association ~ one "
+        "PDU); false keeps each in memory (faster, ~2x the instance size per association)")
     dicom_tls_cert: Path | None = Field(
         None, description="Receiver's TLS certificate (PEM): DICOM TLS, PS3.15 B.1")
     dicom_tls_key: Path | None = None
