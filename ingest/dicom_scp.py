@@ -52,7 +52,8 @@ from ingest.completion import Release
 from ingest.guard import ConnectionGuard, GuardConfig, RefusalLog
 from ingest.receiver import InstanceReceiver, Publish, Received
 from ingest.rules import RuleSet
-from ingest.spool import SpooledDataset
+from ingest.spool import SpooledDataset, spool_into
+from ingest.spool import release as release_spool
 from ingest.statuses import AssociationRejection, StoreStatus
 from ingest.syntaxes import decodable_syntaxes
 from ingest.tls import TlsFiles, server_context
@@ -167,6 +168,7 @@ class StorageScp:
             # process-wide in pynetdicom (read as each message is decoded): set while this
             # SCP runs, restored by ``stop`` for other pynetdicom SCPs in the process
             _config.STORE_RECV_CHUNKED_DATASET = True
+            spool_into(self.receiver.store.tmp)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         self.guard = self._guard()
         self.guard.start()
@@ -195,6 +197,7 @@ class StorageScp:
         if self.guard is not None:
             self.guard.stop()
         _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+        release_spool(self.receiver.store.tmp)
 
     def flush_refusals(self) -> None:
         """Publish folded refusal counts whose window is over (the guard's thread does

@@ -8,6 +8,7 @@ the File Meta: its size, a zero-copy view for the header walk and decode (only t
 pages holding element headers are read; pixel data is skipped), and its bytes in
 fixed-size pieces for the hash and the copy into the store. So a receiver holds
 O(piece) of an instance in memory, whatever its size, instead of about twice the size.
+``spool_into`` points pynetdicom's temporary files at the store's temporary folder.
 """
 
 from __future__ import annotations
@@ -20,11 +21,37 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ingest.dataset import inflate_pieces
 
 PIECE = 1 << 20
+
+
+_SPOOL_DIRS: list[Path] = []  # the stores of running receivers, newest last
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's ``NamedTemporaryFile`` for incoming data sets, in the store's own
+    temporary folder (same disk as the store, watched by the free-space check, named
+    ``in-*.part`` so a crash's leftovers are removed at start) instead of the system's
+    (often a small tmpfs, i.e. memory)."""
+    if _SPOOL_DIRS and _SPOOL_DIRS[-1].is_dir():
+        kwargs.update(dir=_SPOOL_DIRS[-1], prefix="in-", suffix=".part")
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+
+
+def spool_into(directory: Path) -> None:
+    """Make pynetdicom write received data sets into ``directory`` (``release`` undoes)."""
+    import pynetdicom.dimse_messages as messages
+
+    messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]
+    _SPOOL_DIRS.append(directory)
+
+
+def release(directory: Path) -> None:
+    if directory in _SPOOL_DIRS:
+        _SPOOL_DIRS.remove(directory)
 
 
 def meta_end(head: bytes) -> int:

@@ -407,3 +407,21 @@ async def test_an_instance_outgrowing_the_limit_is_cut_off_while_arriving(
     assert ev.source_address == "127.0.0.1"
     assert list(r.instances_dir.glob("*/*.dcm")) == []
     assert await echo_ok(r.port)
+
+
+async def test_data_sets_are_received_into_the_stores_temporary_folder(
+        start_ingest: StartIngest, tmp_path: Path) -> None:
+    """pynetdicom's chunked receive writes where the store is (same disk, free-space
+    check, leftovers cleaned at start), not to the system's temporary folder."""
+    import pynetdicom.dimse_messages as messages
+
+    r = await start_ingest()
+    f = messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")  # as pynetdicom
+    f.close()
+    spooled = Path(f.name)
+    assert spooled.parent == r.instances_dir / "tmp" and spooled.name.startswith("in-")
+    assert r.app.scp.receiver is not None
+    assert spooled in r.app.scp.receiver.store.leftovers()  # what clean_tmp removes
+    spooled.unlink()
+    assert (await storescu(r.port, ct_instances(tmp_path / "ct", 1), called="LM_LTS"))[0] == 0
+    assert list((r.instances_dir / "tmp").iterdir()) == []  # removed after the handler
