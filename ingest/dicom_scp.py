@@ -262,6 +262,7 @@ class StorageScp:
             self.guard.requested(assoc)
             if self.guard.associations(exclude=assoc) >= self.config.max_associations:
                 assoc.acse.send_reject(*AssociationRejection.LOCAL_LIMIT_EXCEEDED.rsd)
+                self.guard.rejected(assoc)
                 self.guard.refusals.refuse(
                     address, "too_many_associations",
                     f"{self.config.max_associations} associations are open already "
@@ -280,6 +281,8 @@ class StorageScp:
             self._ids[assoc] = str(uuid.uuid4())
             return
         assoc.acse.send_reject(*rejection.rsd)
+        if self.guard is not None:
+            self.guard.rejected(assoc)
         log.warning("association rejected: %s (%s)", why, rejection.name)
         status = StoreStatus.REFUSED_NOT_AUTHORIZED
         try:

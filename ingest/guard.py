@@ -319,6 +319,13 @@ class ConnectionGuard:
             return sum(1 for key, c in self._conns.items()
                        if c.requested and not c.closed and key != id(exclude))
 
+    def rejected(self, assoc: Any) -> None:
+        """The association was rejected: it no longer counts while its thread ends."""
+        with self._lock:
+            conn = self._conns.get(id(assoc))
+            if conn is not None:
+                conn.closed = True
+
     def message_done(self, assoc: Any) -> None:
         """A DIMSE message was handed to its handler: the next one starts from zero."""
         with self._lock:
