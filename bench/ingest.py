@@ -130,11 +130,14 @@ async def _send(name: str, port: int, called: str, files: list[Path], associatio
 
 
 async def _ours(bus_settings: BusSettings, root: Path, files: list[Path], associations: int,
-                tag: str) -> ReceiverRun:
+                tag: str, chunked: bool = True) -> ReceiverRun:
+    """Our SCP as `lastmile up` runs it; with ``chunked=False`` data sets are received in
+    memory (pynetdicom's default) instead of to disk: what the memory bound costs."""
     stream = BusSettings(**{**bus_settings.__dict__, "stream": f"BENCH_{tag}"})
     bus = await EventBus.connect(stream)
     options = IngestOptions(instances_dir=root / f"instances-{tag}",
-                            scp=ScpConfig(port=free_port(), max_associations=4),
+                            scp=ScpConfig(port=free_port(), max_associations=4,
+                                          chunked_receive=chunked),
                             min_free_bytes=0)
     app = IngestApp(options, SECRET, RulesFile.open(None))
     stop = asyncio.Event()
@@ -142,7 +145,9 @@ async def _ours(bus_settings: BusSettings, root: Path, files: list[Path], associ
     try:
         await asyncio.wait_for(app.scp.started.wait(), 30)
         assert app.scp.port is not None
-        run = await _send("lastmile SCP (fsync + acked event)", app.scp.port, "LM_LTS", files,
+        name = ("lastmile SCP (fsync + acked event)" if chunked else
+                "in-memory receive: lastmile SCP without chunked receive")
+        run = await _send(name, app.scp.port, "LM_LTS", files,
                           associations)
         stored = len(list((root / f"instances-{tag}").glob("*/*.dcm")))
         if stored != len(files):
@@ -304,6 +309,8 @@ async def _run(count: int, studies: int, peers: bool, per_study: int) -> IngestB
                                                                associations))
                 result.runs.append(await _ours(settings, root, files, associations,
                                                f"A{associations}"))
+                result.runs.append(await _ours(settings, root, files, associations,
+                                               f"M{associations}", chunked=False))
             latencies, reasons = await _completion(settings, root, studies, per_study)
         result.completion_p50_s = round(statistics.median(latencies), 3)
         result.completion_p90_s = round(float(np.percentile(latencies, 90)), 3)

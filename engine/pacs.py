@@ -6,6 +6,8 @@ named (PS3.4 Annex B.2.3), never a bare number.
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,21 @@ def parse_address(text: str, calling_ae: str = "LASTMILE") -> PacsAddress:
     return PacsAddress(ae, host, int(port), calling_ae)
 
 
+def tls_args(host: str) -> tuple[ssl.SSLContext, str] | None:
+    """DICOM TLS to the PACS (PS3.15 B.1), from ``LASTMILE_PACS_TLS_CA`` (verify the PACS;
+    unset = the system's CAs), ``LASTMILE_PACS_TLS_CERT`` and ``_KEY`` (our certificate,
+    for a PACS that requires one). None when none of them is set: plain TCP."""
+    ca, cert, key = (os.environ.get(f"LASTMILE_PACS_TLS_{k}") or None
+                     for k in ("CA", "CERT", "KEY"))
+    if not (ca or cert):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx, host
+
+
 @dataclass(frozen=True)
 class StoreOutcome:
     sop_instance_uid: str
@@ -60,7 +77,8 @@ def _send_once(ds_list: Sequence[Dataset], dest: PacsAddress, timeout_s: float) 
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for sop_class in sorted({str(ds.SOPClassUID) for ds in ds_list}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         tls_args=tls_args(dest.host))
     if not assoc.is_established:
         raise PublishFailedError(
             f"{dest.ae_title}@{dest.host}:{dest.port} refused or did not answer the association"

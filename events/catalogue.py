@@ -103,6 +103,11 @@ class InstanceStored(Event, frozen=True, kw_only=True, tag="ingest.instance.stor
     study_date: str | None = None
     accession_pseudonym: str | None = None
     pixel_spacing_mm: float | None = None  # in-plane PixelSpacing (row), for drift monitoring
+    # --- receiver hardening (issues 14 and 18): the keywords (never the values) of text
+    # attributes whose bytes are not valid in the character set the dataset declares
+    # (PS3.5 section 6.1; no Specific Character Set = ASCII). Their text is not copied
+    # into any event: a reader of the stored file must not trust it either.
+    text_encoding_problems: tuple[str, ...] = ()
 
 
 class InstanceRejected(Event, frozen=True, kw_only=True, tag="ingest.instance.rejected"):
@@ -118,6 +123,12 @@ class InstanceRejected(Event, frozen=True, kw_only=True, tag="ingest.instance.re
     sop_class_uid: str | None = None
     sha256: str | None = None
     size_bytes: int | None = None
+    # --- receiver hardening (issues 14 and 18): a stable code for the kind of refusal
+    # (e.g. "identity_conflict", "too_large", "inflates_too_large"), and for an identity
+    # conflict the study and series that hold the first object with this SOP Instance UID
+    reason_code: str | None = None
+    first_study_uid: str | None = None
+    first_series_uid: str | None = None
 
 
 class InstanceDuplicated(Event, frozen=True, kw_only=True, tag="ingest.instance.duplicated"):
@@ -127,6 +138,31 @@ class InstanceDuplicated(Event, frozen=True, kw_only=True, tag="ingest.instance.
     sha256: str
     calling_ae: str
     called_ae: str
+
+
+# --- receiver hardening (issues 14 and 18): refusals before any instance arrives ------
+
+
+class ConnectionRefused(Event, frozen=True, kw_only=True, tag="ingest.connection.refused"):
+    """The DICOM receiver refused or closed a connection before or while negotiating an
+    association: the peer address, what it was refused for, never patient data.
+
+    ``reason_code`` is one of ``address_not_allowed``, ``too_many_from_address``,
+    ``too_many_pending``, ``no_association_request`` (nothing valid within the request
+    timeout), ``request_pdu_too_large``, ``pdu_too_large``, ``malformed_request``
+    (answered with an A-ASSOCIATE-RJ, PS3.8 section 9.3.4), ``too_many_associations``
+    (A-ASSOCIATE-RJ local-limit-exceeded), ``message_too_large`` (a message outgrew the
+    instance size limit while arriving) and ``tls_handshake_failed``. A burst from
+    one address is folded: ``refused_count`` counts the refusals this event stands for
+    (the first is recorded at once, the rest at most once per window).
+    """
+
+    source_address: str
+    reason_code: str
+    reason: str
+    refused_count: int = 1
+    calling_ae: str | None = None
+    called_ae: str | None = None
 
 
 class SeriesCompleted(Event, frozen=True, kw_only=True, tag="ingest.series.completed"):
@@ -419,6 +455,7 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     InstanceStored,
     InstanceRejected,
     InstanceDuplicated,
+    ConnectionRefused,  # receiver hardening (issues 14 and 18)
     SeriesCompleted,
     StudyCompleted,
     StudyAmended,

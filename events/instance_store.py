@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,8 @@ class InstanceStore:
                 f"below {self.min_free_bytes // 2**20} MiB (LASTMILE_DICOM_MIN_FREE_MB)"
             )
 
-    def put(self, chunks: tuple[bytes, ...] | list[bytes], sha256: str | None = None, *,
-            durable: bool = True) -> StoredFile:
+    def put(self, chunks: Iterable[bytes | memoryview], sha256: str | None = None, *,
+            durable: bool = True, size: int | None = None) -> StoredFile:
         """Make ``b"".join(chunks)`` durable under its SHA-256; raise ``StoreError`` if not.
 
         ``sha256`` may be passed when the caller already hashed the bytes. With
@@ -111,8 +112,14 @@ class InstanceStore:
         caller must call ``sync`` before relying on it surviving a power failure. The
         receiver overlaps that ``sync`` with the event publish and answers Success only
         after both; a name that a power failure left short is caught by ``intact``.
+        With both ``sha256`` and ``size`` given, ``chunks`` is read once and may be a
+        generator, so a large instance is copied piece by piece.
         """
-        size = sum(len(c) for c in chunks)
+        if size is None or sha256 is None:
+            chunks = list(chunks)
+            size = sum(len(c) for c in chunks)
+        # else ``chunks`` may be a one-pass iterable (a file read in pieces): it is
+        # consumed once, by the write below
         self.check_space(size)
         if sha256 is None:
             h = hashlib.sha256()

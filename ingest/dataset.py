@@ -12,8 +12,10 @@ import logging
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any, TypeAlias
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -44,6 +46,9 @@ def silence_value_warnings() -> None:
         logger.addFilter(_FILTER)
     warnings.filterwarnings("ignore", message="Invalid value for VR")
 
+
+#: bytes as received, or a view of an instance received to disk (``ingest.spool``)
+Buffer: TypeAlias = bytes | memoryview
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"  # Lastmile ingest
 IMPLEMENTATION_VERSION = "LASTMILE_010"
@@ -83,7 +88,7 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, nested: bool) -> int:
+def _walk(buf: Buffer, pos: int, end: int, implicit: bool, little: bool, nested: bool) -> int:
     """Walk data element headers from ``pos``; return where the dataset (or item) ends.
 
     Raises ``ValueError`` saying where the bytes stop making sense. Values are skipped,
@@ -104,7 +109,7 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, nested: 
             (length,) = struct.unpack_from(e + "I", buf, pos + 4)
             pos += 8
         else:
-            vr = buf[pos + 4 : pos + 6]
+            vr = bytes(buf[pos + 4 : pos + 6])
             if len(vr) != 2 or not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                 raise ValueError(f"invalid VR {vr!r} for element {tag:08X} at byte {pos}")
             if vr in _LONG_VRS:
@@ -126,7 +131,7 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, nested: 
     return pos
 
 
-def _walk_items(buf: bytes, pos: int, end: int, implicit: bool, little: bool, owner: int) -> int:
+def _walk_items(buf: Buffer, pos: int, end: int, implicit: bool, little: bool, owner: int) -> int:
     e = "<" if little else ">"
     while True:
         if pos + 8 > end:
@@ -148,18 +153,54 @@ def _walk_items(buf: bytes, pos: int, end: int, implicit: bool, little: bool, ow
             pos += length
 
 
-def check_structure(dataset: bytes, transfer_syntax_uid: str) -> bytes:
+def inflate_pieces(pieces: Iterable[Buffer], limit: int,
+                   piece: int = 1 << 20) -> Iterator[bytes]:
+    """Inflate a Deflated Explicit VR Little Endian dataset (PS3.5 A.5) piece by piece,
+    refusing it with Out of Resources (dataset too large) as soon as it would exceed
+    ``limit`` bytes: the size limit holds for what the dataset becomes, not for what was
+    sent (a 1 MB deflate bomb must not become 1 GiB). Output pieces are at most
+    ``piece`` bytes, so the caller decides whether they go to memory or to disk."""
+    inflater = zlib.decompressobj(-15)
+    total = 0
+
+    def count(out: bytes) -> bytes:
+        nonlocal total
+        total += len(out)
+        if total > limit:
+            raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
+                              f"deflated dataset inflates beyond the limit of {limit} bytes "
+                              "(LASTMILE_DICOM_MAX_INSTANCE_MB)", code="inflates_too_large")
+        return out
+
+    try:
+        for data in pieces:
+            view = memoryview(data)
+            for at in range(0, len(view), 1 << 16):  # bounded input: tails stay small
+                out = inflater.decompress(view[at:at + (1 << 16)], piece)
+                yield count(out)
+                while inflater.unconsumed_tail:
+                    yield count(inflater.decompress(inflater.unconsumed_tail, piece))
+        yield count(inflater.flush())
+    except zlib.error as exc:
+        raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
+                          f"deflated dataset does not inflate: {exc}") from None
+
+
+def inflate(dataset: Buffer, limit: int) -> bytes:
+    """``inflate_pieces`` into memory (for datasets already bounded in size)."""
+    return b"".join(inflate_pieces((dataset,), limit))
+
+
+def check_structure(dataset: Buffer, transfer_syntax_uid: str,
+                    max_inflated: int = 2048 * 2**20) -> Buffer:
     """Raise ``BadInstance`` (Cannot understand) unless the bytes are whole DICOM elements.
 
-    Returns the plain dataset: the bytes themselves, or inflated when deflated."""
+    Returns the plain dataset: the bytes themselves, or inflated when deflated (refused
+    with Out of Resources beyond ``max_inflated`` bytes, see ``inflate``)."""
     data = dataset
     if transfer_syntax_uid == DEFLATED:
-        try:
-            data = zlib.decompress(dataset, -15)
-        except zlib.error as exc:
-            raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
-                              f"deflated dataset does not inflate: {exc}") from None
-    if not data:
+        data = inflate(dataset, max_inflated)
+    if not len(data):
         raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND, "empty dataset")
     try:
         _walk(data, 0, len(data), transfer_syntax_uid == IMPLICIT_LE,
@@ -170,6 +211,33 @@ def check_structure(dataset: bytes, transfer_syntax_uid: str) -> bytes:
     return data
 
 
+class _ViewReader:
+    """A read-only file object over a buffer without copying it (``BytesIO`` copies:
+    for an instance received to disk that would be the whole file in memory)."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self._view = memoryview(buf)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view),
+                                                                   self._pos + size)
+        out = bytes(self._view[self._pos:end])
+        self._pos = end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()
+
+
 _PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 
 
@@ -177,7 +245,7 @@ def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXELS
 
 
-def parse(plain: bytes, transfer_syntax_uid: str) -> Dataset:
+def parse(plain: Buffer, transfer_syntax_uid: str) -> Dataset:
     """Decode the header elements of a plain (``check_structure``'d) dataset.
 
     ``read_dataset`` with the association's transfer syntax rather than ``dcmread`` of
@@ -186,8 +254,12 @@ def parse(plain: bytes, transfer_syntax_uid: str) -> Dataset:
     critical path. Pixel data is never needed for a fact, so reading stops before it.
     """
     try:
-        return read_dataset(BytesIO(plain), transfer_syntax_uid == IMPLICIT_LE,
-                            transfer_syntax_uid != EXPLICIT_BE, stop_when=_at_pixels)
+        fp = BytesIO(plain) if isinstance(plain, bytes) else _ViewReader(plain)
+        try:
+            return read_dataset(fp, transfer_syntax_uid == IMPLICIT_LE,  # type: ignore[arg-type]
+                                transfer_syntax_uid != EXPLICIT_BE, stop_when=_at_pixels)
+        finally:
+            fp.close()
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
         raise BadInstance(StoreStatus.ERROR_CANNOT_UNDERSTAND,
                           f"pydicom cannot decode the dataset ({type(exc).__name__})") from None
@@ -267,6 +339,7 @@ class InstanceFacts:
     study_date: str | None
     accession_pseudonym: str | None
     pixel_spacing_mm: float | None = None
+    text_encoding_problems: tuple[str, ...] = ()  # keywords, see ``undeclared_text``
 
     def series_tags(self) -> TagValues:
         return series_tag_values(self.modality, self.series_description, self.series_number,
@@ -327,6 +400,21 @@ def facts(ds: Dataset, secret: bytes) -> InstanceFacts:
     )
 
 
+#: InstanceFacts' text fields, by the attribute they come from
+_TEXT_FACTS = {"SeriesDescription": "series_description", "Manufacturer": "manufacturer",
+               "ManufacturerModelName": "manufacturer_model", "StationName": "station_name",
+               "InstitutionName": "institution"}
+
+
+def without_text(f: InstanceFacts, problems: tuple[str, ...]) -> InstanceFacts:
+    """The facts with ``problems`` recorded and the text taken from those attributes
+    dropped: text decoded in a character set the bytes are not in is mojibake."""
+    from dataclasses import replace
+
+    dropped: dict[str, Any] = {_TEXT_FACTS[k]: None for k in problems if k in _TEXT_FACTS}
+    return replace(f, text_encoding_problems=problems, **dropped)
+
+
 def _spacing(ds: Dataset) -> float | None:
     """In-plane row spacing (PixelSpacing, else ImagerPixelSpacing), for drift metrics."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -339,3 +427,71 @@ def _spacing(ds: Dataset) -> float | None:
             if value > 0:
                 return value
     return None
+
+
+# --------------------------------------------------------------------------- character sets
+
+#: text VRs whose value follows the Specific Character Set (PS3.5 section 6.1.2.3)
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "PN", "UC"})
+
+
+def _declared_codec(ds: Dataset) -> tuple[str | None, bool]:
+    """(Python codec, checkable) for the dataset's Specific Character Set (0008,0005).
+
+    No value (or ISO_IR 6) means the default repertoire, ASCII. A single-byte set such
+    as ISO_IR 100 decodes every byte, so only ASCII, UTF-8 (ISO_IR 192) and GB18030 are
+    checkable; code extensions (ISO 2022, several values) are not checked here."""
+    from pydicom.charset import python_encoding
+
+    try:
+        raw = ds.get_item(0x00080005)
+    except Exception:  # noqa: BLE001 - an unreadable value: treat as undeclared
+        raw = None
+    value = getattr(raw, "value", None) if raw is not None else None
+    if isinstance(value, bytes):
+        terms = [t.strip() for t in value.decode("ascii", "replace").split("\\")]
+    elif isinstance(value, str):
+        terms = [value.strip()]
+    elif value is not None:
+        terms = [str(v).strip() for v in value]
+    else:
+        terms = []
+    terms = [t for t in terms if t]
+    if not terms or terms == ["ISO_IR 6"]:
+        return "ascii", True
+    if len(terms) == 1 and terms[0] in ("ISO_IR 192", "GB18030"):
+        return python_encoding[terms[0]], True
+    return None, False
+
+
+def undeclared_text(ds: Dataset) -> tuple[str, ...]:
+    """Keywords (or tags) of top-level text attributes whose bytes are not valid in the
+    character set the dataset declares (PS3.5 section 6.1): e.g. UTF-8 or Latin-1 bytes
+    without a Specific Character Set. The values themselves are never returned."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    codec, checkable = _declared_codec(ds)
+    if not checkable or codec is None:
+        return ()
+    bad: list[str] = []
+    for tag in list(ds.keys()):
+        try:
+            elem = ds.get_item(tag)
+        except Exception:  # noqa: BLE001
+            continue
+        if elem is None:
+            continue
+        vr = getattr(elem, "VR", None)
+        if vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        value = getattr(elem, "value", None)
+        if str(vr) not in _TEXT_VRS or not isinstance(value, bytes) or not value:
+            continue
+        try:
+            value.decode(codec)
+        except UnicodeDecodeError:
+            bad.append(keyword_for_tag(tag) or f"{int(tag):08X}")
+    return tuple(bad)

@@ -16,7 +16,8 @@ class RulesError(IngestError, RuleError):
 class BadInstance(IngestError):
     """A received dataset cannot be accepted; carries the named status to return."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, code: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.code = code  # a stable name for the kind of refusal, for events

@@ -27,11 +27,12 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from events.base import Event, deterministic_id
 from events.catalogue import (
@@ -44,6 +45,8 @@ from events.catalogue import (
 from events.errors import EventsError, OutOfSpace, StoreError
 from events.instance_store import InstanceStore, StoredFile
 from ingest.dataset import (
+    DEFLATED,
+    Buffer,
     InstanceFacts,
     check_structure,
     facts,
@@ -51,9 +54,12 @@ from ingest.dataset import (
     parse,
     silence_value_warnings,
     tag_values,
+    undeclared_text,
+    without_text,
 )
 from ingest.errors import BadInstance
 from ingest.rules import RuleSet, route
+from ingest.spool import SpooledDataset, inflate_to_disk
 from ingest.statuses import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -62,9 +68,12 @@ log = logging.getLogger(__name__)
 class _BadWithFacts(BadInstance):
     """A refusal after the header was decoded: the event can name the study."""
 
-    def __init__(self, status: int, reason: str, facts: InstanceFacts) -> None:
+    def __init__(self, status: int, reason: str, facts: InstanceFacts, *,
+                 code: str | None = None, first: tuple[str, str] | None = None) -> None:
         super().__init__(status, reason)
         self.facts = facts
+        self.code = code
+        self.first = first
 
 
 class _RecordFailed(Exception):
@@ -89,7 +98,7 @@ class Publish(Protocol):
 class Received:
     """One C-STORE request as the association delivered it."""
 
-    dataset: bytes  # encoded as received, without file meta
+    dataset: bytes | SpooledDataset  # encoded as received, without file meta
     transfer_syntax_uid: str
     sop_class_uid: str  # the request's Affected SOP Class (= the presentation context's)
     sop_instance_uid: str | None  # the request's Affected SOP Instance
@@ -109,7 +118,8 @@ class Outcome:
 
 
 class InstanceIndex:
-    """SOP Instance UID -> {sha256: version}: what the log says is stored.
+    """SOP Instance UID -> {sha256: version}, and the (study, series) that first held
+    it: what the log says is stored.
 
     Rebuilt from ``ingest.instance.stored`` events at start, so duplicates and versions
     survive a restart. Guarded by striped locks so associations run in parallel but the
@@ -120,6 +130,7 @@ class InstanceIndex:
 
     def __init__(self) -> None:
         self._versions: dict[str, dict[str, int]] = {}
+        self._homes: dict[str, tuple[str, str]] = {}
         self._locks = [threading.Lock() for _ in range(self.STRIPES)]
 
     def lock(self, sop_instance_uid: str) -> threading.Lock:
@@ -127,6 +138,12 @@ class InstanceIndex:
 
     def observe(self, event: InstanceStored) -> None:
         self._versions.setdefault(event.sop_instance_uid, {})[event.sha256] = event.version
+        if event.study_uid:
+            self._homes.setdefault(event.sop_instance_uid, (event.study_uid, event.series_uid))
+
+    def home(self, sop_instance_uid: str) -> tuple[str, str] | None:
+        """(study, series) of the first stored object with this SOP Instance UID."""
+        return self._homes.get(sop_instance_uid)
 
     def version_of(self, sop_instance_uid: str, sha256: str) -> int | None:
         return self._versions.get(sop_instance_uid, {}).get(sha256)
@@ -165,15 +182,25 @@ class InstanceReceiver:
 
     def receive(self, r: Received) -> Outcome:
         """Never raises: every problem becomes a named status (and an event when possible)."""
-        facts_: InstanceFacts | None = None
         try:
-            plain = self._precheck(r)
+            return self._receive(r)
+        finally:
+            if isinstance(r.dataset, SpooledDataset):
+                r.dataset.close()
+
+    def _receive(self, r: Received) -> Outcome:
+        inflated: list[SpooledDataset] = []
+        try:
+            plain = self._precheck(r, inflated)
             assert r.sop_instance_uid is not None
             with self.index.lock(r.sop_instance_uid):
                 return self._store_and_publish(r, plain)
+        except _BadWithFacts as exc:
+            return self._reject(r, StoreStatus(exc.status), exc.reason, exc.facts,
+                                code=exc.code, first=exc.first)
         except BadInstance as exc:
-            facts_ = exc.facts if isinstance(exc, _BadWithFacts) else None
-            return self._reject(r, StoreStatus(exc.status), exc.reason, facts_)
+            return self._reject(r, StoreStatus(exc.status), exc.reason, None,
+                                code=exc.code)
         except OutOfSpace as exc:
             return self._reject(r, StoreStatus.REFUSED_OUT_OF_RESOURCES, str(exc), None)
         except StoreError as exc:
@@ -183,26 +210,42 @@ class InstanceReceiver:
             log.error("event log failed: %s", exc.error)
             return self._reject(r, StoreStatus.PROCESSING_FAILURE,
                                 f"the event log did not acknowledge: {exc.error}", exc.facts)
+        finally:
+            for spool in inflated:
+                spool.close()
 
-    def _precheck(self, r: Received) -> bytes:
-        """The cheap refusals, before any byte is written. Returns the plain dataset
-        (inflated if it was sent deflated)."""
+    def _precheck(self, r: Received, inflated: list[SpooledDataset]) -> Buffer:
+        """The cheap refusals, before any byte is written. Returns the plain dataset:
+        as received, or inflated to a file in the store's temporary folder if it was
+        sent deflated (added to ``inflated`` for the caller to remove; the size limit
+        holds for the inflated size)."""
         size = len(r.dataset)
         if size > self.config.max_instance_bytes:
             raise BadInstance(StoreStatus.REFUSED_DATASET_TOO_LARGE,
                               f"dataset of {size} bytes exceeds the limit of "
-                              f"{self.config.max_instance_bytes} (LASTMILE_DICOM_MAX_INSTANCE_MB)")
+                              f"{self.config.max_instance_bytes} (LASTMILE_DICOM_MAX_INSTANCE_MB)",
+                              code="too_large")
         self.store.check_space(size)
-        plain = check_structure(r.dataset, r.transfer_syntax_uid)
+        if r.transfer_syntax_uid == DEFLATED:
+            spool = inflate_to_disk(_pieces(r.dataset), self.config.max_instance_bytes,
+                                    self.store.tmp)
+            inflated.append(spool)
+            plain = check_structure(spool.view(), ExplicitVRLittleEndian)
+        else:
+            buffer = r.dataset.view() if isinstance(r.dataset, SpooledDataset) else r.dataset
+            plain = check_structure(buffer, r.transfer_syntax_uid)
         if not r.sop_instance_uid:
             raise BadInstance(StoreStatus.ERROR_MISSING_REQUIRED_UID,
                               "the request has no Affected SOP Instance UID")
         return plain
 
-    def _admit(self, r: Received, plain: bytes) -> tuple[InstanceFacts, Dataset]:
+    def _admit(self, r: Received, plain: Buffer) -> tuple[InstanceFacts, Dataset]:
         """Decode the header and check it against the request (raises ``BadInstance``)."""
         ds = parse(plain, r.transfer_syntax_uid)
+        problems = undeclared_text(ds)  # first: reading a value decodes it in place
         f = facts(ds, self.secret)
+        if problems:
+            f = without_text(f, problems)
         if f.sop_class_uid != r.sop_class_uid:
             raise _BadWithFacts(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                 f"dataset SOP Class {f.sop_class_uid} differs from the "
@@ -216,23 +259,31 @@ class InstanceReceiver:
     # ------------------------------------------------------------------ store
 
     def _hash_and_write(self, sop_instance_uid: str, meta: bytes,
-                        dataset: bytes) -> tuple[str, StoredFile | None, bool]:
+                        dataset: bytes | SpooledDataset) -> tuple[str, StoredFile | None, bool]:
         """Hash, and write the file unless these bytes are stored already. Returns
         (sha256, the file written or None, whether the log knows these bytes). A new file
-        is complete under its final name but not yet synced (``store.sync``)."""
+        is complete under its final name but not yet synced (``store.sync``). A dataset
+        received to disk is read in pieces for both, never whole into memory."""
         h = hashlib.sha256(meta)
-        h.update(dataset)
+        for piece in _pieces(dataset):
+            h.update(piece)
         sha = h.hexdigest()
+        size = len(meta) + len(dataset)
+
+        def chunks() -> Iterator[bytes]:
+            yield meta
+            yield from _pieces(dataset)
+
         if self.index.version_of(sop_instance_uid, sha) is None:
-            return sha, self.store.put((meta, dataset), sha, durable=False), False
-        if self.store.find(sha, len(meta) + len(dataset)) is not None:
+            return sha, self.store.put(chunks(), sha, durable=False, size=size), False
+        if self.store.find(sha, size) is not None:
             return sha, None, True
         # the log has the event but the file is gone or short (a power failure between
         # the event's ack and the file's sync; the sender got no Success and retries)
         log.warning("repairing the stored file of %s from the sender's retry", sha[:12])
-        return sha, self.store.put((meta, dataset), sha), True
+        return sha, self.store.put(chunks(), sha, size=size), True
 
-    def _store_and_publish(self, r: Received, plain: bytes) -> Outcome:
+    def _store_and_publish(self, r: Received, plain: Buffer) -> Outcome:
         """Called holding the SOP Instance's lock: check, write, record.
 
         Success needs the file durable AND the event acknowledged; the two fsyncs (ours of
@@ -243,6 +294,7 @@ class InstanceReceiver:
         """
         assert r.sop_instance_uid is not None
         f, ds = self._admit(r, plain)
+        self._check_identity(f)
         meta = file_meta(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid)
         sha, stored, known = self._hash_and_write(r.sop_instance_uid, meta, r.dataset)
         actor = f"{self.config.actor_prefix}:{r.called_ae}"
@@ -278,6 +330,21 @@ class InstanceReceiver:
             # sender is told to retry (and gets a duplicate, or a repair)
             raise sync_failed
         return Outcome(StoreStatus.SUCCESS, "stored", f.study_uid, tuple(events), stored)
+
+    def _check_identity(self, f: InstanceFacts) -> None:
+        """One SOP Instance UID is one object (PS3.3 C.12.1.1.1). Other bytes under a
+        known UID in the same study and series are a new version of it (stored, version
+        + 1); in another series or study they are an identity conflict: refused with
+        Duplicate SOP Instance (0x0111), and the first object is kept."""
+        home = self.index.home(f.sop_instance_uid)
+        if home is None or home == (f.study_uid, f.series_uid):
+            return
+        where = "study" if home[0] != f.study_uid else "series"
+        raise _BadWithFacts(
+            StoreStatus.REFUSED_DUPLICATE_SOP_INSTANCE,
+            f"identity conflict: this SOP Instance UID is already stored in another {where}; "
+            "the first object is kept (PS3.3 C.12.1.1.1: one UID, one object)",
+            f, code="identity_conflict", first=home)
 
     def _record(self, f: InstanceFacts, events: list[Event]) -> None:
         self._start_record(f, events)()
@@ -357,13 +424,18 @@ class InstanceReceiver:
             study_date=f.study_date,
             accession_pseudonym=f.accession_pseudonym,
             pixel_spacing_mm=f.pixel_spacing_mm,
+            text_encoding_problems=f.text_encoding_problems,
         ))
         return events
 
     # ------------------------------------------------------------------ refuse
 
     def _reject(self, r: Received, status: StoreStatus, reason: str,
-                f: InstanceFacts | None) -> Outcome:
+                f: InstanceFacts | None, *, code: str | None = None,
+                first: tuple[str, str] | None = None) -> Outcome:
+        h = hashlib.sha256()
+        for piece in _pieces(r.dataset):
+            h.update(piece)
         rejected = InstanceRejected.new(
             actor=f"{self.config.actor_prefix}:{r.called_ae}",
             study_uid=f.study_uid if f else None,
@@ -375,8 +447,11 @@ class InstanceReceiver:
             source_address=r.source_address,
             sop_instance_uid=(f.sop_instance_uid if f else r.sop_instance_uid),
             sop_class_uid=r.sop_class_uid,
-            sha256=hashlib.sha256(r.dataset).hexdigest(),
+            sha256=h.hexdigest(),
             size_bytes=len(r.dataset),
+            reason_code=code,
+            first_study_uid=first[0] if first else None,
+            first_series_uid=first[1] if first else None,
         )
         try:
             self.publish([rejected])
@@ -387,3 +462,10 @@ class InstanceReceiver:
         log.warning("rejected %s from %s: %s (%s)", r.sop_instance_uid, r.calling_ae,
                     status.name, reason)
         return Outcome(status, reason, rejected.study_uid, (rejected,))
+
+
+def _pieces(dataset: bytes | SpooledDataset) -> Iterator[bytes]:
+    if isinstance(dataset, SpooledDataset):
+        yield from dataset.pieces()
+    else:
+        yield dataset

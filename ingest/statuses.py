@@ -17,6 +17,9 @@ class StoreStatus(IntEnum):
     #: PS3.7 Annex C general status "Failure: Processing failure": our store or the event
     #: log failed, nothing was kept, and the sender should retry.
     PROCESSING_FAILURE = 0x0110
+    #: PS3.7 Annex C general status "Failure: Duplicate SOP Instance": the SOP Instance
+    #: UID is already stored in another study or series (an identity conflict).
+    REFUSED_DUPLICATE_SOP_INSTANCE = 0x0111
     #: PS3.7 general status: the calling AE or its address is not on the allow-list.
     REFUSED_NOT_AUTHORIZED = 0x0124
     #: PS3.4 B.2.3 "A7xx Refused: Out of Resources": free disk below the threshold.
@@ -48,6 +51,8 @@ class AssociationRejection(IntEnum):
     CALLED_AE_NOT_RECOGNIZED = 0x01_01_07
     #: permanent, service-user, "no-reason-given" (source address not allowed)
     SOURCE_ADDRESS_NOT_ALLOWED = 0x01_01_01
+    #: transient, service-provider (presentation), "local-limit-exceeded"
+    LOCAL_LIMIT_EXCEEDED = 0x02_03_02
 
     @property
     def rsd(self) -> tuple[int, int, int]:

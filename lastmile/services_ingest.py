@@ -12,6 +12,7 @@ from ingest.dicom_scp import ScpConfig
 from ingest.errors import IngestError
 from ingest.rules import EXAMPLE_RULES
 from ingest.rules_file import RulesFile
+from ingest.tls import TlsFiles
 from lastmile.runtime import Service
 from lastmile.settings import ConfigError, Settings
 
@@ -21,6 +22,19 @@ from lastmile.settings import ConfigError, Settings
 def rules_path(settings: Settings) -> Path:
     """The configured rules file, else the shipped example (the paper's three pipelines)."""
     return settings.routing_rules or EXAMPLE_RULES
+
+
+def dicom_tls(settings: Settings) -> TlsFiles | None:
+    """The receiver's TLS files, or None; half a pair is a configuration error."""
+    if settings.dicom_tls_cert is None and settings.dicom_tls_key is None:
+        if settings.dicom_tls_ca is not None:
+            raise ConfigError("LASTMILE_DICOM_TLS_CA is set but LASTMILE_DICOM_TLS_CERT and "
+                              "LASTMILE_DICOM_TLS_KEY are not: the receiver needs both for TLS")
+        return None
+    if settings.dicom_tls_cert is None or settings.dicom_tls_key is None:
+        raise ConfigError("set both LASTMILE_DICOM_TLS_CERT and LASTMILE_DICOM_TLS_KEY "
+                          "for DICOM TLS")
+    return TlsFiles(settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca)
 
 
 def ingest_options(settings: Settings) -> IngestOptions:
@@ -34,6 +48,11 @@ def ingest_options(settings: Settings) -> IngestOptions:
             max_associations=settings.dicom_max_associations,
             allowed_calling_aes=tuple(settings.dicom_allowed_calling_aes),
             allowed_addresses=tuple(settings.dicom_allowed_addresses),
+            request_timeout_s=settings.dicom_request_timeout_s,
+            max_pending=settings.dicom_max_pending,
+            max_connections_per_address=settings.dicom_max_connections_per_address,
+            tls=dicom_tls(settings),
+            chunked_receive=settings.dicom_receive_to_disk,
         ),
         rules_path=rules_path(settings),
         max_instance_bytes=settings.dicom_max_instance_mb * 2**20,

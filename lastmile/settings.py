@@ -67,8 +67,26 @@ class Settings(BaseSettings):
     dicom_host: str = "127.0.0.1"
     dicom_port: int = Field(11112, ge=1, le=65535)
     dicom_general_ae: str = Field("LASTMILE", description="AE title that applies routing rules")
-    dicom_max_pdu: int = Field(0, ge=0, description="Maximum PDU we receive; 0 = unlimited")
+    dicom_max_pdu: int = Field(
+        1 << 20, ge=0, description="Maximum PDU we receive (bytes); 0 = unlimited declared, "
+        "still bounded at 64 MiB per PDU")
     dicom_max_associations: int = Field(10, ge=1)
+    # --- receiver hardening (issues 14 and 18)
+    dicom_request_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="A connection that has not sent an association "
+        "request (and finished its TLS handshake) by then is closed")
+    dicom_max_pending: int = Field(
+        64, ge=1, description="Connections at once that have not sent an association request")
+    dicom_max_connections_per_address: int = Field(
+        8, ge=1, description="Connections at once from one source address")
+    dicom_receive_to_disk: bool = Field(
+        True, description="Receive data sets to disk in chunks (memory per association ~ one "
+        "PDU); false keeps each in memory (faster, ~2x the instance size per association)")
+    dicom_tls_cert: Path | None = Field(
+        None, description="Receiver's TLS certificate (PEM): DICOM TLS, PS3.15 B.1")
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = Field(
+        None, description="With TLS: peers must present a certificate signed by this CA")
     dicom_max_instance_mb: int = Field(2048, ge=1, description="Larger datasets are refused")
     dicom_min_free_mb: int = Field(1024, ge=0, description="Refuse new data below this")
     dicom_publish_timeout_s: float = Field(

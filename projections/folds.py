@@ -16,6 +16,7 @@ from typing import Any
 from events.base import Event
 from events.catalogue import (
     CaseAssigned,
+    ConnectionRefused,
     DeliveryFailed,
     DriftAlertRaised,
     EditSubmitted,
@@ -85,6 +86,12 @@ def _rejected(seq: int, ev: InstanceRejected) -> list[Change]:
         None, None, None, None, None, None, None, None, None, ev.size_bytes, None, None,
         ev.reason, ev.status_name,
     ))]
+
+
+# --- receiver hardening (issues 14 and 18): a refused connection names no study and no
+# instance; it stays in the log (``lastmile replay``) and adds no row to a read model
+def _connection_refused(seq: int, ev: ConnectionRefused) -> list[Change]:
+    return []
 
 
 def _duplicated(seq: int, ev: InstanceDuplicated) -> list[Change]:
@@ -250,6 +257,7 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     InstanceStored: _stored,
     InstanceRejected: _rejected,
     InstanceDuplicated: _duplicated,
+    ConnectionRefused: _connection_refused,  # receiver hardening (issues 14 and 18)
     SeriesCompleted: _series,
     StudyCompleted: _study,
     StudyAmended: _amended,

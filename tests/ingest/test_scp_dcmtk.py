@@ -19,6 +19,7 @@ from bench.peers import Storescp
 from events.base import Event
 from events.catalogue import (
     CompletionReason,
+    ConnectionRefused,
     InstanceDuplicated,
     InstanceRejected,
     InstanceStored,
@@ -237,10 +238,15 @@ async def test_events_carry_the_site_pseudonym_and_no_identity(
             assert value not in wire, f"{ev.type_name()} leaks an identity value"
 
 
-async def test_source_address_allow_list(start_ingest: StartIngest) -> None:
+async def test_source_address_allow_list(start_ingest: StartIngest, bus: EventBus) -> None:
     r = await start_ingest(allowed_addresses=("10.0.0.0/8",))
     rc, out = await run_tool("echoscu", "-v", "-aec", "LM_BTS", "127.0.0.1", str(r.port))
-    assert rc != 0 and "Association Rejected" in out
+    # refused at connect, before a byte of the request is read (issue 18 item 5)
+    assert rc != 0 and "Association Request Failed" in out
+    (ev,) = await wait_for_events(bus, None, "ingest.connection.refused",
+                                  subject=type_filter("ingest.connection.refused"))
+    assert isinstance(ev, ConnectionRefused)
+    assert (ev.reason_code, ev.source_address) == ("address_not_allowed", "127.0.0.1")
     ok = await start_ingest(allowed_addresses=("127.0.0.0/8",))
     assert (await run_tool("echoscu", "-aec", "LM_BTS", "127.0.0.1", str(ok.port)))[0] == 0
 
