@@ -152,6 +152,7 @@ def _send_once(ds_list: Sequence[Dataset], dest: PacsAddress, timeout_s: float,
         raise _Unreachable(f"{where} {why}")
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     decided: list[StoreOutcome] = []
+    transient: list[str] = []
     try:
         for ds in ds_list:
             uid = str(ds.SOPInstanceUID)
@@ -173,11 +174,13 @@ def _send_once(ds_list: Sequence[Dataset], dest: PacsAddress, timeout_s: float,
                 decided.append(StoreOutcome(uid, attempt, name, code))
             elif is_permanent(code):
                 decided.append(StoreOutcome(uid, attempt, name, code, refused=True))
-            else:
-                raise _Unreachable(f"{where} answered {name} (0x{code:04X})", decided)
+            else:  # this object may go next time; the others are still sent now
+                transient.append(f"{where} answered {name} (0x{code:04X})")
     finally:
         if assoc.is_established:
             assoc.release()
+    if transient:
+        raise _Unreachable("; ".join(dict.fromkeys(transient)), decided)
     return decided
 
 
