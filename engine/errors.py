@@ -149,7 +149,7 @@ def safe_reason(exc: BaseException) -> str:
     while tb is not None:  # the first library our code called into
         top = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
         if top and top not in ("engine", "builtins", "asyncio", "concurrent", "threading",
-                                "__main__"):
+                                "__main__", "tests"):
             library = top
             break
         tb = tb.tb_next

@@ -92,8 +92,8 @@ def _valid(vr: str, value: object) -> bool:
     if validator is None:
         return True
     values: Iterable[object] = value if isinstance(value, list | MultiValue) else [value]
-    if vr in ("DS", "IS"):  # parsed numbers: validate the text they were read from
-        values = [v if isinstance(v, str) else str(v) for v in values]
+    if vr in ("DS", "IS", "PN"):  # parsed values: validate the text they came from
+        values = [v if isinstance(v, str) or v is None else str(v) for v in values]
     return all(v is None or v == "" or validator(vr, v)[0] for v in values)
 
 
@@ -131,28 +131,30 @@ def result_header(ds: Dataset, *, slice_thickness_mm: float | None = None
     the attribute when one of ``REQUIRED`` is missing or not a UID.
     """
     repair = Repair()
-    out = Dataset()
-    for elem in ds:
-        if elem.tag in _PIXEL_TAGS:
-            continue
-        out.add(copy.deepcopy(elem))
-    if hasattr(ds, "file_meta"):
-        out.file_meta = copy.deepcopy(ds.file_meta)
-    for keyword in REQUIRED:
-        value = out.get(keyword)
+    for keyword in REQUIRED:  # checked before anything is copied (a copy re-validates)
+        value = ds.get(keyword)
         if not value or not _valid("UI", str(value)):
             raise InputError(f"{keyword} is missing or not a valid UID: no result can "
                              "refer to this instance")
-    for elem in list(out):
-        if elem.VR in _NO_CHECK_VRS or elem.tag.is_private or elem.is_empty:
+    out = Dataset()
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    for elem in ds:
+        if elem.tag in _PIXEL_TAGS:
             continue
-        if elem.tag.group == 0x0002:
+        if (elem.VR in _NO_CHECK_VRS or elem.tag.is_private or elem.is_empty
+                or elem.tag.group == 0x0002):
+            out.add(copy.deepcopy(elem))
             continue
         keyword = elem.keyword or "private"
         value = elem.value
+        # decided before copying: creating an element with an invalid value makes
+        # pydicom warn, quoting the value
         if _valid(elem.VR, value) and (keyword != "PatientSex" or str(value) in ("M", "F", "O")):
             if elem.VR == "PN" and "^" not in str(value) and "=" not in str(value):
                 out[elem.tag] = DataElement(elem.tag, "PN", f"{value}^")
+            else:
+                out.add(copy.deepcopy(elem))
             continue
         fixed = _repaired(keyword, elem.VR, value)
         if fixed is not None and _valid(elem.VR, fixed):
@@ -162,7 +164,6 @@ def result_header(ds: Dataset, *, slice_thickness_mm: float | None = None
             out[elem.tag] = DataElement(elem.tag, elem.VR, None)
             repair.emptied.add(name_of(elem.tag))
         else:
-            del out[elem.tag]
             repair.dropped.add(name_of(elem.tag))
     for keyword in TYPE2_COPIED:
         if keyword not in out:
