@@ -141,8 +141,10 @@ def safe_reason(exc: BaseException) -> str:
     """A reason for ``exc`` that may be recorded: our own message for engine errors;
     for any other exception its type, the library it came from and the DICOM
     attributes its message names (keyword and tag), never the message itself."""
-    if isinstance(exc, EngineError):
+    if isinstance(exc, OperatorError):
         return str(exc)
+    if isinstance(exc, EngineError):
+        return f"{type(exc).__name__}: {exc}"
     kind = type(exc).__name__
     library = type(exc).__module__.split(".")[0]
     tb = exc.__traceback__
