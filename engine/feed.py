@@ -24,8 +24,8 @@ from events.catalogue import (
     SeriesSummary,
     StudyCompleted,
 )
-from events.jetstream import EventBus
 from events.dicom_dates import DicomValueError, normalise_da
+from events.jetstream import EventBus
 from events.pseudonym import age_band, pseudonym, sex_code
 
 

@@ -23,13 +23,13 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
 )
 
+from demo.phantoms import brain_mr_study
 from engine import pacs
 from engine.dicom_results import Provenance, SegmentMeasurement, build_seg, build_volume_sr
 from engine.errors import PublishFailedError
 from engine.feed import feed_study
 from engine.ops.volume import series_to_volume
 from engine.pacs_redelivery import pending
-from engine.phantoms import brain_mr_study
 from engine.registry import deployed_event
 from engine.spec import LoadedPipeline, load_pipeline
 from engine.worker import EngineWorker, WorkerConfig

@@ -3,7 +3,7 @@ them (Type 2 attributes absent, copied values malformed, SliceThickness empty, e
 multi-frame sources, no Frame of Reference) give valid SEG/SR objects, or an SR with
 image references; no object with a dciodvfy error is kept.
 
-The phantoms (engine.phantoms) altered, real enhanced files from pydicom-data, the
+The phantoms (demo.phantoms) altered, real enhanced files from pydicom-data, the
 reference pipelines' write steps, and dciodvfy on everything written.
 """
 
@@ -19,11 +19,11 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from demo.phantoms import abdomen_ct_study, brain_mr_study
 from engine.dicom_results import Provenance
 from engine.errors import InputError
 from engine.ops import postprocess
 from engine.ops.volume import series_to_volume
-from engine.phantoms import abdomen_ct_study, brain_mr_study
 from engine.result_sources import result_header
 from engine.spec import LoadedPipeline
 from engine.steps import OPERATORS, RunContext, _validated

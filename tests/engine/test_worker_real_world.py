@@ -24,12 +24,12 @@ import yaml
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from demo.phantoms import brain_mr_study, pelvis_study
 from engine.dicom_results import Provenance
 from engine.errors import OperatorError, safe_reason
 from engine.feed import encode as feed_encode
 from engine.feed import feed_study
 from engine.ops.selection import describe_series, select_series
-from engine.phantoms import brain_mr_study, pelvis_study
 from engine.registry import deployed_event
 from engine.runtimes import Runtime, load_runtime, probe_host, select_runtime
 from engine.spec import LoadedPipeline, load_pipeline
