@@ -35,8 +35,9 @@ class SpecError(EngineError):
     """A pipeline file is invalid; the message has the file, line and key."""
 
 
-class ModelIntegrityError(EngineError):
-    """A model file is missing or its SHA-256 differs from the pipeline file's."""
+class ModelIntegrityError(EdgeError):
+    """A model file is missing or its SHA-256 differs from the pipeline file's (this
+    host's disk, not the study: retried, another worker may hold the right file)."""
 
 
 class RuntimeUnavailable(EdgeError):
