@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
+    CTImageStorage,
     SegmentationStorage,
 )
 
@@ -115,6 +116,15 @@ def test_status_0122_is_a_final_refusal_of_that_object_only(results: list[Datase
     assert by_uid[str(seg.SOPInstanceUID)].status_hex == "0x0122"
     assert not by_uid[str(sr.SOPInstanceUID)].refused
     assert peer.associations == 1 and len(peer.received) == 2
+
+
+def test_a_pacs_taking_none_of_the_classes_refuses_both_and_is_not_retried(
+    results: list[Dataset],
+) -> None:
+    with ScriptedPacs((CTImageStorage,)) as peer:  # negotiates, accepts no context
+        outcomes = pacs.c_store(results, peer.address, retries=3, retry_delay_s=0.05)
+    assert [(o.refused, o.code) for o in outcomes] == [(True, pacs.NO_CONTEXT)] * 2
+    assert peer.associations == 1 and peer.received == []
 
 
 @pytest.mark.parametrize(("code", "permanent"), [
