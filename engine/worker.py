@@ -323,10 +323,14 @@ class EngineWorker:
                                  run_key=key, worker_id=self.config.worker_id, attempt=attempt,
                                  runtime=choice.name))
         try:
-            datasets = await asyncio.to_thread(read_datasets, files.paths)
+            # every slow part tells JetStream the run is alive, not only the operators:
+            # on a loaded host reading or loading alone can outlast the ack wait
+            datasets = await self._alive(delivery, asyncio.to_thread(read_datasets,
+                                                                     files.paths))
             stages["read"] = time.perf_counter() - t_start
             t = time.perf_counter()
-            runtime = await asyncio.to_thread(self._runtime, loaded, choice)
+            runtime = await self._alive(delivery, asyncio.to_thread(self._runtime, loaded,
+                                                                    choice))
             stages["model_load"] = time.perf_counter() - t
             earlier = await self._earlier(bus, spec.name, files.patient_pseudonym, loaded)
             ctx = RunContext(
@@ -352,7 +356,8 @@ class EngineWorker:
 
         # 4. results: store, publish, then the commit event
         t = time.perf_counter()
-        result_keys = await asyncio.to_thread(self._store_results, key, ctx)
+        result_keys = await self._alive(delivery, asyncio.to_thread(self._store_results, key,
+                                                                    ctx))
         stages["store"] = time.perf_counter() - t
         t = time.perf_counter()
         published = await self._publish_results(bus, caused, key, ctx, deployed.stage,
