@@ -120,7 +120,9 @@ async def test_bad_input_fails_final_at_once_and_the_model_runs_once(
     assert "SOPInstanceUID" in failed.error and MARKER not in failed.error
     assert str(study.datasets[0].SeriesInstanceUID) in failed.error  # names the series
     assert counting.calls == 1  # once, not once per attempt
-    assert not any(e.type_name() == "system.delivery.failed" for e in evs)
+    assert not any(e.type_name() in ("system.delivery.failed", "engine.result.published")
+                   for e in evs)
+    assert not list(worker_config.results_dir.glob("**/*.dcm"))  # nothing kept or sent
 
 
 def _malformed(ds: Dataset) -> None:
