@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from engine.errors import GeometryError, PixelDataError
+from engine.errors import GeometryError, PixelDataError, safe_reason
 
 ORIENTATION_TOL = 1e-3
 SPACING_REL_TOL = 0.02
@@ -54,8 +54,8 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise PixelDataError(
-            f"{where}: pixel data cannot be decoded (transfer syntax {ts}, "
-            f"{type(exc).__name__} in the decoder)"
+            f"{where}: pixel data cannot be decoded (transfer syntax {ts}): "
+            f"{safe_reason(exc)}"
         ) from None
 
 
@@ -244,11 +244,11 @@ def radiograph(ds: Dataset) -> Image2D:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise PixelDataError(f"{where}: colour images are not supported by this model "
                              "(SamplesPerPixel (0028,0002) above 1)")
+    low, high = modality_range(ds)
     px = _pixels(ds, where)
     if px.ndim != 2:
         raise PixelDataError(f"{where}: a radiograph has one frame; this one has "
                              f"{px.shape[0]} (NumberOfFrames (0028,0008))")
-    low, high = modality_range(ds)
     try:
         arr = np.asarray(apply_modality_lut(px, ds), dtype=np.float32)
     except (ValueError, TypeError, IndexError, KeyError):
