@@ -121,26 +121,26 @@ def _repaired(keyword: str, vr: str, value: object) -> object | None:
     return None
 
 
-def result_header(ds: Dataset, *, slice_thickness_mm: float | None = None
-                  ) -> tuple[Dataset, Repair]:
-    """A header-only copy of ``ds`` that a SEG/SR writer may copy from (module doc).
-
-    ``slice_thickness_mm``: the measured slice spacing, written as SliceThickness
-    when the source lacks a usable one (PS3.3 C.7.6.2: Type 2 in the Image Plane
-    module, but Type 1C in the result's Pixel Measures). Raises ``InputError`` naming
-    the attribute when one of ``REQUIRED`` is missing or not a UID.
-    """
-    repair = Repair()
-    for keyword in REQUIRED:  # checked before anything is copied (a copy re-validates)
-        value = ds.get(keyword)
-        if not value or not _valid("UI", str(value)):
-            raise InputError(f"{keyword} is missing or not a valid UID: no result can "
-                             "refer to this instance")
-    out = Dataset()
-    if hasattr(ds, "file_meta"):
-        out.file_meta = copy.deepcopy(ds.file_meta)
-    for elem in ds:
+def _copy_valid(src: Dataset, out: Dataset, repair: Repair, *, nested: bool = False
+                ) -> bool:
+    """Copy ``src``'s elements into ``out``, each valid for its VR or repaired, emptied
+    (Type 2) or left out. Sequence items are cleaned the same way, recursively, except
+    that an item with a value that cannot be repaired is left out whole (its module's
+    attribute types are not known here). Returns False when ``nested`` and such a value
+    was found."""
+    for elem in src:
         if elem.tag in _PIXEL_TAGS:
+            continue
+        if elem.VR == "SQ" and not elem.tag.is_private and elem.value:
+            items = []
+            for item in elem.value:
+                clean = Dataset()
+                if _copy_valid(item, clean, repair, nested=True):
+                    items.append(clean)
+            if items:
+                out[elem.tag] = DataElement(elem.tag, "SQ", items)
+            if len(items) < len(elem.value):
+                repair.dropped.add(f"items of {name_of(elem.tag)}")
             continue
         if (elem.VR in _NO_CHECK_VRS or elem.tag.is_private or elem.is_empty
                 or elem.tag.group == 0x0002):
@@ -160,11 +160,35 @@ def result_header(ds: Dataset, *, slice_thickness_mm: float | None = None
         if fixed is not None and _valid(elem.VR, fixed):
             out[elem.tag] = DataElement(elem.tag, elem.VR, fixed)
             repair.normalised.add(name_of(elem.tag))
+        elif nested:
+            return False
         elif keyword in TYPE2_COPIED:
             out[elem.tag] = DataElement(elem.tag, elem.VR, None)
             repair.emptied.add(name_of(elem.tag))
         else:
             repair.dropped.add(name_of(elem.tag))
+    return True
+
+
+def result_header(ds: Dataset, *, slice_thickness_mm: float | None = None
+                  ) -> tuple[Dataset, Repair]:
+    """A header-only copy of ``ds`` that a SEG/SR writer may copy from (module doc).
+
+    ``slice_thickness_mm``: the measured slice spacing, written as SliceThickness
+    when the source lacks a usable one (PS3.3 C.7.6.2: Type 2 in the Image Plane
+    module, but Type 1C in the result's Pixel Measures). Raises ``InputError`` naming
+    the attribute when one of ``REQUIRED`` is missing or not a UID.
+    """
+    repair = Repair()
+    for keyword in REQUIRED:  # checked before anything is copied (a copy re-validates)
+        value = ds.get(keyword)
+        if not value or not _valid("UI", str(value)):
+            raise InputError(f"{keyword} is missing or not a valid UID: no result can "
+                             "refer to this instance")
+    out = Dataset()
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    _copy_valid(ds, out, repair)
     for keyword in TYPE2_COPIED:
         if keyword not in out:
             setattr(out, keyword, None)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 
 from demo.phantoms import pelvis_study
 from engine.errors import PixelDataError
@@ -14,7 +15,7 @@ from engine.ops.preprocess import scale_range
 from engine.ops.volume import modality_range, radiograph, voi_image
 
 
-def _image(bits: int = 12):  # type: ignore[no-untyped-def]
+def _image() -> Dataset:
     return pelvis_study(61, images=1, size=128).datasets[0]
 
 

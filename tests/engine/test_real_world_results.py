@@ -104,6 +104,12 @@ def test_malformed_copied_values_are_normalised_when_unambiguous_else_emptied(
         ds.AccessionNumber = "A" * 30  # SH allows 16
         ds.PatientAge = "about 60"
         ds.PatientName = "Fakename"  # no caret: a lone family name
+        # a Patient module sequence (highdicom copies it): one item with a value that
+        # cannot be repaired, one with a CS that can
+        broken, fine = Dataset(), Dataset()
+        broken.PatientID, broken.TypeOfPatientID = "X" * 80, "TEXT"
+        fine.PatientID, fine.TypeOfPatientID = "OTHER1", "text"
+        ds.OtherPatientIDsSequence = [broken, fine]
     ctx = _written(reference["bts"], series, labels)
     got = _results(ctx, tmp_path)
     for ds in got.values():
@@ -112,6 +118,8 @@ def test_malformed_copied_values_are_normalised_when_unambiguous_else_emptied(
         assert not ds.PatientSex and not ds.AccessionNumber
         assert "PatientAge" not in ds
         assert str(ds.PatientName) == "Fakename^"
+        (kept,) = ds.OtherPatientIDsSequence  # the broken item left out whole
+        assert kept.PatientID == "OTHER1" and kept.TypeOfPatientID == "TEXT"  # CS repaired
     summary = ctx.repair.summary()
     assert "PatientBirthDate (0010,0030)" in summary and "PatientSex (0010,0040)" in summary
     assert "1937" not in summary and "X1" not in summary
