@@ -110,11 +110,14 @@ def series_to_volume(datasets: Sequence[Dataset]) -> Volume:
             raise GeometryError(f"{where} is {ds.Rows}x{ds.Columns}, the series {rows}x{cols}")
         o = _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where)
         if np.max(np.abs(o - iop)) > ORIENTATION_TOL:
-            raise GeometryError(f"{where} has orientation {list(o)}, the series {list(iop)}")
+            raise GeometryError(f"{where} has another orientation than the series "
+                                f"(ImageOrientationPatient (0020,0037) differs by "
+                                f"{float(np.max(np.abs(o - iop))):.3g})")
         ps = _floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)
         if np.max(np.abs(ps - spacing_px)) > 1e-4:
-            raise GeometryError(f"{where} has pixel spacing {list(ps)}, the series "
-                                f"{list(spacing_px)}")
+            raise GeometryError(f"{where} has another pixel spacing than the series "
+                                f"(PixelSpacing (0028,0030) differs by "
+                                f"{float(np.max(np.abs(ps - spacing_px))):.3g} mm)")
         ipp = _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where)
         items.append((float(ipp @ normal), ipp, ds))
     items.sort(key=lambda t: t[0])
