@@ -53,7 +53,7 @@ def test_voi_window_maps_the_window_to_the_full_output() -> None:
     assert voi_image(radiograph(ds)) is None  # the caller falls back to image_range
 
 
-def test_colour_and_multi_frame_radiographs_are_refused_with_words_not_shapes() -> None:
+def test_colour_radiographs_and_missing_bits_stored_are_refused_in_words() -> None:
     colour = dcmread(get_testdata_file("US1_UNCI.dcm"))
     with pytest.raises(PixelDataError, match="colour images are not supported by this model"):
         radiograph(colour)
