@@ -34,6 +34,7 @@ from highdicom.sr import (
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     ReferencedSegment,
+    SourceImageForMeasurementGroup,
     SourceImageForRegion,
     SourceSeriesForSegmentation,
     TrackingIdentifier,
@@ -124,10 +125,30 @@ def build_seg(
     *,
     series_description: str,
     series_number: int = 900,
+    frames: Sequence[int] = (),
+    spacing_mm: tuple[float, float, float] | None = None,
+    slice_thickness_mm: float | None = None,
 ) -> Dataset:
-    """A BINARY DICOM SEG of label map ``labels`` ``(z, y, x)`` over ``sources`` (one
-    source dataset per slice, in the same order), one segment per named label."""
-    if labels.shape[0] != len(sources):
+    """A BINARY DICOM SEG (PS3.3 A.51) of label map ``labels`` ``(z, y, x)``, one
+    segment per named label.
+
+    ``sources``: one single-frame source dataset per slice in the same order, or one
+    enhanced multi-frame dataset whose frame ``frames[i]`` (0-based) is slice ``i``.
+    ``spacing_mm`` ``(dz, dy, dx)``: the measured grid; when given, the SEG's Pixel
+    Measures (PS3.3 C.7.6.16.2.1) are written from it, with ``slice_thickness_mm`` (the
+    source's, or the measured spacing where the source has none). Sources should come
+    from ``engine.result_sources.result_header`` (valid values to copy).
+    Raises ``ValueError`` when the mask does not fit the sources.
+    """
+    if len(sources) == 1 and frames:
+        n_frames = int(sources[0].get("NumberOfFrames", 1) or 1)
+        if labels.shape[0] != len(frames) or sorted(frames) != list(range(n_frames)):
+            raise ValueError(f"{labels.shape[0]} mask slices for a source of {n_frames} "
+                             "frames")
+        in_source_order = np.empty_like(labels)
+        in_source_order[np.asarray(frames)] = labels
+        labels = in_source_order
+    elif labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source images")
     values = sorted(names)
     # highdicom wants segment numbers 1..n; remap label values onto them
@@ -150,6 +171,14 @@ def build_seg(
             tracking_uid=uid_from(prov.run_key, "segment", number),
             tracking_id=f"{prov.pipeline}:{names[value]}",
         ))
+    measures = None
+    if spacing_mm is not None:
+        dz, dy, dx = (float(v) for v in spacing_mm)
+        measures = hd.PixelMeasuresSequence(
+            pixel_spacing=(round(dy, 6), round(dx, 6)),
+            slice_thickness=round(float(slice_thickness_mm or dz), 6),
+            spacing_between_slices=round(dz, 6),
+        )
     seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=segmap,
@@ -167,6 +196,7 @@ def build_seg(
         content_label="AI_RESULT",
         content_description=f"{prov.model_name} {prov.model_version}"[:64],
         omit_empty_frames=bool(segmap.any()),
+        pixel_measures=measures,
     )
     _private_scheme(seg)
     return seg
@@ -196,6 +226,22 @@ class SegmentMeasurement:
     progression: bool | None = None
 
 
+def _volume_items(m: SegmentMeasurement, algo: AlgorithmIdentification
+                  ) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
+    items = [Measurement(name=codes.SCT.Volume, value=round(m.volume_ml, 4), unit=ML,
+                         algorithm_id=algo)]
+    if m.change_from_baseline_pct is not None:
+        items.append(Measurement(name=PCT_FROM_BASELINE, unit=PERCENT, algorithm_id=algo,
+                                 value=round(m.change_from_baseline_pct, 3)))
+    if m.change_from_prior_pct is not None:
+        items.append(Measurement(name=PCT_FROM_PRIOR, unit=PERCENT, algorithm_id=algo,
+                                 value=round(m.change_from_prior_pct, 3)))
+    qualitative = []
+    if m.progression is not None:
+        qualitative.append(QualitativeEvaluation(PROGRESSION, YES if m.progression else NO))
+    return items, qualitative
+
+
 def build_volume_sr(
     seg: Dataset,
     sources: Sequence[Dataset],
@@ -211,17 +257,7 @@ def build_volume_sr(
     series_uid = str(sources[0].SeriesInstanceUID)
     for m in measurements:
         _, kind = SEGMENT_CODES.get(m.label, DEFAULT_SEGMENT_CODE)
-        items = [Measurement(name=codes.SCT.Volume, value=round(m.volume_ml, 4), unit=ML,
-                             algorithm_id=algo)]
-        if m.change_from_baseline_pct is not None:
-            items.append(Measurement(name=PCT_FROM_BASELINE, unit=PERCENT, algorithm_id=algo,
-                                     value=round(m.change_from_baseline_pct, 3)))
-        if m.change_from_prior_pct is not None:
-            items.append(Measurement(name=PCT_FROM_PRIOR, unit=PERCENT, algorithm_id=algo,
-                                     value=round(m.change_from_prior_pct, 3)))
-        qualitative = []
-        if m.progression is not None:
-            qualitative.append(QualitativeEvaluation(PROGRESSION, YES if m.progression else NO))
+        items, qualitative = _volume_items(m, algo)
         groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
                 uid=uid_from(prov.run_key, "tracking", m.segment_number),
@@ -241,6 +277,40 @@ def build_volume_sr(
         imaging_measurements=groups,
     )
     return _sr(report, [*sources, seg], prov, series_number)
+
+
+def build_volume_sr_on_images(
+    sources: Sequence[Dataset],
+    measurements: Sequence[SegmentMeasurement],
+    prov: Provenance,
+    *,
+    series_number: int = 901,
+) -> Dataset:
+    """TID 1500 Measurement Report without a SEG: per label, a measurement group
+    (TID 1501) with its volume (and changes) and references to the source images it
+    was measured on, for when no SEG can be written over ``sources``."""
+    algo = prov.algorithm_id()
+    refs = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    for m in measurements:
+        _, kind = SEGMENT_CODES.get(m.label, DEFAULT_SEGMENT_CODE)
+        items, qualitative = _volume_items(m, algo)
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=uid_from(prov.run_key, "tracking", m.segment_number),
+                identifier=f"{prov.pipeline}:{m.label}"),
+            finding_type=kind,
+            algorithm_id=algo,
+            measurements=items,
+            qualitative_evaluations=qualitative or None,
+            source_images=refs,
+        ))
+    report = MeasurementReport(
+        observation_context=_observation_context(prov),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    return _sr(report, list(sources), prov, series_number)
 
 
 @dataclass(frozen=True)

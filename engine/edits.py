@@ -47,6 +47,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from engine.dicom_results import MANUFACTURER, SOFTWARE_VERSION, uid_from
+from engine.errors import safe_reason
 from engine.ops.postprocess import dice, volumes_ml
 from engine.ops.volume import functional_group
 from events.base import Event, deterministic_id
@@ -152,7 +153,7 @@ def _frame_pixels(ds: Dataset, where: str) -> np.ndarray:
         px = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         raise EditRejected(f"{where}: pixel data cannot be decoded: "
-                           f"{type(exc).__name__}: {exc}") from None
+                           f"{safe_reason(exc)}") from None
     return px.reshape((-1, int(ds.Rows), int(ds.Columns)))
 
 
@@ -167,7 +168,7 @@ def read_seg_frames(ds: Dataset, *, what: str = "SEG") -> SegFrames:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         # a required attribute missing or malformed deep inside a sequence
         raise EditRejected(f"{what} {ds.get('SOPInstanceUID', '?')} is malformed: "
-                           f"{type(exc).__name__}: {exc}") from None
+                           f"{safe_reason(exc)}") from None
 
 
 def _read_seg_frames(ds: Dataset, what: str) -> SegFrames:
@@ -472,7 +473,8 @@ def read_dicom(path: Path, what: str) -> Dataset:
     except FileNotFoundError:
         raise EditRejected(f"{what} {path.name} is missing") from None
     except (InvalidDicomError, OSError, ValueError) as exc:
-        raise EditRejected(f"{what} {path.name} is not readable DICOM: {exc}") from None
+        raise EditRejected(f"{what} {path.name} is not readable DICOM: "
+                           f"{safe_reason(exc)}") from None
 
 
 def in_root(root: Path, key: str, what: str) -> Path:

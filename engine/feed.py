@@ -24,8 +24,18 @@ from events.catalogue import (
     SeriesSummary,
     StudyCompleted,
 )
+from events.dicom_dates import DicomValueError, normalise_da
 from events.jetstream import EventBus
 from events.pseudonym import age_band, pseudonym, sex_code
+
+
+def _study_date(value: object) -> str | None:
+    """StudyDate as ``YYYYMMDD`` (older forms normalised), None when empty or unreadable:
+    an event never carries a malformed value (what ingest's receiver should do too)."""
+    try:
+        return normalise_da(value, "StudyDate")
+    except DicomValueError:
+        return None
 
 
 def encode(ds: Dataset) -> bytes:
@@ -83,7 +93,7 @@ def stored_events(
             if pid else None,
             patient_sex=sex_code(ds.get("PatientSex")),
             age_band=age_band(ds.get("PatientAge")),
-            study_date=str(ds.get("StudyDate", "")) or None,
+            study_date=_study_date(ds.get("StudyDate")),
         ))
     return out
 

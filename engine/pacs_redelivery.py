@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 
 from engine import pacs
-from engine.errors import EngineError, PublishFailedError
+from engine.errors import EngineError, PublishFailedError, safe_reason
 from events.base import Event, deterministic_id
 from events.catalogue import InferenceCompleted, PublishFailed, ResultPublished
 from events.jetstream import Delivery, EventBus
@@ -64,12 +64,45 @@ class Pending:
     attempts_so_far: int
 
 
+def outcome_events(make: Callable[..., Event], key: str, destination: str, address: str,
+                   outcomes: Sequence[pacs.StoreOutcome], kinds: dict[str, str],
+                   attempt: int | None = None) -> list[Event]:
+    """The log's record of what a PACS decided per object: ``ResultPublished`` for each
+    stored, ``PublishFailed(refused=True, will_retry=False, status=…)`` for each refused.
+    ``make(cls, event_id, **payload)`` builds an event caused by the run's trigger; ids
+    are deterministic, so the worker and this consumer never record one twice."""
+    out = []
+    for o in outcomes:
+        kind = kinds.get(o.sop_instance_uid, "")
+        if o.refused:
+            out.append(make(
+                PublishFailed,
+                deterministic_id("publish-refused", key, destination, o.sop_instance_uid),
+                run_key=key, destination=destination, attempt=attempt or o.attempt,
+                error=f"refused by {destination}: {o.status} ({o.status_hex}) for the "
+                      f"{kind or 'result'}; not retried",
+                will_retry=False, address=address, refused=True,
+                status=o.code if o.code >= 0 else None,
+                sop_instance_uid=o.sop_instance_uid, kind=kind or None))
+        else:
+            out.append(make(
+                ResultPublished,
+                deterministic_id("published", key, destination, o.sop_instance_uid),
+                run_key=key, destination=destination, kind=kind,
+                sop_instance_uid=o.sop_instance_uid, attempt=attempt or o.attempt))
+    return out
+
+
 def pending(run: InferenceCompleted, history: Sequence[Event]) -> list[Pending]:
-    """Pure: which PACS destinations of ``run`` failed and still miss files."""
+    """Pure: which PACS destinations of ``run`` failed and still miss files (an object
+    refused by the PACS is not missing: it is never sent again)."""
     failed: dict[str, PublishFailed] = {}
     published: dict[str, set[str]] = {}
     for ev in history:
-        if isinstance(ev, PublishFailed) and ev.run_key == run.run_key \
+        if isinstance(ev, PublishFailed) and ev.refused and ev.run_key == run.run_key \
+                and ev.sop_instance_uid:
+            published.setdefault(ev.destination, set()).add(ev.sop_instance_uid)
+        elif isinstance(ev, PublishFailed) and ev.run_key == run.run_key \
                 and ev.destination.startswith("pacs:") and ev.address:
             if ev.destination not in failed or ev.attempt >= failed[ev.destination].attempt:
                 failed[ev.destination] = ev
@@ -124,43 +157,49 @@ class PacsRedelivery:
         history = [e for _, e in await bus.history(event.study_uid)]
         todo = pending(event, history)
         errors = []
+
+        def make(cls: type[Event], event_id: str, **payload: object) -> Event:
+            return event.caused(cls, actor=self.config.actor, event_id=event_id, **payload)
+
         for p in todo:
             attempt = p.attempts_so_far + 1
+            kinds = {f.sop_instance_uid: f.kind for f in p.files}
             try:
-                await self._send(p, delivery)
+                outcomes = await self._send(p, delivery)
             except (PublishFailedError, OSError, EngineError) as exc:
+                decided = getattr(exc, "outcomes", [])
+                if decided:
+                    await bus.publish_many(outcome_events(make, event.run_key, p.destination,
+                                                          p.address, decided, kinds, attempt))
                 final = delivery.attempt >= delivery.max_attempts
                 await bus.publish(event.caused(
                     PublishFailed, actor=self.config.actor,
                     event_id=deterministic_id("publish-failed", event.run_key, p.destination,
                                               attempt),
-                    run_key=event.run_key, destination=p.destination, error=str(exc)[:2000],
+                    run_key=event.run_key, destination=p.destination,
+                    error=safe_reason(exc)[:2000],
                     attempt=attempt, will_retry=not final, address=p.address))
                 log.warning("run %s: PACS %s still unreachable (attempt %d): %s",
-                            event.run_key, p.destination, attempt, exc)
-                errors.append(f"{p.destination}: {exc}")
+                            event.run_key, p.destination, attempt, safe_reason(exc))
+                errors.append(f"{p.destination}: {safe_reason(exc)}")
                 continue
-            await bus.publish_many([
-                event.caused(ResultPublished, actor=self.config.actor,
-                             event_id=deterministic_id("published", event.run_key,
-                                                       p.destination, f.sop_instance_uid),
-                             run_key=event.run_key, destination=p.destination, kind=f.kind,
-                             sop_instance_uid=f.sop_instance_uid, attempt=attempt)
-                for f in p.files])
-            log.info("run %s: %d result(s) delivered to %s on attempt %d", event.run_key,
-                     len(p.files), p.destination, attempt)
+            await bus.publish_many(outcome_events(make, event.run_key, p.destination,
+                                                  p.address, outcomes, kinds, attempt))
+            refused = sum(o.refused for o in outcomes)
+            log.info("run %s: %d result(s) delivered to %s on attempt %d, %d refused",
+                     event.run_key, len(outcomes) - refused, p.destination, attempt, refused)
         if errors:
             if delivery.attempt < delivery.max_attempts:
                 await self._wait(self.delay(delivery.attempt), delivery)
             # the log redelivers the trigger; after the limit it is dead-lettered with this
             raise PublishFailedError("; ".join(errors))
 
-    async def _send(self, p: Pending, delivery: Delivery) -> None:
+    async def _send(self, p: Pending, delivery: Delivery) -> list[pacs.StoreOutcome]:
         dest = pacs.parse_address(p.address, self.config.calling_ae)
 
-        def send() -> None:
+        def send() -> list[pacs.StoreOutcome]:
             datasets = [pydicom.dcmread(self.config.results_dir / f.key) for f in p.files]
-            pacs.c_store(datasets, dest, retries=0, timeout_s=self.config.timeout_s)
+            return pacs.c_store(datasets, dest, retries=0, timeout_s=self.config.timeout_s)
 
         task = asyncio.ensure_future(asyncio.to_thread(send))
         while True:

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.ops.selection import SelectionRule
+from engine.ops.selection import PHOTOMETRIC_TERMS, InputContract, SelectionRule
 from engine.runtimes import RUNTIME_NAMES
 
 SPEC_VERSION = 1
@@ -51,6 +51,37 @@ class SelectionSpec(_Strict):
 
     def rule(self) -> SelectionRule:
         return SelectionRule(**self.model_dump())
+
+
+class InputSpec(_Strict):
+    """``input:``: what the model was validated on; series outside it are refused with
+    the reason (``engine.ops.selection.contract_violation``)."""
+
+    modalities: tuple[str, ...] = ()
+    photometric: tuple[str, ...] = ()
+    bits_stored: tuple[int, int] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    body_parts: tuple[str, ...] = ()
+    body_part_required: bool = False
+
+    @field_validator("photometric")
+    @classmethod
+    def _photometric(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in v if p not in PHOTOMETRIC_TERMS]
+        if unknown:
+            raise ValueError(f"not a photometric interpretation of PS3.3 C.7.6.3.1.2: "
+                             f"{', '.join(unknown)}")
+        return v
+
+    @field_validator("bits_stored", "pixel_spacing_mm")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("a range [low, high] with 0 < low <= high")
+        return v
+
+    def contract(self) -> InputContract:
+        return InputContract(**self.model_dump())
 
 
 class OperatorSpec(_Strict):
@@ -107,6 +138,7 @@ class PipelineSpec(_Strict):
     task: Literal["segmentation3d", "detection2d"]
     ae_title: str = Field(max_length=16, pattern=r"^[A-Z0-9_ ]+$")
     selection: SelectionSpec
+    input: InputSpec = Field(default_factory=lambda: InputSpec.model_validate({}))
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     model: ModelSpec
     runtime: str = "auto"

@@ -6,7 +6,16 @@ Parameters are typed models, validated when the pipeline file is loaded, so a ty
 fails at deploy time with its line, not at 3 a.m. on a patient's study.
 
 ``run_steps`` executes a pipeline's steps in order, timing each; an exception becomes
-``OperatorError`` naming the step.
+``OperatorError`` naming the step and the series, with a reason safe to record and the
+taxonomy's verdict (``engine.errors``: final for anything a pure step raises on the
+input, retried only for edges).
+
+Results are only ever built from valid values and only kept when valid: sources go
+through ``engine.result_sources.result_header`` (absent Type 2 attributes added empty,
+malformed copied values normalised or left out, SliceThickness from the measured
+spacing), and every SEG/SR through ``engine.validation`` (dciodvfy). A SEG that cannot
+be written (or is invalid) does not stop the run: the SR is then written with image
+references instead of segment references, and the reason is the step's detail.
 """
 
 from __future__ import annotations
@@ -20,11 +29,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 
-from engine import dicom_results
-from engine.errors import EngineError, InputError, OperatorError
+from engine import dicom_results, validation
+from engine.errors import EngineError, InputError, OperatorError, is_retryable, safe_reason
 from engine.ops import inference, longitudinal, postprocess, preprocess
 from engine.ops.selection import Selection, describe_series, select_series
-from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume
+from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume, voi_image
+from engine.result_sources import Repair, result_header
 
 if TYPE_CHECKING:
     from engine.pipeline_model import LoadedPipeline
@@ -74,6 +84,11 @@ class RunContext:
     detections: list[tuple[Dataset, postprocess.Detection]] = field(default_factory=list)
     results: list[tuple[str, Dataset]] = field(default_factory=list)  # ("SEG"|"SR", object)
     inference_s: float = 0.0
+    #: why no SEG was written (the SR then references the source images), or None
+    seg_refused: str | None = None
+    #: the source headers the results copy from, repaired (see result_sources)
+    headers: list[Dataset] = field(default_factory=list)
+    repair: Repair = field(default_factory=Repair)
 
     def require_volume(self) -> Volume:
         if self.volume is None:
@@ -118,7 +133,8 @@ def operator(name: str, params: type[BaseModel] = NoParams,
 def _select(ctx: RunContext, _: BaseModel) -> str:
     """Choose the input series by the pipeline's selection rules; record why others lost."""
     infos = describe_series(ctx.datasets)
-    ctx.selection = select_series(infos, ctx.pipeline.spec.selection.rule())
+    ctx.selection = select_series(infos, ctx.pipeline.spec.selection.rule(),
+                                  ctx.pipeline.spec.input.contract())
     chosen = {s.series_uid for s in ctx.selection.chosen}
     ctx.series = [d for d in ctx.datasets if str(d.SeriesInstanceUID) in chosen]
     return f"{len(chosen)} chosen, {len(ctx.selection.rejected)} rejected"
@@ -140,8 +156,13 @@ def _load_images(ctx: RunContext, _: BaseModel) -> str:
     """Each selected radiograph as an image (MONOCHROME1 inverted, rescale applied)."""
     if not ctx.series:
         raise InputError("no images selected")
-    ctx.images = [radiograph(ds) for ds in
-                  sorted(ctx.series, key=lambda d: int(d.get("InstanceNumber", 0) or 0))]
+    def number(ds: Dataset) -> int:
+        try:
+            return int(ds.get("InstanceNumber", 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    ctx.images = [radiograph(ds) for ds in sorted(ctx.series, key=number)]
     return f"{len(ctx.images)} images"
 
 
@@ -164,7 +185,12 @@ def _resample(ctx: RunContext, p: BaseModel) -> str:
 
 
 class NormalizeParams(Params):
-    method: Literal["zscore", "window", "range"]
+    """``zscore``; ``window`` (center/width, e.g. CT HU); ``range`` (fixed low/high:
+    only for inputs of one known bit depth); ``image_range`` (each image's own range
+    after the Modality LUT, from its Bits Stored and rescale); ``voi`` (each image's
+    own VOI LUT or window, PS3.3 C.11.2; ``image_range`` where it has none)."""
+
+    method: Literal["zscore", "window", "range", "image_range", "voi"]
     center: float | None = None
     width: float | None = Field(None, gt=0)
     low: float | None = None
@@ -174,8 +200,26 @@ class NormalizeParams(Params):
 
 @operator("normalize", NormalizeParams)
 def _normalize(ctx: RunContext, p: BaseModel) -> str:
-    """Intensity normalisation: z-score, CT window, or a fixed range to [0, 1]."""
+    """Intensity normalisation: z-score, window, fixed range, the image's own range or
+    its own VOI LUT/window, to [0, 1]."""
     assert isinstance(p, NormalizeParams)
+    if p.method in ("image_range", "voi"):
+        if not ctx.images or ctx.tensor is not None:
+            raise EngineError(f"normalize {p.method} works on images: put it right after "
+                              "load_images")
+        out, no_voi = [], 0
+        for im in ctx.images:
+            voi = voi_image(im) if p.method == "voi" else None
+            if voi is None:
+                no_voi += p.method == "voi"
+                arr, lo, hi = im.array, im.low, im.high
+            else:
+                arr, lo, hi = voi
+            out.append(Image2D(preprocess.scale_range(arr, low=lo, high=hi), im.source,
+                               0.0, 1.0, im.inverted))
+        ctx.images = out
+        return p.method + (f" ({no_voi} image(s) without VOI LUT or window: image_range)"
+                           if no_voi else "")
 
     def apply(a: np.ndarray) -> np.ndarray:
         if p.method == "zscore":
@@ -184,12 +228,13 @@ def _normalize(ctx: RunContext, p: BaseModel) -> str:
             if p.center is None or p.width is None:
                 raise EngineError("normalize window needs center and width")
             return preprocess.window(a, center=p.center, width=p.width)
-        if p.low is None or p.high is None:
-            raise EngineError("normalize range needs low and high")
+        if p.low is None or p.high is None or p.high <= p.low:
+            raise EngineError("normalize range needs low < high")
         return preprocess.scale_range(a, low=p.low, high=p.high)
 
     if ctx.images and ctx.tensor is None:
-        ctx.images = [Image2D(apply(im.array), im.source) for im in ctx.images]
+        ctx.images = [Image2D(apply(im.array), im.source, 0.0, 1.0, im.inverted)
+                      for im in ctx.images]
     else:
         tensor = ctx.require(ctx.tensor, "tensor", "load_volume or resize_2d")
         ctx.tensor = apply(tensor)
@@ -369,33 +414,89 @@ def _detections(ctx: RunContext, p: BaseModel) -> str:
 # --------------------------------------------------------------------------- results
 
 
+def _headers(ctx: RunContext, sources: list[Dataset], spacing_mm: float | None
+             ) -> list[Dataset]:
+    """The sources' repaired headers, made once per run (result_sources)."""
+    if len(ctx.headers) != len(sources):
+        ctx.headers = []
+        for ds in sources:
+            header, repair = result_header(ds, slice_thickness_mm=spacing_mm)
+            ctx.headers.append(header)
+            ctx.repair.merge(repair)
+    return ctx.headers
+
+
+def _validated(kind: str, ds: Dataset) -> str:
+    """Raise InputError listing dciodvfy's errors (no values); a note otherwise."""
+    found = validation.errors(ds)
+    if found is None:
+        return "not validated: dciodvfy is not installed"
+    if found:
+        raise InputError(f"the {kind} built from this series is not valid DICOM "
+                         f"(dciodvfy, {len(found)} error(s)): " + "; ".join(found[:5]))
+    return "dciodvfy: valid"
+
+
+def _enhanced_thickness(ds: Dataset) -> float | None:
+    from engine.ops.volume import functional_group
+
+    measures = functional_group(ds, 0, "PixelMeasuresSequence")
+    try:
+        value = float(measures.SliceThickness) if measures is not None else 0.0
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 @operator("write_seg", tasks=("segmentation3d",))
 def _write_seg(ctx: RunContext, _: BaseModel) -> str:
-    """DICOM SEG over the source series (in memory; the worker stores and publishes)."""
+    """DICOM SEG over the source series (single-frame or enhanced multi-frame), in
+    memory and dciodvfy-valid; when none can be written, the reason is kept and
+    ``write_sr`` references the source images instead."""
     vol = ctx.require_volume()
     labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
-    if len(vol.sources) != labels.shape[0]:
-        raise EngineError("SEG needs single-frame sources (one per slice) in this version")
     out = ctx.pipeline.spec.outputs
     desc = out.series_description
     if out.blinding_hash and ctx.blinding_hash:
         desc = f"{desc} {ctx.blinding_hash}"
-    seg = dicom_results.build_seg(vol.sources, labels, ctx.pipeline.spec.model.labels,
-                                  ctx.provenance, series_description=desc)
+    try:
+        if vol.frames:  # enhanced multi-frame: thickness from its functional groups
+            headers = _headers(ctx, vol.sources, None)
+            thickness = _enhanced_thickness(vol.sources[0])
+        else:
+            headers = _headers(ctx, vol.sources, vol.spacing[0])
+            thickness = float(headers[0].SliceThickness)
+        seg = dicom_results.build_seg(headers, labels, ctx.pipeline.spec.model.labels,
+                                      ctx.provenance, series_description=desc,
+                                      frames=vol.frames, spacing_mm=vol.spacing,
+                                      slice_thickness_mm=thickness)
+        note = _validated("SEG", seg)
+    except Exception as exc:  # noqa: BLE001 - the taxonomy decides (engine.errors)
+        if is_retryable(exc):
+            raise
+        ctx.seg_refused = safe_reason(exc)
+        return f"no SEG: {ctx.seg_refused}"
     ctx.results.append(("SEG", seg))
-    return str(seg.SOPInstanceUID)
+    repaired = f"; source values {ctx.repair.summary()}" if ctx.repair else ""
+    return f"{seg.SOPInstanceUID} ({note}{repaired})"[:500]
 
 
 @operator("write_sr")
 def _write_sr(ctx: RunContext, _: BaseModel) -> str:
-    """TID 1500 SR: segment volumes (+ change, progression) or detections."""
+    """TID 1500 SR: segment volumes (+ change, progression) or detections; dciodvfy-
+    valid. Without a SEG (``write_seg`` could not write one) the volumes reference the
+    source images (TID 300 image references) instead of segments."""
     if ctx.pipeline.spec.task == "detection2d":
-        findings = [dicom_results.HipFinding(src, d.label, d.classification, d.probability,
-                                             d.box) for src, d in ctx.detections]
+        unique = {str(src.SOPInstanceUID): src for src, _ in ctx.detections}
+        headers = _headers(ctx, list(unique.values()), None)
+        by_uid = {str(h.SOPInstanceUID): h for h in headers}
+        findings = [dicom_results.HipFinding(by_uid[str(src.SOPInstanceUID)], d.label,
+                                             d.classification, d.probability, d.box)
+                    for src, d in ctx.detections]
         sr = dicom_results.build_findings_sr(findings, ctx.provenance)
     else:
         seg = next((ds for kind, ds in ctx.results if kind == "SEG"), None)
-        if seg is None:
+        if seg is None and ctx.seg_refused is None:
             raise EngineError("write_sr needs write_seg before it (measurements reference it)")
         names = ctx.pipeline.spec.model.labels
         c = ctx.comparison
@@ -414,9 +515,15 @@ def _write_sr(ctx: RunContext, _: BaseModel) -> str:
                 c.change_from_prior_pct if tracked and c else None,
                 c.progression if tracked and c else None))
         vol = ctx.require_volume()
-        sr = dicom_results.build_volume_sr(seg, vol.sources, items, ctx.provenance)
+        headers = _headers(ctx, vol.sources, None if vol.frames else vol.spacing[0])
+        if seg is not None:
+            sr = dicom_results.build_volume_sr(seg, headers, items, ctx.provenance)
+        else:
+            sr = dicom_results.build_volume_sr_on_images(headers, items, ctx.provenance)
+    note = _validated("SR", sr)
     ctx.results.append(("SR", sr))
-    return str(sr.SOPInstanceUID)
+    refs = " (image references: no SEG)" if ctx.seg_refused else ""
+    return f"{sr.SOPInstanceUID}{refs} ({note})"
 
 
 # --------------------------------------------------------------------------- running
@@ -435,7 +542,8 @@ def run_steps(ctx: RunContext, *, stop_after_selection_if_empty: bool = True,
     """Run the pipeline's operators in order. Returns their timings.
 
     When selection finds nothing, the run stops there (the caller records a skip).
-    Any exception is re-raised as ``OperatorError`` carrying the operator's name.
+    Any exception is re-raised as ``OperatorError`` carrying the operator's name, the
+    series and a reason without values; its ``final`` says whether a retry can help.
     """
     timings = []
     for index, (op, params) in enumerate(zip(ctx.pipeline.spec.operators,
@@ -446,9 +554,9 @@ def run_steps(ctx: RunContext, *, stop_after_selection_if_empty: bool = True,
             detail = operator_.fn(ctx, params)
         except OperatorError:
             raise
-        except (EngineError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                MemoryError, RuntimeError) as exc:
-            raise OperatorError(op.op, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+            series = str(ctx.series[0].get("SeriesInstanceUID", "")) if ctx.series else None
+            raise OperatorError(op.op, exc, series or None) from exc
         timing = StepTiming(index, op.op, time.perf_counter() - t0, detail)
         timings.append(timing)
         if on_step is not None:

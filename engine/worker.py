@@ -16,8 +16,11 @@ scaling out is starting more of them, on more hosts. For each ``study completed`
 4. stores the SEG/SR files, publishes them (store, PACS by stage), and records
    ``inference completed`` last, as the commit of the run.
 
-Bad data ends in ``inference failed`` (final at once: retrying the same bytes cannot
-help); other failures are retried up to the limit, then dead-lettered by the bus.
+The error taxonomy (``engine.errors``): whatever a pure step raises on the study's
+bytes ends in ``inference failed`` with ``final=true`` at the first attempt (the model
+never runs twice on the same bad input); only edges (the event log, the disk, the
+inference runtime, PACS) are retried up to the limit, then dead-lettered by the bus.
+Every reason recorded is built by ``engine.errors.safe_reason``: no DICOM value.
 """
 
 from __future__ import annotations
@@ -47,8 +50,12 @@ from engine.errors import (
     OperatorError,
     PublishFailedError,
     RuntimeUnavailable,
+    is_retryable,
+    quiet_value_warnings,
+    safe_reason,
 )
 from engine.ops.longitudinal import EarlierResult
+from engine.pacs_redelivery import outcome_events
 from engine.registry import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
 from engine.runtimes import (
     HostCapabilities,
@@ -79,6 +86,7 @@ from events.catalogue import (
     StudyAmended,
     StudyCompleted,
 )
+from events.dicom_dates import DicomValueError, normalise_da
 from events.jetstream import Delivery, EventBus
 from events.subjects import type_filter
 
@@ -123,6 +131,15 @@ class StudyFiles:
     called_aes: frozenset[str]
 
 
+def study_date_of(value: object) -> str | None:
+    """A StudyDate as ``YYYYMMDD`` (older forms normalised, ``events.dicom_dates``), or
+    None when empty or unreadable: an unreadable date is never recorded or compared."""
+    try:
+        return normalise_da(value, "StudyDate")
+    except DicomValueError:
+        return None
+
+
 def study_files(history: Sequence[tuple[int, Event]], instances_dir: Path) -> StudyFiles:
     """Paths of the study's instances: the latest version per SOP Instance UID."""
     latest: dict[str, InstanceStored] = {}
@@ -134,7 +151,7 @@ def study_files(history: Sequence[tuple[int, Event]], instances_dir: Path) -> St
             if cur is None or ev.version >= cur.version:
                 latest[ev.sop_instance_uid] = ev
             pseudonym = ev.patient_pseudonym or pseudonym
-            study_date = ev.study_date or study_date
+            study_date = study_date_of(ev.study_date) or study_date
             aes.add(ev.called_ae)
     paths = [instances_dir / ev.store_key for ev in latest.values()]
     return StudyFiles(sorted(paths), pseudonym, study_date, frozenset(aes))
@@ -152,8 +169,9 @@ def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
             out.append(pydicom.dcmread(path, defer_size="64 KB"))
         except FileNotFoundError:
             raise InputError(f"instance file {path} is missing from the store") from None
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            raise InputError(f"{path.name} is not readable DICOM: {exc}") from None
+        except (InvalidDicomError, ValueError) as exc:
+            raise InputError(f"{path.name} is not readable DICOM ({type(exc).__name__} "
+                             "while parsing)") from None
     return out
 
 
@@ -180,6 +198,7 @@ class EngineWorker:
     def __init__(self, pipelines: dict[str, LoadedPipeline], config: WorkerConfig) -> None:
         self.pipelines = pipelines
         self.config = config
+        quiet_value_warnings()  # pydicom's value warnings quote values (engine.errors)
         self.host = config.host or probe_host()
         self._runtimes: dict[tuple[str, str], Runtime] = {}
         self.loads = 0  # model loads in this process (tests check "once per process")
@@ -202,7 +221,7 @@ class EngineWorker:
         try:
             outcome = await self._handle(self._bus, event, delivery)
         except EngineError as exc:
-            self.outcomes.append(RunOutcome("", "retry", str(exc)))
+            self.outcomes.append(RunOutcome("", "retry", safe_reason(exc)))
             raise
         if outcome is not None:
             self.outcomes.append(outcome)
@@ -304,24 +323,29 @@ class EngineWorker:
                                  run_key=key, worker_id=self.config.worker_id, attempt=attempt,
                                  runtime=choice.name))
         try:
-            datasets = await asyncio.to_thread(read_datasets, files.paths)
+            # every slow part tells JetStream the run is alive, not only the operators:
+            # on a loaded host reading or loading alone can outlast the ack wait
+            datasets = await self._alive(delivery, asyncio.to_thread(read_datasets,
+                                                                     files.paths))
             stages["read"] = time.perf_counter() - t_start
             t = time.perf_counter()
-            runtime = await asyncio.to_thread(self._runtime, loaded, choice)
+            runtime = await self._alive(delivery, asyncio.to_thread(self._runtime, loaded,
+                                                                    choice))
             stages["model_load"] = time.perf_counter() - t
             earlier = await self._earlier(bus, spec.name, files.patient_pseudonym, loaded)
             ctx = RunContext(
                 pipeline=loaded, runtime=runtime, datasets=datasets,
                 provenance=Provenance(spec.model.name, spec.model.version, spec.model.sha256,
                                       spec.name, spec.version, key),
-                study_date=files.study_date or str(datasets[0].get("StudyDate", "")),
+                study_date=files.study_date
+                or study_date_of(datasets[0].get("StudyDate")) or "",
                 earlier=earlier,
                 blinding_hash=blinding_hash(self.config.secret, key)
                 if spec.outputs.blinding_hash else None,
             )
             await self._alive(delivery, asyncio.to_thread(run_steps, ctx,
                                                           on_step=timings.append))
-        except (OperatorError, InputError, EngineError) as exc:
+        except (OperatorError, InputError, EngineError, OSError) as exc:
             await self._publish_timings(bus, caused, key, attempt, timings)
             return await self._failed(bus, caused, key, attempt, exc)
         await self._publish_timings(bus, caused, key, attempt, timings)
@@ -332,7 +356,8 @@ class EngineWorker:
 
         # 4. results: store, publish, then the commit event
         t = time.perf_counter()
-        result_keys = await asyncio.to_thread(self._store_results, key, ctx)
+        result_keys = await self._alive(delivery, asyncio.to_thread(self._store_results, key,
+                                                                    ctx))
         stages["store"] = time.perf_counter() - t
         t = time.perf_counter()
         published = await self._publish_results(bus, caused, key, ctx, deployed.stage,
@@ -401,27 +426,31 @@ class EngineWorker:
         ])
 
     async def _failed(self, bus: EventBus, make: Make, key: str, attempt: int,
-                      exc: EngineError) -> RunOutcome:
+                      exc: Exception) -> RunOutcome:
+        """Record ``inference failed``: final at once unless an edge failed (taxonomy in
+        ``engine.errors``); the reason is ``safe_reason``'s, never a value."""
         if isinstance(exc, OperatorError):
             operator = exc.operator
         elif isinstance(exc, RuntimeUnavailable):
             operator = "select_runtime"
-        elif isinstance(exc, InputError):
+        elif isinstance(exc, InputError | OSError):
             operator = "read_instances"
         else:
             operator = "load_model"
-        is_input = isinstance(exc, InputError) or (
-            isinstance(exc, OperatorError) and exc.is_input_error)
-        final = is_input or attempt >= self.config.max_attempts
+        retry = is_retryable(exc)
+        final = not retry or attempt >= self.config.max_attempts
+        reason = safe_reason(exc)
         await bus.publish(make(InferenceFailed,
                                deterministic_id("failed", key, attempt), run_key=key,
-                               operator=operator, error=str(exc)[:2000], attempt=attempt,
+                               operator=operator, error=reason[:2000], attempt=attempt,
                                final=final))
         log.warning("run %s failed in %s (attempt %d, final=%s): %s", key, operator, attempt,
-                    final, exc)
-        if not is_input:
-            raise exc  # the bus naks it; at max_attempts it dead-letters it
-        return RunOutcome(key, "failed", f"{operator}: {exc}")
+                    final, reason)
+        if retry:
+            if isinstance(exc, EngineError):
+                raise exc  # the bus naks it; at max_attempts it dead-letters it
+            raise EngineError(f"{operator}: {reason}") from None
+        return RunOutcome(key, "failed", f"{operator}: {reason}")
 
     def _store_results(self, key: str, ctx: RunContext) -> list[str]:
         """Result files under ``results_dir/<run key>/``; keys relative to results_dir."""
@@ -465,26 +494,28 @@ class EngineWorker:
             assert pub.ae_title and pub.host and pub.port
             dest = pacs.PacsAddress(pub.ae_title, pub.host, pub.port, self.config.calling_ae)
             destination = f"pacs:{pub.ae_title}"
+            kinds = {str(ds.SOPInstanceUID): kind for kind, ds in ctx.results}
+            address = pacs.format_address(dest)
             try:
                 outcomes = await self._alive(delivery, asyncio.to_thread(
                     pacs.c_store, [ds for _, ds in ctx.results], dest, retries=pub.retries,
                     retry_delay_s=pub.retry_delay_s))
             except PublishFailedError as exc:
-                # the PACS redelivery consumer (engine.pacs_redelivery) takes it from here,
-                # from the log, with backoff: a PACS down for longer is not the end of it
+                # what the PACS did decide is recorded; the rest is retried by the PACS
+                # redelivery consumer (engine.pacs_redelivery), from the log, with backoff
+                await bus.publish_many(outcome_events(make, key, destination, address,
+                                                      exc.outcomes, kinds))
                 await bus.publish(make(PublishFailed,
                                        deterministic_id("publish-failed", key, destination),
-                                       run_key=key, destination=destination, error=str(exc),
-                                       attempt=pub.retries + 1, will_retry=True,
-                                       address=pacs.format_address(dest)))
-                continue
-            kinds = {str(ds.SOPInstanceUID): kind for kind, ds in ctx.results}
-            for o in outcomes:
-                await bus.publish(make(ResultPublished,
-                                       deterministic_id("published", key, destination,
-                                                        o.sop_instance_uid),
                                        run_key=key, destination=destination,
-                                       kind=kinds[o.sop_instance_uid],
-                                       sop_instance_uid=o.sop_instance_uid, attempt=o.attempt))
+                                       error=safe_reason(exc), attempt=pub.retries + 1,
+                                       will_retry=True, address=address))
+                continue
+            await bus.publish_many(outcome_events(make, key, destination, address, outcomes,
+                                                  kinds))
+            for o in outcomes:
+                if o.refused:
+                    log.warning("run %s: %s refused the %s: %s (%s)", key, destination,
+                                kinds[o.sop_instance_uid], o.status, o.status_hex)
             done.append(destination)
         return done

@@ -307,6 +307,9 @@ class ResultPublished(Event, frozen=True, kw_only=True, tag="engine.result.publi
 
 
 class PublishFailed(Event, frozen=True, kw_only=True, tag="engine.result.publish_failed"):
+    """A destination did not take a run's results: unreachable (``will_retry``), or,
+    with ``refused``, one object refused for good by the destination itself."""
+
     run_key: str
     destination: str
     error: str
@@ -314,6 +317,13 @@ class PublishFailed(Event, frozen=True, kw_only=True, tag="engine.result.publish
     will_retry: bool
     #: where a retry from the log sends it: "AE@host:port" for a PACS (no credentials)
     address: str | None = None
+    # --- refusals (issue 14): a PACS refused this one object; final, never retried
+    refused: bool = False
+    #: the DICOM status (PS3.4 B.2.3, e.g. 0x0122); None when no presentation context
+    #: was accepted for its SOP class or the association was rejected permanently
+    status: int | None = None
+    sop_instance_uid: str | None = None
+    kind: str | None = None  # "SEG" | "SR"
 
 
 class MeasurementRecomputed(

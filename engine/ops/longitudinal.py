@@ -1,19 +1,26 @@
 """Longitudinal comparison: the current volume against the same patient's earlier ones.
 
 Earlier results are found by patient pseudonym (never by identity) and ordered by
-study date. Baseline = the earliest earlier exam; prior = the latest earlier one.
+study date *as a date* (``events.dicom_dates``: ``20260301``, ``2026.03.01`` and
+``01.03.2026`` are one day; strings would order ``01.03.2026`` before ``20250101``).
+Baseline = the earliest earlier exam; prior = the latest earlier one. An exam whose
+date cannot be read takes no part in the comparison (and a current exam without a
+readable date is compared with nothing), rather than being placed by guesswork.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
+
+from events.dicom_dates import DicomValueError, parse_da
 
 
 @dataclass(frozen=True)
 class EarlierResult:
     study_uid: str
-    study_date: str  # YYYYMMDD
+    study_date: str  # DA: YYYYMMDD (older forms are read too)
     value: float
 
 
@@ -45,10 +52,10 @@ def compare(
     Results dated after the current study (or the current study itself) are ignored,
     so re-running an old exam compares it only with what was known before it.
     """
-    before = sorted(
-        (e for e in earlier if e.study_date < current_date and e.study_uid != current_study_uid),
-        key=lambda e: (e.study_date, e.study_uid),
-    )
+    current = _date(current_date)
+    dated = [(d, e) for e in earlier if (d := _date(e.study_date)) is not None]
+    before = [e for d, e in sorted(dated, key=lambda t: (t[0], t[1].study_uid))
+              if current is not None and d < current and e.study_uid != current_study_uid]
     if not before:
         return Comparison(None, None, None, None, None)
     baseline, prior = before[0], before[-1]
@@ -57,3 +64,10 @@ def compare(
     changes = [c for c in (from_base, from_prior) if c is not None]
     progression = any(c > threshold_pct for c in changes) if changes else None
     return Comparison(baseline, prior, from_base, from_prior, progression)
+
+
+def _date(value: str) -> date | None:
+    try:
+        return parse_da(value, "StudyDate")
+    except DicomValueError:
+        return None

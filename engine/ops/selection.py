@@ -3,6 +3,13 @@
 Selection rules are data (``SelectionRule``); ``select_series`` is a pure function of
 the series' headers and the rule. Every rejected series is returned with its reason,
 so "no series matched" events can say exactly what was wrong.
+
+A pipeline also declares its *input contract* (``InputContract``): the modality,
+photometric interpretation, bit depth, pixel spacing and body part its model was
+validated on. A series outside it is refused with a reason in words a site can act on
+("colour images are not supported by this model"), never by the model's failure.
+Reasons name attributes by keyword and tag; they quote no free-text value (a series
+description can hold anything).
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ class SeriesInfo:
     slice_count: int  # frames of a volume (instances, or frames of a multi-frame)
     spacing_mm: float | None  # largest of pixel spacing and slice thickness
     series_number: int | None = None
+    # what the input contract checks (first instance of the series)
+    photometric: str | None = None
+    samples_per_pixel: int = 1
+    bits_stored: int | None = None
+    pixel_spacing_mm: float | None = None  # smallest of (Imager)PixelSpacing
+    body_part: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,71 @@ class SelectionRule:
     max_slices: int | None = None
     max_spacing_mm: float | None = None
     multiple: bool = False  # True: every matching series (radiographs); else the best one
+
+
+COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT",
+                    "YBR_RCT", "PALETTE COLOR", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK"})
+PHOTOMETRIC_TERMS = COLOUR | {"MONOCHROME1", "MONOCHROME2"}
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a pipeline's model was validated on (pipeline file ``input:``). Empty
+    fields accept anything; a series without BodyPartExamined is accepted unless
+    ``body_part_required``."""
+
+    modalities: tuple[str, ...] = ()
+    photometric: tuple[str, ...] = ()
+    bits_stored: tuple[int, int] | None = None  # inclusive
+    pixel_spacing_mm: tuple[float, float] | None = None  # inclusive
+    body_parts: tuple[str, ...] = ()
+    body_part_required: bool = False
+
+
+def _modality_text(modality: str) -> str:
+    """A modality code as such; anything else is not quoted (it would be a value)."""
+    return modality if re.fullmatch(r"[A-Z]{2,6}", modality) else "(not a modality code)"
+
+
+def contract_violation(info: SeriesInfo, contract: InputContract) -> str | None:
+    """Why ``info`` is outside ``contract``, or None when it is inside."""
+    if contract.modalities and info.modality not in contract.modalities:
+        return (f"modality {_modality_text(info.modality)} is not one this model was "
+                f"validated on ({', '.join(contract.modalities)}; Modality (0008,0060))")
+    photometric = info.photometric or ""
+    if contract.photometric and photometric not in contract.photometric:
+        shown = photometric if photometric in PHOTOMETRIC_TERMS else "not a defined term"
+        if info.samples_per_pixel > 1 or photometric in COLOUR:
+            return (f"colour images are not supported by this model (PhotometricInterpretation "
+                    f"(0028,0004) {shown}, SamplesPerPixel (0028,0002) "
+                    f"{info.samples_per_pixel}; it takes {', '.join(contract.photometric)})")
+        return (f"photometric interpretation {shown} is not supported by this model "
+                f"(PhotometricInterpretation (0028,0004); it takes "
+                f"{', '.join(contract.photometric)})")
+    if contract.bits_stored is not None:
+        lo, hi = contract.bits_stored
+        if info.bits_stored is None or not lo <= info.bits_stored <= hi:
+            have = "no" if info.bits_stored is None else f"{info.bits_stored}"
+            return (f"{have} bits stored; this model takes {lo} to {hi} "
+                    "(BitsStored (0028,0101))")
+    if contract.pixel_spacing_mm is not None:
+        lo_mm, hi_mm = contract.pixel_spacing_mm
+        ps = info.pixel_spacing_mm
+        if ps is None or ps <= 0:
+            return (f"no usable pixel spacing (PixelSpacing (0028,0030) or ImagerPixelSpacing "
+                    f"(0018,1164) missing or zero); this model takes {lo_mm} to {hi_mm} mm")
+        if not lo_mm <= ps <= hi_mm:
+            return (f"pixel spacing {ps:g} mm is outside the {lo_mm} to {hi_mm} mm this model "
+                    "was validated on (PixelSpacing (0028,0030))")
+    if contract.body_parts:
+        part = (info.body_part or "").upper()
+        if not part and contract.body_part_required:
+            return ("no body part (BodyPartExamined (0018,0015)); this model takes "
+                    f"{', '.join(contract.body_parts)}")
+        if part and part not in contract.body_parts:
+            return ("body part is not one this model was validated on (BodyPartExamined "
+                    f"(0018,0015); it takes {', '.join(contract.body_parts)})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -61,6 +139,20 @@ def orientation_of(iop: Sequence[float] | None) -> str | None:
     return ("sagittal", "coronal", "axial")[axis]
 
 
+def _int(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: object) -> list[float]:
+    try:
+        return [float(v) for v in (value or [])]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return []
+
+
 def describe_series(datasets: Iterable[Dataset]) -> list[SeriesInfo]:
     """Group instance headers by series into ``SeriesInfo`` (order: series number)."""
     groups: dict[str, list[Dataset]] = {}
@@ -78,37 +170,45 @@ def describe_series(datasets: Iterable[Dataset]) -> list[SeriesInfo]:
             if "PixelMeasuresSequence" in shared:
                 measures = shared.PixelMeasuresSequence[0]
                 ps = measures.get("PixelSpacing")
-                if "SliceThickness" in measures:
-                    spacing = float(measures.SliceThickness)
+                spacing = next(iter(_floats([measures.get("SliceThickness")])), None) \
+                    if measures.get("SliceThickness") not in (None, "") else None
             if iop is None and "PlaneOrientationSequence" in shared:
                 iop = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
-        values = [float(v) for v in (ps or [])]
-        if first.get("SliceThickness") not in (None, ""):
-            values.append(float(first.SliceThickness))
+        values = _floats(ps)
+        values += _floats([first.get("SliceThickness")] if first.get("SliceThickness")
+                          not in (None, "") else [])
         if spacing is not None:
             values.append(spacing)
+        pixel = _floats(ps or first.get("ImagerPixelSpacing"))
         infos.append(SeriesInfo(
             series_uid=uid,
             modality=str(first.get("Modality", "")),
             description=str(first.get("SeriesDescription", "")),
             instance_count=len(items),
-            orientation=orientation_of([float(v) for v in iop] if iop else None),
+            orientation=orientation_of(_floats(iop) or None),
             slice_count=frames,
             spacing_mm=max(values) if values else None,
-            series_number=int(first.SeriesNumber) if first.get("SeriesNumber") else None,
+            series_number=_int(first.get("SeriesNumber")),
+            photometric=str(first.get("PhotometricInterpretation", "")).strip() or None,
+            samples_per_pixel=_int(first.get("SamplesPerPixel")) or 1,
+            bits_stored=_int(first.get("BitsStored")),
+            pixel_spacing_mm=min(pixel) if pixel else None,
+            body_part=str(first.get("BodyPartExamined", "")).strip() or None,
         ))
     return sorted(infos, key=lambda s: (s.series_number or 0, s.series_uid))
 
 
-def why_rejected(info: SeriesInfo, rule: SelectionRule) -> str | None:
-    """The first reason ``info`` fails ``rule``, or None when it matches."""
+def why_rejected(info: SeriesInfo, rule: SelectionRule,
+                 contract: InputContract | None = None) -> str | None:
+    """The first reason ``info`` fails ``rule`` or ``contract``, or None when it matches."""
     if rule.modalities and info.modality not in rule.modalities:
-        return f"modality {info.modality or '(none)'} not in {list(rule.modalities)}"
+        shown = _modality_text(info.modality) if info.modality else "(none)"
+        return f"modality {shown} not in {list(rule.modalities)}"
     if rule.description_regex and not re.search(rule.description_regex, info.description,
                                                 re.IGNORECASE):
-        return f"description {info.description!r} does not match /{rule.description_regex}/"
+        return f"SeriesDescription (0008,103E) does not match /{rule.description_regex}/"
     if rule.exclude_regex and re.search(rule.exclude_regex, info.description, re.IGNORECASE):
-        return f"description {info.description!r} matches exclusion /{rule.exclude_regex}/"
+        return f"SeriesDescription (0008,103E) matches exclusion /{rule.exclude_regex}/"
     if rule.orientation and info.orientation != rule.orientation:
         return f"orientation {info.orientation or 'unknown'} is not {rule.orientation}"
     if info.slice_count < rule.min_slices:
@@ -119,15 +219,19 @@ def why_rejected(info: SeriesInfo, rule: SelectionRule) -> str | None:
         info.spacing_mm is None or info.spacing_mm > rule.max_spacing_mm
     ):
         return f"spacing {info.spacing_mm} mm exceeds {rule.max_spacing_mm} mm"
+    if contract is not None:
+        return contract_violation(info, contract)
     return None
 
 
-def select_series(series: Sequence[SeriesInfo], rule: SelectionRule) -> Selection:
+def select_series(series: Sequence[SeriesInfo], rule: SelectionRule,
+                  contract: InputContract | None = None) -> Selection:
     """Matching series (all when ``rule.multiple``, else the one with most slices and
-    then the lowest series number) and the reason for each series not chosen."""
+    then the lowest series number) and the reason for each series not chosen (outside
+    the rule or the pipeline's input contract)."""
     matched, rejected = [], []
     for info in series:
-        reason = why_rejected(info, rule)
+        reason = why_rejected(info, rule, contract)
         if reason is None:
             matched.append(info)
         else:

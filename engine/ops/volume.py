@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from engine.errors import GeometryError, PixelDataError
+from engine.errors import GeometryError, PixelDataError, safe_reason
 
 ORIENTATION_TOL = 1e-3
 SPACING_REL_TOL = 0.02
@@ -29,6 +29,9 @@ class Volume:
     origin: tuple[float, float, float]  # ImagePositionPatient of the first slice
     direction: np.ndarray  # rows: row cosine (x), column cosine (y), slice normal (z)
     sources: list[Dataset] = field(default_factory=list)  # one per slice, in array order
+    #: enhanced multi-frame: the source frame (0-based) of each slice, in array order;
+    #: empty for single-frame series (then ``sources`` has one dataset per slice)
+    frames: list[int] = field(default_factory=list)
 
     @property
     def voxel_ml(self) -> float:
@@ -52,13 +55,17 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise PixelDataError(
             f"{where}: pixel data cannot be decoded (transfer syntax {ts}): "
-            f"{type(exc).__name__}: {exc}"
+            f"{safe_reason(exc)}"
         ) from None
 
 
 def _rescale(pixels: np.ndarray, slope: object, intercept: object) -> np.ndarray:
-    s = float(slope) if slope not in (None, "") else 1.0  # type: ignore[arg-type]
-    i = float(intercept) if intercept not in (None, "") else 0.0  # type: ignore[arg-type]
+    try:
+        s = float(slope) if slope not in (None, "") else 1.0  # type: ignore[arg-type]
+        i = float(intercept) if intercept not in (None, "") else 0.0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PixelDataError("RescaleSlope (0028,1053) or RescaleIntercept (0028,1052) is "
+                             "not a number") from None
     return pixels.astype(np.float32) * np.float32(s) + np.float32(i)
 
 
@@ -103,11 +110,14 @@ def series_to_volume(datasets: Sequence[Dataset]) -> Volume:
             raise GeometryError(f"{where} is {ds.Rows}x{ds.Columns}, the series {rows}x{cols}")
         o = _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where)
         if np.max(np.abs(o - iop)) > ORIENTATION_TOL:
-            raise GeometryError(f"{where} has orientation {list(o)}, the series {list(iop)}")
+            raise GeometryError(f"{where} has another orientation than the series "
+                                f"(ImageOrientationPatient (0020,0037) differs by "
+                                f"{float(np.max(np.abs(o - iop))):.3g})")
         ps = _floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)
         if np.max(np.abs(ps - spacing_px)) > 1e-4:
-            raise GeometryError(f"{where} has pixel spacing {list(ps)}, the series "
-                                f"{list(spacing_px)}")
+            raise GeometryError(f"{where} has another pixel spacing than the series "
+                                f"(PixelSpacing (0028,0030) differs by "
+                                f"{float(np.max(np.abs(ps - spacing_px))):.3g} mm)")
         ipp = _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where)
         items.append((float(ipp @ normal), ipp, ds))
     items.sort(key=lambda t: t[0])
@@ -178,23 +188,106 @@ def _enhanced_to_volume(ds: Dataset) -> Volume:
         origin=tuple(float(v) for v in frames[0][1]),  # type: ignore[arg-type]
         direction=np.stack([iop[:3], iop[3:], normal]),
         sources=[ds],
+        frames=[t[2] for t in frames],
     )
 
 
 @dataclass
 class Image2D:
-    """One radiograph in display sense (MONOCHROME1 inverted), with its source dataset."""
+    """One radiograph in display sense (MONOCHROME1 inverted), with its source dataset.
+
+    ``low``/``high``: the range the values can take after the Modality LUT (PS3.3
+    C.11.1), from the image's own Bits Stored, Pixel Representation and rescale or
+    Modality LUT: what ``normalize`` ``image_range`` maps to [0, 1].
+    """
 
     array: np.ndarray  # (rows, cols) float32
     source: Dataset
+    low: float = 0.0
+    high: float = 4095.0
+    inverted: bool = False  # MONOCHROME1: array = low + high - modality values
+
+
+def stored_range(ds: Dataset) -> tuple[float, float]:
+    """The stored pixel values' range from Bits Stored and Pixel Representation (PS3.3
+    C.7.6.3.1); an input error naming the attribute when it is missing or not usable."""
+    try:
+        bits = int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError):
+        raise PixelDataError("BitsStored (0028,0101) is missing or not a number") from None
+    if not 1 <= bits <= 32:
+        raise PixelDataError(f"BitsStored (0028,0101) of {bits} bits is outside 1..32")
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2 ** bits - 1)
+
+
+def modality_range(ds: Dataset) -> tuple[float, float]:
+    """The range of values after the Modality LUT or rescale (PS3.3 C.11.1)."""
+    lo, hi = stored_range(ds)
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        descriptor = seq[0].get("LUTDescriptor")
+        bits = int(descriptor[2]) if descriptor and len(descriptor) == 3 else 16
+        return 0.0, float(2 ** bits - 1)
+    ends = _rescale(np.array([lo, hi], np.float64), ds.get("RescaleSlope"),
+                    ds.get("RescaleIntercept"))
+    return float(ends.min()), float(ends.max())
 
 
 def radiograph(ds: Dataset) -> Image2D:
-    """A single-frame radiograph (CR/DX) as values where bright = dense."""
-    px = _pixels(ds, f"instance {ds.SOPInstanceUID}")
+    """A single-frame radiograph (CR/DX) as values where bright = dense.
+
+    The Modality LUT or rescale is applied (pydicom's ``apply_modality_lut``);
+    MONOCHROME1 is inverted within the image's own value range, not a fixed one.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    where = f"instance {ds.SOPInstanceUID}"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise PixelDataError(f"{where}: colour images are not supported by this model "
+                             "(SamplesPerPixel (0028,0002) above 1)")
+    low, high = modality_range(ds)
+    px = _pixels(ds, where)
     if px.ndim != 2:
-        raise PixelDataError(f"instance {ds.SOPInstanceUID}: expected one frame, got {px.shape}")
-    arr = _rescale(px, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        arr = float(2 ** int(ds.get("BitsStored", 16)) - 1) - arr
-    return Image2D(arr, ds)
+        raise PixelDataError(f"{where}: a radiograph has one frame; this one has "
+                             f"{px.shape[0]} (NumberOfFrames (0028,0008))")
+    try:
+        arr = np.asarray(apply_modality_lut(px, ds), dtype=np.float32)
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise PixelDataError(f"{where}: the Modality LUT or rescale (RescaleSlope "
+                             "(0028,1053), RescaleIntercept (0028,1052)) cannot be "
+                             "applied") from None
+    inverted = ds.get("PhotometricInterpretation") == "MONOCHROME1"
+    if inverted:
+        arr = np.float32(low + high) - arr
+    return Image2D(arr, ds, low, high, inverted)
+
+
+def voi_image(image: Image2D) -> tuple[np.ndarray, float, float] | None:
+    """The image through its own VOI LUT or window (PS3.3 C.11.2, pydicom's
+    ``apply_voi_lut``) in display sense, with the output range; ``None`` when the
+    image has neither (the caller decides what to do)."""
+    from pydicom.pixels import apply_voi_lut
+
+    ds = image.source
+    if not (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
+        return None
+    values = np.float32(image.low + image.high) - image.array if image.inverted \
+        else image.array
+    try:
+        out = np.asarray(apply_voi_lut(values.astype(np.float64), ds), np.float32)
+        seq = ds.get("VOILUTSequence")
+        if seq:
+            descriptor = seq[0].LUTDescriptor
+            lo, hi = 0.0, float(2 ** int(descriptor[2]) - 1)
+        else:
+            ends = np.asarray(apply_voi_lut(np.array([-1e12, 1e12]), ds), np.float64)
+            lo, hi = float(ends.min()), float(ends.max())
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        raise PixelDataError(f"instance {ds.SOPInstanceUID}: the VOI LUT or window "
+                             "(WindowCenter (0028,1050), WindowWidth (0028,1051), "
+                             "VOILUTSequence (0028,3010)) cannot be applied") from None
+    if image.inverted:
+        out = np.float32(lo + hi) - out
+    return out, lo, hi

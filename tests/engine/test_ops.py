@@ -23,7 +23,9 @@ def test_selection_picks_the_flair_and_says_why_the_localizer_lost() -> None:
     sel = select_series(infos, rule)
     assert [s.description for s in sel.chosen] == ["AX T2 FLAIR"]
     (uid, reason), = sel.rejected
-    assert "LOCALIZER" in reason and "does not match" in reason
+    assert uid == next(i.series_uid for i in infos if i.description == "LOCALIZER")
+    # the attribute is named, its free-text value is not quoted (it may hold anything)
+    assert reason == "SeriesDescription (0008,103E) does not match /FLAIR|T2/"
 
 
 def test_selection_reasons_for_modality_slices_spacing() -> None:

@@ -117,8 +117,12 @@ async def test_two_workers_share_the_queue_and_each_study_runs_once(
     hfd = reference["hfd"]
     await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
     studies = [pelvis_study(900 + i, images=1, size=256) for i in range(6)]
-    w1 = EngineWorker({"hfd": hfd}, worker_config)
-    w2 = EngineWorker({"hfd": hfd}, WorkerConfig(**{**worker_config.__dict__,
+    # the production ack wait (60 s), not the fixture's 10 s: two workers in one process
+    # share one event loop, and on a loaded host (load ~20 on 2 cores) a heartbeat can
+    # come later than 10 s; the run is then redelivered to the other worker by design
+    config = WorkerConfig(**{**worker_config.__dict__, "ack_wait_s": 60.0})
+    w1 = EngineWorker({"hfd": hfd}, config)
+    w2 = EngineWorker({"hfd": hfd}, WorkerConfig(**{**config.__dict__,
                                                     "worker_id": "second"}))
     async with RunningWorker(bus, w1), RunningWorker(bus, w2):
         for s in studies:

@@ -164,7 +164,8 @@ async def test_pacs_down_is_retried_then_recorded_and_results_stay_in_the_store(
         evs = await wait_for(bus, study.study_uid, has("engine.inference.completed"))
     failed = next(e for e in evs if isinstance(e, PublishFailed))
     assert failed.destination == "pacs:NOBODY" and failed.attempt == 2
-    assert "refused or did not answer" in failed.error and "after 2 attempts" in failed.error
+    assert "unreachable" in failed.error and "did not answer" in failed.error
+    assert "after 2 attempts" in failed.error and not failed.refused and failed.will_retry
     # handed over to the PACS redelivery consumer, with the address it needs
     port = data["publishers"][1]["port"]
     assert failed.will_retry and failed.address == f"NOBODY@127.0.0.1:{port}"
