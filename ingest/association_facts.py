@@ -91,7 +91,8 @@ class AssociationFacts:
         total = sum(len(s) for s in a.studies.values())
         actor = f"scp:{a.called_ae}"
         events: list[Event] = []
-        for study, sops in sorted(a.studies.items()) or [(None, set())]:
+        carried: list[tuple[str | None, set[str]]] = [*sorted(a.studies.items())]
+        for study, sops in carried or [(None, set())]:
             common = dict(
                 actor=actor, study_uid=study, association_id=association_id,
                 calling_ae=a.calling_ae, called_ae=a.called_ae, instance_count=len(sops),

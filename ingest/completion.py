@@ -216,9 +216,9 @@ class CompletionTracker:
             case InstanceDuplicated() if event.study_uid:
                 self._carried(event.study_uid, event.association_id, event.sop_instance_uid)
                 for p in self._study_pipelines.get(event.study_uid, ()):
-                    track = self.tracks[(event.study_uid, p)]
-                    if event.sop_instance_uid in track.sops:
-                        track.activity_at = max(track.activity_at, event.occurred_at)
+                    resent = self.tracks[(event.study_uid, p)]
+                    if (event.sop_instance_uid, event.sha256) in resent.seen:
+                        resent.activity_at = max(resent.activity_at, event.occurred_at)
             case AssociationReleased() | AssociationAborted() if event.study_uid:
                 a = self._association(event.study_uid, event.association_id)
                 if a.closed_at is None:
@@ -237,11 +237,11 @@ class CompletionTracker:
             case StudyCompleted(pipeline=pipeline) if event.study_uid and pipeline:
                 self._completed(event, event.study_uid, pipeline)
             case StudyAmended(pipeline=pipeline) if event.study_uid and pipeline:
-                track = self.tracks.get((event.study_uid, pipeline))
-                if track is not None and event.event_id not in track.applied:
-                    track.applied.add(event.event_id)
-                    track.covered = min(len(track.keys),
-                                        track.covered + event.new_instance_count)
+                amended = self.tracks.get((event.study_uid, pipeline))
+                if amended is not None and event.event_id not in amended.applied:
+                    amended.applied.add(event.event_id)
+                    amended.covered = min(len(amended.keys),
+                                          amended.covered + event.new_instance_count)
             case _:
                 pass
 
@@ -347,7 +347,7 @@ class CompletionTracker:
         assocs = [a for a in self._associations.get(track.study_uid, {}).values()
                   if a.sops & sops]
         released = [a for a in assocs if a.released is not None and a.closed_at is not None]
-        whole = [a for a in released if a.sops >= sops and len(a.sops) >= a.released
+        whole = [a for a in released if a.sops >= sops and len(a.sops) >= (a.released or 0)
                  and len(sops) >= policy.release_min_instances]
         last_release = max((a.closed_at for a in released if a.closed_at), default=None)
         unresolved: list[str] = []
