@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 
 from engine import pacs
 from engine.errors import PublishFailedError
-from engine.spec import PipelineSpec
+from engine.pipeline_model import PipelineSpec
 from events.base import Event, deterministic_id
 from events.catalogue import (
     InferenceCompleted,

@@ -49,6 +49,7 @@ from engine.errors import (
     RuntimeUnavailable,
 )
 from engine.ops.longitudinal import EarlierResult
+from engine.pipeline_model import PipelineSpec
 from engine.registry import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
 from engine.runtimes import (
     HostCapabilities,
@@ -59,7 +60,7 @@ from engine.runtimes import (
     probe_host,
     select_runtime,
 )
-from engine.spec import LoadedPipeline, PipelineSpec
+from engine.spec import LoadedPipeline
 from engine.steps import LongitudinalParams, RunContext, StepTiming, run_steps
 from events.base import Event, deterministic_id
 from events.catalogue import (

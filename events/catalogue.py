@@ -413,14 +413,15 @@ class ResultMarkedStale(Event, frozen=True, kw_only=True, tag="engine.result.mar
 
 
 class ResultWithdrawn(Event, frozen=True, kw_only=True, tag="engine.result.withdrawn"):
-    """A superseded result sent to a PACS was withdrawn there by an IHE IOCM rejection
-    note (a Key Object Selection Document titled with the rejection reason)."""
+    """A superseded result was withdrawn where it had been published: from a PACS by an
+    IHE IOCM rejection note (a Key Object Selection Document titled with the rejection
+    reason), from an XNAT case by removing its files."""
 
     run_key: str  # the superseded result
-    destination: str  # "pacs:AE"
-    rejection_note_uid: str  # the KOS SOP Instance UID
+    destination: str  # "pacs:AE" or "xnat:URL"
     rejected_sop_instance_uids: tuple[str, ...]
     reason_code: str  # e.g. "(113001, DCM, Rejected for Quality Reasons)"
+    rejection_note_uid: str | None = None  # the KOS SOP Instance UID (PACS)
 
 
 class MeasurementRecomputed(

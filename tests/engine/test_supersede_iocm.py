@@ -12,8 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.phantoms import pelvis_study
 from engine.iocm import REJECTED_FOR_QUALITY
-from engine.phantoms import pelvis_study
 from engine.registry import deployed_event
 from engine.worker import EngineWorker, WorkerConfig
 from events.catalogue import (

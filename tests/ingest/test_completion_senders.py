@@ -19,6 +19,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from bench.ingest import ct_instances
 from events.base import Event
 from events.catalogue import (
     AssociationAborted,
@@ -31,7 +32,6 @@ from events.catalogue import (
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from events.subjects import type_filter
-from ingest.bench import ct_instances
 from tests.drills.procs import clean_env, lastmile_up
 from tests.ingest.conftest import StartIngest, needs_dcmtk, storescu, wait_for_events
 
