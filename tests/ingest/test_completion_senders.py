@@ -177,3 +177,19 @@ async def test_kill_9_of_lastmile_up_mid_study_then_the_resend_completes_it_once
     assert not [e for e in history if isinstance(e, StudyAmended)]
     uptime = state / "completion-uptime.json"
     assert len(json.loads(uptime.read_text())["intervals"]) == 2  # two runs of the service
+
+
+@pytest.mark.slow
+async def test_the_bench_reports_one_current_result_equal_to_the_single_association_one(
+) -> None:
+    """`lastmile bench ingest`'s sender outcomes, on two of its senders."""
+    from bench.completion import run_completion_bench
+
+    result = await run_completion_bench(("single", "aborted-resent"))
+    single, aborted = result.outcomes
+    assert (single.completions, single.results, single.current_results) == (1, 1, 1)
+    assert single.reason == "whole_study_released" and single.equal_to_single
+    assert single.last_instance_to_completed_s is not None
+    assert single.last_instance_to_completed_s < 2.0
+    assert (aborted.completions, aborted.current_results, aborted.amendments) == (1, 1, 0)
+    assert aborted.equal_to_single is True and aborted.partial is False
