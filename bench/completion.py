@@ -69,6 +69,7 @@ class SenderOutcome:
     superseded: int
     current_results: int
     skipped_or_failed: int  # runs skipped, or failed for good
+    problems: list[str]  # why (skip reasons, final errors)
     reason: str | None
     partial: bool | None
     equal_to_single: bool | None
@@ -240,6 +241,9 @@ async def _outcome(bus: EventBus, kind: str, study: str, n: int, t0: float,
         results=len(results), superseded=len(superseded), current_results=len(current),
         skipped_or_failed=sum(isinstance(e, InferenceSkipped)
                               or (isinstance(e, InferenceFailed) and e.final) for e in history),
+        problems=sorted({e.reason if isinstance(e, InferenceSkipped) else e.error[:300]
+                         for e in history if isinstance(e, InferenceSkipped)
+                         or (isinstance(e, InferenceFailed) and e.final)}),
         reason=str(completions[0].reason) if completions else None,
         partial=completions[0].partial if completions else None,
         equal_to_single=(None if reference is None or len(current) != 1
