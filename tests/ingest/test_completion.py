@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from events.base import deterministic_id
 from events.catalogue import (
     AssociationAborted,
@@ -16,6 +18,7 @@ from events.catalogue import (
     StudyCompleted,
 )
 from ingest.completion import CompletionTracker, completion_id
+from ingest.errors import RulesError
 from ingest.rules import parse_rules
 from ingest.uptime import Uptime
 
@@ -348,3 +351,16 @@ def test_changed_pixels_mark_the_result_stale_when_the_pipeline_says_so() -> Non
     (amended,) = t.due(at(4.5))
     assert isinstance(amended, StudyAmended)
     assert amended.stale and not amended.rerun and amended.pixels_changed == 1
+
+
+def test_completion_keys_have_per_pipeline_defaults_and_a_bad_value_names_its_key() -> None:
+    rules = parse_rules("pipelines:\n  hfd: {completion: {release_min_instances: 3}}\n"
+                        "  mine: {ae_title: LM_MINE}\n")
+    hfd, mine = rules.policy("hfd"), rules.policy("mine")
+    assert (hfd.quiet_period_s, hfd.max_wait_s, hfd.rerun_on_amend) == (5.0, 300.0, True)
+    assert hfd.release_min_instances == 3 and hfd.amendment_quiet_s == 5.0
+    assert (mine.quiet_period_s, mine.max_wait_s, mine.on_changed_pixels) == (
+        10.0, 900.0, "rerun")
+    with pytest.raises(RulesError, match=r":2: pipelines.lts.completion.on_changed_pixels: "
+                                         r"expected rerun or stale"):
+        parse_rules("pipelines:\n  lts: {completion: {on_changed_pixels: later}}\n")
