@@ -12,12 +12,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bench.e2e import _bench_pipeline
 from demo.phantoms import pelvis_study
 from engine.iocm import REJECTED_FOR_QUALITY
 from engine.registry import deployed_event
 from engine.worker import EngineWorker, WorkerConfig
 from events.catalogue import (
     InferenceCompleted,
+    ResultMarkedStale,
     ResultPublished,
     ResultSuperseded,
     ResultWithdrawn,
@@ -115,3 +117,27 @@ async def test_late_radiograph_reruns_supersedes_and_withdraws_the_earlier_resul
     assert referenced == old_sent
     assert kos.StudyInstanceUID == study.study_uid
     assert dciodvfy_errors(tmp_path / "kos.dcm") == []
+
+
+async def test_changed_pixels_mark_the_result_stale_when_the_pipeline_says_so(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig, tmp_path: Path,
+) -> None:
+    from engine.feed import completed_event, stored_events
+
+    hfd = _bench_pipeline(reference["hfd"], tmp_path, None)  # results to the store only
+    await bus.publish(deployed_event(hfd, actor="test", stage=Stage.VALIDATION))
+    study = pelvis_study(1502, images=2, size=256)
+    stored = stored_events(study.datasets, worker_config.instances_dir, SECRET,
+                           called_ae="LM_HFD")
+    await bus.publish_many([*stored, completed_event(stored, pipeline="hfd")])
+    async with RunningWorker(bus, EngineWorker({"hfd": hfd}, worker_config)):
+        first = await wait_for(bus, study.study_uid, has("engine.inference.completed"), 60)
+        await bus.publish(StudyAmended.new(
+            actor="completion", study_uid=study.study_uid, pipeline="hfd",
+            new_instance_count=1, series_uids=(stored[0].series_uid,), rerun=False,
+            stale=True, pixels_changed=1))
+        evs = await wait_for(bus, study.study_uid, has("engine.result.marked_stale"), 60)
+    (result,) = [e for e in first if isinstance(e, InferenceCompleted)]
+    (stale,) = [e for e in evs if isinstance(e, ResultMarkedStale)]
+    assert stale.run_key == result.run_key and stale.changed_instances == 1
+    assert len([e for e in evs if isinstance(e, InferenceCompleted)]) == 1  # no re-run
