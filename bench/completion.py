@@ -158,7 +158,8 @@ def _pynetdicom_send(port: int, files: list[Path], *, abort: bool, hang_until: A
     assoc = ae.associate("127.0.0.1", port, ae_title="LM_LTS")
     if not assoc.is_established:
         raise RuntimeError("the SCP refused the association")
-    ok = sum(int(assoc.send_c_store(pydicom.dcmread(f)).Status) == 0 for f in files)
+    ok = sum(int(getattr(assoc.send_c_store(pydicom.dcmread(f)), "Status", -1)) == 0
+             for f in files)
     if abort:
         assoc.abort()
     else:
