@@ -204,7 +204,7 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
                                    secret, RulesFile.open(None))
                 tasks.append(asyncio.create_task(ingest.run(bus, stop)))
                 await asyncio.wait_for(ingest.scp.started.wait(), 15)
-                for _ in range(750):  # the detector must be listening for release hints
+                for _ in range(750):  # the detector must be following the log
                     if ingest.detector is not None and ingest.detector.ready.is_set():
                         break
                     await asyncio.sleep(0.02)

@@ -35,7 +35,7 @@ from datetime import date, datetime, time, timedelta
 import duckdb
 
 from projections.metrics import STAGES
-from projections.schema import TABLES, VIEWS
+from projections.schema import SUPERSEDED_SQL, TABLES, VIEWS
 
 Con = duckdb.DuckDBPyConnection
 
@@ -247,12 +247,13 @@ class WorklistRow:
 
 
 def open_worklist(con: Con, pipeline: str | None = None) -> list[WorklistRow]:
-    """Cases assigned to a reader with no review by that reader since (per blinded label)."""
+    """Cases assigned to a reader with no review by that reader since (per blinded label),
+    of current results only (a superseded result is no longer a case)."""
     where, params = ("AND a.pipeline = ?", [pipeline]) if pipeline else ("", [])
     rows = con.execute(f"""
         SELECT a.pipeline, a.reader, count(*), min(a.occurred_at)
         FROM assignments a
-        WHERE NOT EXISTS (
+        WHERE a.run_key NOT IN {SUPERSEDED_SQL} AND NOT EXISTS (
             SELECT 1 FROM reviews r WHERE r.run_key = a.run_key AND r.reader = a.reader
               AND r.blinded_label IS NOT DISTINCT FROM a.blinded_label AND r.seq > a.seq)
         {where}
@@ -266,7 +267,7 @@ def qc_pending(con: Con, pipeline: str | None = None) -> dict[str, int]:
     where, params = ("AND i.pipeline = ?", [pipeline]) if pipeline else ("", [])
     rows = con.execute(f"""
         SELECT i.pipeline, count(DISTINCT i.run_key) FROM inference i
-        WHERE i.kind = 'completed' {where}
+        WHERE i.kind = 'completed' {where} AND i.run_key NOT IN {SUPERSEDED_SQL}
           AND i.pipeline IN (SELECT DISTINCT pipeline FROM qc)
           AND i.run_key NOT IN (SELECT run_key FROM qc)
         GROUP BY ALL

@@ -243,7 +243,7 @@ class SyntheticSite:
         out.append(self._ev(RouteMatched, t, actor="router", study=study, pipeline=pipeline,
                             rule_ids=(f"{pipeline}-ae",), pipelines=(pipeline,),
                             called_ae=called, reasons=(f"called AE {called}",)))
-        reason = rng.choices(list(CompletionReason), weights=(50, 30, 15, 2, 3))[0]
+        reason = rng.choices(list(CompletionReason)[:5], weights=(50, 30, 15, 2, 3))[0]
         latency = {CompletionReason.QUIET_PERIOD: 30.0, CompletionReason.EXPECTED_SERIES: 0.5,
                    CompletionReason.ASSOCIATION_RELEASED: 1.0, CompletionReason.FORCED: 5.0,
                    CompletionReason.MAX_WAIT: 600.0}[reason]

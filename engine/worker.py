@@ -42,7 +42,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from engine import pacs
+from engine import iocm, pacs
 from engine.dicom_results import Provenance
 from engine.errors import (
     EngineError,
@@ -56,6 +56,7 @@ from engine.errors import (
 )
 from engine.ops.longitudinal import EarlierResult
 from engine.pacs_redelivery import outcome_events
+from engine.pipeline_model import PipelineSpec
 from engine.registry import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
 from engine.runtimes import (
     HostCapabilities,
@@ -240,6 +241,8 @@ class EngineWorker:
         if not isinstance(event, StudyCompleted | StudyAmended) or not event.study_uid:
             return None
         if isinstance(event, StudyAmended) and not event.rerun:
+            if event.stale and event.pipeline:  # changed pixels, pipeline says "stale"
+                await iocm.mark_stale(bus, self._follow_up(event), event.pipeline, event)
             return None
         study = event.study_uid
         history = await bus.history(study)
@@ -275,6 +278,8 @@ class EngineWorker:
                 or (isinstance(ev, InferenceFailed) and ev.final)
                 or (isinstance(ev, InferenceSkipped) and ev.causation_id == trigger.event_id)
             ):
+                if isinstance(ev, InferenceCompleted):  # a crash before superseding
+                    await self._supersede(bus, caused, study, key, spec)
                 return RunOutcome(key, "duplicate", f"already {ev.type_name()}")
 
         async def skip(reason: str, rejected: tuple[str, ...] = ()) -> RunOutcome:
@@ -384,10 +389,26 @@ class EngineWorker:
             blinding_hash=ctx.blinding_hash, patient_pseudonym=files.patient_pseudonym,
             study_date=ctx.study_date or None,
         ))
+        await self._supersede(bus, caused, study, key, spec)
         return RunOutcome(key, "completed", f"{len(published)} published", study, spec.name,
                           stages, ctx.inference_s)
 
     # ------------------------------------------------------------------ pieces
+
+    async def _supersede(self, bus: EventBus, make: Make, study: str, key: str,
+                         spec: PipelineSpec) -> None:
+        """The new result is current: earlier ones are superseded (and withdrawn from
+        the PACS they went to), after the new result was sent (``engine.iocm``)."""
+        await iocm.supersede_earlier(bus, make, study_uid=study, current_key=key, spec=spec,
+                                     results_dir=self.config.results_dir,
+                                     calling_ae=self.config.calling_ae)
+
+    def _follow_up(self, trigger: Event) -> Make:
+        actor = f"worker:{self.config.worker_id}"
+
+        def make(cls: type[Event], event_id: str, **payload: object) -> Event:
+            return trigger.caused(cls, actor=actor, event_id=event_id, **payload)
+        return make
 
     def _runtime(self, loaded: LoadedPipeline, choice: RuntimeChoice) -> Runtime:
         """The model, loaded once per process per (model hash, runtime)."""

@@ -19,6 +19,12 @@ clinician opens from PACS, outside the clinical record. For every
    ``ingest.xnat_feedback``, turns it to ``reviewed``);
 4. records ``engine.result.published`` per file (SEG, SR, PNG) with deterministic ids.
 
+For ``engine.result.superseded`` it updates the case: the superseded result's SEG/SR
+files leave ``LM_RESULTS``, ``lm_superseded`` lists the run keys replaced, and a session
+still showing the superseded result leaves the worklist (``lm_worklist=superseded``)
+until the current one arrives; ``engine.result.withdrawn`` records it. A superseded
+result that reaches the publisher late is not published at all.
+
 Every step is idempotent (find-or-create by label, ``overwrite=true``), so a retry after
 a failure half-way repeats nothing visible. A failure records ``engine.result.
 publish_failed`` saying why (unreachable, timed out, refused credentials, HTTP status)
@@ -59,6 +65,8 @@ from events.catalogue import (
     InstanceStored,
     PublishFailed,
     ResultPublished,
+    ResultSuperseded,
+    ResultWithdrawn,
 )
 from events.jetstream import Delivery, EventBus
 from events.subjects import study_token
@@ -466,6 +474,36 @@ def publish_plan(session: Any, target: XnatAccess, plan: PublicationPlan,
     return str(experiment.id)
 
 
+FIELD_SUPERSEDED = "lm_superseded"
+WORKLIST_SUPERSEDED = "superseded"
+
+
+def withdraw_from_session(session: Any, target: XnatAccess, study_uid: str, old_run_key: str,
+                          file_names: Sequence[str]) -> str | None:
+    """Take a superseded result out of its study's XNAT session (idempotently); returns
+    the session ID, or None when the study has no session (nothing was published)."""
+    session.clearcache()
+    if target.project not in session.projects:
+        return None
+    project = session.projects[target.project]
+    project.experiments.clearcache()
+    experiment = project.experiments.get(session_label(study_uid))
+    if experiment is None:
+        return None
+    resource = experiment.resources.get(RESULTS_RESOURCE)
+    if resource is not None:
+        for name in file_names:
+            if name in resource.files:
+                resource.files[name].delete()
+    fields = dict(experiment.fields)
+    replaced = [k for k in (fields.get(FIELD_SUPERSEDED) or "").split(",") if k]
+    update = {FIELD_SUPERSEDED: ",".join(sorted({*replaced, old_run_key}))}
+    if fields.get(FIELD_RUN_KEY) == old_run_key:  # the current result is not there yet
+        update[FIELD_WORKLIST] = WORKLIST_SUPERSEDED
+    experiment.mset({f"fields/field[name={k}]/field": v for k, v in update.items()})
+    return str(experiment.id)
+
+
 def _content_type(f: ResultFile) -> str:
     return "image/png" if f.kind == "PNG" else "application/dicom"
 
@@ -516,11 +554,14 @@ class XnatPublisher:
         return min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)
 
     async def handle(self, event: Event, delivery: Delivery) -> None:
-        if not isinstance(event, InferenceCompleted):
+        if not isinstance(event, InferenceCompleted | ResultSuperseded):
             return
         if self._bus is None:
             raise XnatPublishError("the XNAT publisher is not bound to the event bus")
-        outcome = await self._handle(self._bus, event, delivery)
+        if isinstance(event, ResultSuperseded):
+            outcome = await self._superseded(self._bus, event)
+        else:
+            outcome = await self._handle(self._bus, event, delivery)
         self.outcomes.append(outcome)
         if outcome.status == "retry":
             raise XnatPublishError(outcome.detail)
@@ -530,6 +571,8 @@ class XnatPublisher:
         cfg = self.config
         dest = cfg.target.destination
         history = [e for _, e in await bus.history(ev.study_uid)] if ev.study_uid else []
+        if any(isinstance(e, ResultSuperseded) and e.run_key == ev.run_key for e in history):
+            return PublishOutcome(ev.run_key, "superseded", "a later result replaced it")
         facts = study_facts(history, cfg.instances_dir, ev.selected_series)
         done = {e.kind for e in history if isinstance(e, ResultPublished)
                 and e.run_key == ev.run_key and e.destination == dest}
@@ -572,6 +615,37 @@ class XnatPublisher:
                 for f in plan.files])
             return PublishOutcome(ev.run_key, "published", f"{len(plan.files)} files", session_id)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _superseded(self, bus: EventBus, ev: ResultSuperseded) -> PublishOutcome:
+        """Update the study's case for a superseded result (retried from the log)."""
+        dest = self.config.target.destination
+        history = [e for _, e in await bus.history(ev.study_uid)] if ev.study_uid else []
+        old = next((e for e in history if isinstance(e, InferenceCompleted)
+                    and e.run_key == ev.run_key), None)
+        if old is None or not ev.study_uid or any(
+                isinstance(e, ResultWithdrawn) and e.run_key == ev.run_key
+                and e.destination == dest for e in history):
+            return PublishOutcome(ev.run_key, "duplicate", "nothing to withdraw")
+        names = [Path(k).name for k in old.result_keys]
+        study_uid = ev.study_uid
+        try:
+            session_id = await asyncio.to_thread(self.connection.call, lambda s: (
+                withdraw_from_session(s, self.config.target, study_uid, ev.run_key, names)))
+        except XnatPublishError as exc:
+            await self._failed(bus, old, 1, f"withdrawing a superseded result: {exc}",
+                               will_retry=exc.retryable)
+            return PublishOutcome(ev.run_key, "retry" if exc.retryable else "failed",
+                                  str(exc))
+        if session_id is None:
+            return PublishOutcome(ev.run_key, "duplicate", "never published to XNAT")
+        await bus.publish(ev.caused(
+            ResultWithdrawn, actor=self.config.actor,
+            event_id=deterministic_id("withdrawn", ev.run_key, dest), run_key=ev.run_key,
+            destination=dest, rejected_sop_instance_uids=tuple(sorted(
+                n.partition("-")[2].removesuffix(".dcm") for n in names)),
+            reason_code=f"removed from XNAT session {session_id}; superseded by "
+                        f"{ev.superseded_by}"))
+        return PublishOutcome(ev.run_key, "withdrawn", "removed from the case", session_id)
 
     async def _attempt(self, plan: PublicationPlan, delivery: Delivery) -> str:
         """One publication in a thread, heart-beating JetStream while it runs."""

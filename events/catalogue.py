@@ -28,6 +28,10 @@ class CompletionReason(StrEnum):
     ASSOCIATION_RELEASED = "association_released"
     FORCED = "forced"
     MAX_WAIT = "max_wait"
+    #: a released association carried every instance of the study (first to last)
+    WHOLE_STUDY_RELEASED = "whole_study_released"
+    #: the counts the objects declare (NumberOfStudyRelatedInstances, ...) are all present
+    DECLARED_COUNTS = "declared_counts"
 
 
 class Stage(StrEnum):
@@ -108,6 +112,12 @@ class InstanceStored(Event, frozen=True, kw_only=True, tag="ingest.instance.stor
     # (PS3.5 section 6.1; no Specific Character Set = ASCII). Their text is not copied
     # into any event: a reader of the stored file must not trust it either.
     text_encoding_problems: tuple[str, ...] = ()
+    # completion evidence (optional, added without a version change: older events lack it)
+    #: ImagePositionPatient projected on the slice normal (ImageOrientationPatient), in mm
+    slice_position_mm: float | None = None
+    images_in_acquisition: int | None = None  # ImagesInAcquisition (0020,1002)
+    declared_series_instances: int | None = None  # NumberOfSeriesRelatedInstances (0020,1209)
+    declared_study_instances: int | None = None  # NumberOfStudyRelatedInstances (0020,1208)
 
 
 class InstanceRejected(Event, frozen=True, kw_only=True, tag="ingest.instance.rejected"):
@@ -138,6 +148,9 @@ class InstanceDuplicated(Event, frozen=True, kw_only=True, tag="ingest.instance.
     sha256: str
     calling_ae: str
     called_ae: str
+    #: the association that re-sent it (a resend carries the study again: completion
+    #: evidence); optional, added without a version change
+    association_id: str | None = None
 
 
 # --- receiver hardening (issues 14 and 18): refusals before any instance arrives ------
@@ -190,14 +203,30 @@ class StudyCompleted(Event, frozen=True, kw_only=True, tag="ingest.study.complet
     last_instance_at: str | None = None
     series: tuple[SeriesSummary, ...] = ()
     patient_pseudonym: str | None = None
+    # added without a version change (older events: not partial, no evidence recorded)
+    #: completed on weak evidence (max wait with an aborted association, missing declared
+    #: instances, a gap in a series): results of it are marked partial
+    partial: bool = False
+    #: what completion weighed, in our words (never a DICOM value), strongest first
+    evidence: tuple[str, ...] = ()
 
 
 class StudyAmended(Event, frozen=True, kw_only=True, tag="ingest.study.amended"):
-    """Instances arrived after the study was declared complete."""
+    """Instances arrived after the study was declared complete (coalesced: one amendment
+    per quiet round, decided by the same evidence as the completion)."""
 
     new_instance_count: int
     series_uids: tuple[str, ...]
     rerun: bool
+    # added without a version change
+    #: of the new instances, how many replace stored ones whose pixels changed
+    pixels_changed: int = 0
+    #: the pipeline marks its result stale instead of re-running (``on_changed_pixels``)
+    stale: bool = False
+    reason: CompletionReason | None = None
+    instance_count: int | None = None  # the study's instances after this amendment
+    partial: bool = False
+    evidence: tuple[str, ...] = ()
 
 
 class RouteMatched(Event, frozen=True, kw_only=True, tag="ingest.route.matched"):
@@ -212,6 +241,51 @@ class RouteUnmatched(Event, frozen=True, kw_only=True, tag="ingest.route.unmatch
     called_ae: str
     reason: str
     series_uid: str | None = None
+
+
+# ---------------------------------------------------------- ingest: associations (issue 15)
+# Association facts are completion's evidence: every receiver process publishes them, and
+# the completion detector reads them from the log (never a hint inside one process).
+# Released and aborted are published once per study the association carried (so a
+# study's audit shows them); an association that stored nothing gets one without a study.
+
+
+class AssociationOpened(Event, frozen=True, kw_only=True, tag="ingest.association.opened"):
+    """A DICOM association was accepted (PS3.8 A-ASSOCIATE)."""
+
+    association_id: str
+    calling_ae: str
+    called_ae: str
+    source_address: str | None = None  # the peer's IP address
+    receiver: str | None = None  # which receiver process (host:pid)
+
+
+class AssociationReleased(Event, frozen=True, kw_only=True, tag="ingest.association.released"):
+    """The peer released the association normally (A-RELEASE), after it carried
+    ``instance_count`` distinct SOP Instances of ``study_uid`` (stored or duplicates)."""
+
+    association_id: str
+    calling_ae: str
+    called_ae: str
+    instance_count: int
+    #: SHA-256 of the sorted SOP Instance UIDs it carried of this study, one per line
+    sop_instances_sha256: str | None = None
+    association_instance_count: int = 0  # all studies together
+    duration_s: float | None = None
+
+
+class AssociationAborted(Event, frozen=True, kw_only=True, tag="ingest.association.aborted"):
+    """The association ended without a release: A-ABORT from the peer (``requestor``),
+    from us (``acceptor``), or the connection was lost (``network``)."""
+
+    association_id: str
+    calling_ae: str
+    called_ae: str
+    aborted_by: str
+    instance_count: int
+    sop_instances_sha256: str | None = None
+    association_instance_count: int = 0
+    duration_s: float | None = None
 
 
 # --------------------------------------------------------------------------- engine
@@ -324,6 +398,40 @@ class PublishFailed(Event, frozen=True, kw_only=True, tag="engine.result.publish
     status: int | None = None
     sop_instance_uid: str | None = None
     kind: str | None = None  # "SEG" | "SR"
+
+
+# ------------------------------------------------------ engine: superseded results (issue 15)
+
+
+class ResultSuperseded(Event, frozen=True, kw_only=True, tag="engine.result.superseded"):
+    """A re-run of the same study and pipeline replaced this result: read models, metrics
+    and worklists count only the current one."""
+
+    run_key: str  # the earlier result
+    superseded_by: str  # the run key of the current result
+    reason: str
+    partial: bool = False  # the superseded result was from a partial study
+
+
+class ResultMarkedStale(Event, frozen=True, kw_only=True, tag="engine.result.marked_stale"):
+    """Pixels of the study changed under the same SOP Instance UIDs after this result,
+    and the pipeline marks results stale instead of re-running (``on_changed_pixels``)."""
+
+    run_key: str
+    reason: str
+    changed_instances: int
+
+
+class ResultWithdrawn(Event, frozen=True, kw_only=True, tag="engine.result.withdrawn"):
+    """A superseded result was withdrawn where it had been published: from a PACS by an
+    IHE IOCM rejection note (a Key Object Selection Document titled with the rejection
+    reason), from an XNAT case by removing its files."""
+
+    run_key: str  # the superseded result
+    destination: str  # "pacs:AE" or "xnat:URL"
+    rejected_sop_instance_uids: tuple[str, ...]
+    reason_code: str  # e.g. "(113001, DCM, Rejected for Quality Reasons)"
+    rejection_note_uid: str | None = None  # the KOS SOP Instance UID (PACS)
 
 
 class MeasurementRecomputed(
@@ -471,6 +579,9 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     StudyAmended,
     RouteMatched,
     RouteUnmatched,
+    AssociationOpened,
+    AssociationReleased,
+    AssociationAborted,
     PipelineDeployed,
     PipelineStageChanged,
     PipelineRetired,
@@ -482,6 +593,9 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     InferenceFailed,
     ResultPublished,
     PublishFailed,
+    ResultSuperseded,
+    ResultMarkedStale,
+    ResultWithdrawn,
     MeasurementRecomputed,
     QcPassed,
     QcRejected,

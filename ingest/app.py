@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
-from ingest.completion import Release
 from ingest.dicom_scp import ScpConfig, StorageScp
 from ingest.jetstream import CompletionDetector, ThreadPublisher, fold_index
 from ingest.receiver import InstanceReceiver, ReceiverConfig
@@ -32,6 +30,12 @@ class IngestOptions:
     min_free_bytes: int = 1024 * 2**20
     rules_poll_s: float = 1.0
     publish_timeout_s: float = 10.0  # a sender's wait for the log before a failure status
+    #: the completion service's persisted up-time (None: next to ``instances_dir``)
+    uptime_path: Path | None = None
+
+    @property
+    def uptime_file(self) -> Path:
+        return self.uptime_path or self.instances_dir.parent / "completion-uptime.json"
 
 
 @dataclass
@@ -41,7 +45,6 @@ class ScpRunner:
     options: IngestOptions
     secret: bytes
     rules: RulesFile
-    on_release: Callable[[Release], None] | None = None
     port: int | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     receiver: InstanceReceiver | None = None
@@ -61,8 +64,7 @@ class ScpRunner:
                                   max_instance_bytes=self.options.max_instance_bytes),
             index=index,
         )
-        scp = StorageScp(self.options.scp, self.receiver, self.rules, publisher,
-                         self.on_release)
+        scp = StorageScp(self.options.scp, self.receiver, self.rules, publisher)
         self.port = await asyncio.to_thread(scp.start)
         self.started.set()
         try:
@@ -79,7 +81,8 @@ class ScpRunner:
 
 @dataclass
 class IngestApp:
-    """SCP and completion detector together, sharing rules and release hints."""
+    """SCP and completion detector together, sharing the rules. They share nothing else:
+    the detector reads association facts from the log, as it would from other receivers."""
 
     options: IngestOptions
     secret: bytes
@@ -88,14 +91,12 @@ class IngestApp:
 
     def __post_init__(self) -> None:
         self.detector: CompletionDetector | None = None
-        self.scp = ScpRunner(self.options, self.secret, self.rules, on_release=self._hint)
-
-    def _hint(self, release: Release) -> None:
-        if self.detector is not None:
-            self.detector.hint(release)
+        self.scp = ScpRunner(self.options, self.secret, self.rules)
 
     async def run_detector(self, bus: EventBus, stop: asyncio.Event) -> None:
-        self.detector = CompletionDetector(bus, self.rules, durable=self.detector_durable)
+        self.detector = CompletionDetector(
+            bus, self.rules, durable=self.detector_durable,
+            uptime_path=self.options.uptime_file, instances_dir=self.options.instances_dir)
         await self.detector.run(stop)
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:

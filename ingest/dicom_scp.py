@@ -21,8 +21,10 @@ Large instances are received to disk in chunks (pynetdicom's
 about one PDU whatever the instance size.
 
 C-STORE requests go to ``InstanceReceiver.receive`` (the store-and-publish path); its
-named status is the answer. An association's release is passed on as a hint to the
-completion detector, with how many instances it stored.
+named status is the answer. Each accepted association is recorded as events (opened;
+then released or aborted, once per study it carried, with the SOP Instances it carried):
+completion's evidence, read from the log by the completion service
+(``ingest.association_facts``).
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ from typing import Any, cast
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from events.base import utcnow
 from events.catalogue import InstanceRejected
 from events.errors import EventsError
-from ingest.completion import Release
+from ingest.association_facts import AssociationFacts
 from ingest.guard import ConnectionGuard, GuardConfig, RefusalLog
 from ingest.receiver import InstanceReceiver, Publish, Received
 from ingest.rules import RuleSet
@@ -116,15 +117,17 @@ class StorageScp:
     receiver: InstanceReceiver
     rules: Callable[[], RuleSet]
     publish: Publish
-    on_release: Callable[[Release], None] | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _ids: weakref.WeakKeyDictionary[Any, str] = field(
         default_factory=weakref.WeakKeyDictionary, init=False)
-    _counts: dict[str, int] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     guard: ConnectionGuard | None = field(default=None, init=False)
     accepted_syntaxes: tuple[str, ...] = field(default=(), init=False)
     _chunked_before: bool = field(default=False, init=False)
+    facts: AssociationFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.facts = AssociationFacts(self.publish)
 
     def ae_titles(self) -> set[str]:
         return {self.config.general_ae, *self.rules().ae_titles()}
@@ -177,8 +180,11 @@ class StorageScp:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_RECV, self._on_acse_received),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         server = self._ae().start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers,
@@ -331,23 +337,48 @@ class StorageScp:
         except Exception:  # noqa: BLE001 - never let an exception escape into the association
             log.exception("C-STORE handler failed")
             return int(StoreStatus.PROCESSING_FAILURE)
-        if outcome.status.is_success and outcome.stored is not None and assoc_id:
-            with self._lock:
-                self._counts[assoc_id] = self._counts.get(assoc_id, 0) + 1
+        if outcome.status.is_success and assoc_id and outcome.study_uid:
+            self.facts.carried(assoc_id, outcome.study_uid, received.sop_instance_uid or "")
         return int(outcome.status)
+
+    # association facts (events): kept apart from the store path above
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        assoc_id = self._ids.get(assoc)
+        if assoc_id is None:
+            return
+        primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        self.facts.opened(assoc_id, calling_ae=str(assoc.requestor.ae_title).strip(),
+                          called_ae=str(primitive.called_ae_title).strip(),
+                          source_address=str(assoc.requestor.address))
+
+    def _on_acse_received(self, event: evt.Event) -> None:
+        assoc_id = self._ids.get(event.assoc)
+        primitive = getattr(event, "primitive", None)
+        if assoc_id is not None and isinstance(primitive, A_ABORT | A_P_ABORT):
+            # A-ABORT comes from the peer; A-P-ABORT is the connection or the DUL failing
+            self.facts.ending(assoc_id, "requestor" if isinstance(primitive, A_ABORT)
+                              else "network")
 
     def _on_released(self, event: evt.Event) -> None:
         assoc_id = self._ids.get(event.assoc)
-        if assoc_id is None:
-            return
-        with self._lock:
-            stored = self._counts.pop(assoc_id, 0)
-        if stored and self.on_release is not None:
-            self.on_release(Release(assoc_id, stored, utcnow()))
+        if assoc_id is not None:
+            self.facts.ended(assoc_id, None)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        # an aborted association gives no completeness hint: the quiet period decides
         assoc_id = self._ids.get(event.assoc)
         if assoc_id is not None:
-            with self._lock:
-                self._counts.pop(assoc_id, None)
+            # we sent the abort (network or DIMSE timeout, shutdown), or the peer did
+            self.facts.ended(assoc_id, "acceptor" if getattr(event.assoc, "_sent_abort", False)
+                             else None, aborted=True)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        # pynetdicom reports the closed connection before the A-ABORT that came with it:
+        # give the association's own end a moment, then record a lost connection
+        assoc_id = self._ids.get(event.assoc)
+        if assoc_id is not None:
+            timer = threading.Timer(2.0, self.facts.ended, (assoc_id, "network"),
+                                    {"aborted": True})
+            timer.daemon = True
+            timer.start()

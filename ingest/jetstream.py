@@ -6,26 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from events.base import Event, utcnow
 from events.catalogue import InstanceStored
 from events.errors import CodecError, PublishError
 from events.jetstream import Delivery, EventBus
 from events.subjects import PREFIX, type_filter
-from ingest.completion import CompletionTracker, Release
+from ingest.completion import CompletionTracker
 from ingest.receiver import InstanceIndex
 from ingest.rules import RuleSet
+from ingest.uptime import Uptime, UptimeFile
 
 log = logging.getLogger(__name__)
 
 #: every ingest event, across studies: what the completion fold reads at start
 INGEST_EVENTS = f"{PREFIX}.*.ingest.>"
 COMPLETION_INPUTS = tuple(type_filter(t) for t in (
-    "ingest.instance.stored", "ingest.route.matched", "ingest.study.completed",
-    "ingest.study.amended",
+    "ingest.instance.stored", "ingest.instance.duplicated", "ingest.route.matched",
+    "ingest.study.completed", "ingest.study.amended", "ingest.association.released",
+    "ingest.association.aborted",
 ))
 
 
@@ -78,15 +83,32 @@ async def fold_index(bus: EventBus) -> InstanceIndex:
     return index
 
 
+def pixel_data_differ(instances_dir: Path) -> Callable[[str, str], bool]:
+    """Whether two stored versions of one SOP Instance differ in Pixel Data (7FE0,0010):
+    a re-sent instance whose header alone changed needs no re-run. Unreadable files count
+    as changed (re-running is the safe side)."""
+
+    def differ(old_key: str, new_key: str) -> bool:
+        try:
+            old = pydicom.dcmread(instances_dir / old_key, specific_tags=["PixelData"])
+            new = pydicom.dcmread(instances_dir / new_key, specific_tags=["PixelData"])
+        except (OSError, InvalidDicomError, ValueError):
+            return True
+        return bool(old.get("PixelData") != new.get("PixelData"))
+
+    return differ
+
+
 @dataclass
 class CompletionDetector:
-    """Decides when studies are complete; survives restarts by folding the log first.
+    """Decides when studies are complete: one durable consumer of the log.
 
     Start: fold every ingest event up to the current end of the log (state as it was),
     then follow new events through a durable consumer (skipping what the fold saw), and
-    tick: what is due gets published and folded back in. Association-release hints come
-    from the SCP in the same process (``hint``, thread-safe); without them (another
-    process, or after a restart) the quiet period and max wait still complete studies.
+    tick: what is due gets published and folded back in. Its evidence (instances,
+    re-sends, associations released or aborted) comes only from the log, so it does not
+    matter which receiver process, or how many, recorded it. Quiet periods are measured
+    in this service's up-time, persisted in ``uptime_path`` (None: in memory only).
     """
 
     bus: EventBus
@@ -96,15 +118,25 @@ class CompletionDetector:
     #: the consumer collects instances for this long between fetches: completion waits
     #: for a quiet period of seconds anyway, and a fetch per instance slows the SCP
     linger_s: float = 0.2
+    uptime_path: Path | None = None
+    instances_dir: Path | None = None  # to tell a changed Pixel Data from a new header
     tracker: CompletionTracker | None = None
-    _hints: queue.SimpleQueue[Release] = field(default_factory=queue.SimpleQueue, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
-    def hint(self, release: Release) -> None:
-        self._hints.put(release)
+    def __post_init__(self) -> None:
+        self._uptime_file = UptimeFile(self.uptime_path) if self.uptime_path else None
+        self.uptime: Uptime = self._uptime_file.clock if self._uptime_file else Uptime()
 
     async def rebuild(self) -> int:
-        tracker = CompletionTracker(self.rules())
+        now = utcnow()
+        if self._uptime_file is not None:
+            self._uptime_file.start(now)
+        else:
+            self.uptime.start(now)
+        tracker = CompletionTracker(
+            self.rules(), clock=self.uptime,
+            **({"pixels_changed": pixel_data_differ(self.instances_dir)}
+               if self.instances_dir else {}))
         last = await self.bus.last_sequence()
         n = 0
         async for _seq, ev, _msg in self.bus.read(filter_subject=INGEST_EVENTS,
@@ -113,8 +145,8 @@ class CompletionDetector:
                 tracker.observe(ev)
                 n += 1
         self.tracker = tracker
-        log.info("completion state rebuilt from %d ingest events (%d studies pending)",
-                 n, tracker.pending())
+        log.info("completion state rebuilt from %d ingest events (%d studies pending, "
+                 "%.0f s of up-time so far)", n, tracker.pending(), self.uptime.total())
         return last
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -145,15 +177,16 @@ class CompletionDetector:
         tracker = self.tracker
         assert tracker is not None
         tracker.rules = self.rules()
-        while True:
-            try:
-                tracker.release(self._hints.get_nowait())
-            except queue.Empty:
-                break
-        decided = tracker.due(utcnow())
+        now = utcnow()
+        if self._uptime_file is not None:
+            self._uptime_file.advance(now)
+        else:
+            self.uptime.advance(now)
+        decided = tracker.due(now)
         for ev in decided:
             await self.bus.publish(ev)
             tracker.observe(ev)
-            log.info("%s %s for %s (%s)", ev.type_name(), ev.study_uid, ev.pipeline,
-                     getattr(ev, "reason", "amended"))
+            log.info("%s %s for %s (%s%s)", ev.type_name(), ev.study_uid, ev.pipeline,
+                     getattr(ev, "reason", None) or "amended",
+                     ", partial" if getattr(ev, "partial", False) else "")
         return len(decided)

@@ -58,6 +58,7 @@ from ingest.dataset import (
     without_text,
 )
 from ingest.errors import BadInstance
+from ingest.evidence import instance_evidence
 from ingest.rules import RuleSet, route
 from ingest.spool import SpooledDataset, inflate_to_disk
 from ingest.statuses import StoreStatus
@@ -302,6 +303,7 @@ class InstanceReceiver:
             dup = InstanceDuplicated.new(
                 actor=actor, study_uid=f.study_uid, sop_instance_uid=f.sop_instance_uid,
                 sha256=sha, calling_ae=r.calling_ae, called_ae=r.called_ae,
+                association_id=r.association_id,
             )
             self._record(f, [dup])
             return Outcome(StoreStatus.SUCCESS, "duplicate of a stored instance",
@@ -425,6 +427,7 @@ class InstanceReceiver:
             accession_pseudonym=f.accession_pseudonym,
             pixel_spacing_mm=f.pixel_spacing_mm,
             text_encoding_problems=f.text_encoding_problems,
+            **instance_evidence(ds),  # type: ignore[arg-type]
         ))
         return events
 

@@ -76,29 +76,58 @@ class SeriesExpectation:
 
 @dataclass(frozen=True)
 class CompletionPolicy:
-    """How one pipeline decides a study is complete. Every trigger is recorded as the
-    ``reason`` of ``ingest.study.completed``.
+    """How one pipeline decides a study is complete (``ingest.completion`` weighs the
+    evidence; the reason and the evidence go into ``ingest.study.completed``). Every
+    duration is in seconds of the completion service's own up-time, never wall time
+    across a restart.
 
+    - ``release_grace_s``: an association released normally after carrying every
+      instance of the study (at least ``release_min_instances``), with every series'
+      geometry contiguous, or the declared instance counts all present: complete this
+      long after the release -> ``whole_study_released`` / ``declared_counts``.
+    - ``release_min_instances``: a release is whole-study evidence only from this many
+      instances on (a sender that opens one association per image never gives it).
     - ``expected_series``: the manifest; with one, completion (except ``max_wait``)
       waits until every entry has a matching series.
     - ``manifest_quiet_s``: a non-empty manifest is satisfied and no instance came
       for this long -> ``expected_series``.
-    - ``release_grace_s``: every association that sent the study's instances was
-      released, the manifest is satisfied, and this long passed -> ``association_released``.
-    - ``quiet_period_s``: no instance for this long and the manifest is satisfied
+    - ``quiet_period_s``: no instance for this long, the manifest is satisfied and no
+      association that carried the study is open or aborted without a resend
       -> ``quiet_period``.
-    - ``max_wait_s``: since the first instance -> ``max_wait``, manifest or not.
+    - ``max_wait_s``: since the first instance -> ``max_wait``, whatever is missing; the
+      completion is marked ``partial`` when an aborted (or never closed) association,
+      a missing declared instance or a missing manifest entry is why it waited.
     - ``rerun_on_amend``: instances after completion give ``ingest.study.amended`` with
-      ``rerun`` set to this; ``amend_quiet_s`` groups them.
+      ``rerun`` set to this, decided by the same evidence (``amend_quiet_s``, default
+      ``quiet_period_s``, stands in for the quiet period).
+    - ``on_changed_pixels``: a stored instance re-sent with other pixel data after the
+      completion: ``rerun`` (whatever ``rerun_on_amend`` says) or ``stale`` (the result
+      is marked stale and not re-run).
     """
 
     quiet_period_s: float = 10.0
     release_grace_s: float = 0.5
+    release_min_instances: int = 2
     manifest_quiet_s: float = 1.0
     max_wait_s: float = 900.0
     expected_series: tuple[SeriesExpectation, ...] = ()
     rerun_on_amend: bool = True
-    amend_quiet_s: float = 2.0
+    amend_quiet_s: float | None = None
+    on_changed_pixels: str = "rerun"
+
+    @property
+    def amendment_quiet_s(self) -> float:
+        return self.quiet_period_s if self.amend_quiet_s is None else self.amend_quiet_s
+
+
+#: the reference pipelines' defaults, where the rules file says nothing (mercure waits
+#: 60 s per series and 900 s per study; strong evidence makes us faster, weak as patient)
+REFERENCE_POLICIES: dict[str, CompletionPolicy] = {
+    "bts": CompletionPolicy(quiet_period_s=10.0, max_wait_s=900.0),
+    "lts": CompletionPolicy(quiet_period_s=10.0, max_wait_s=900.0),
+    # HFD analyses each radiograph: late ones re-run the study (the new result supersedes)
+    "hfd": CompletionPolicy(quiet_period_s=5.0, max_wait_s=300.0, rerun_on_amend=True),
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +157,9 @@ class RuleSet:
 
     def policy(self, pipeline: str) -> CompletionPolicy:
         route = self.pipelines.get(pipeline)
-        return route.completion if route else CompletionPolicy()
+        if route is None:
+            return REFERENCE_POLICIES.get(pipeline, CompletionPolicy())
+        return route.completion
 
 
 @dataclass(frozen=True)
@@ -194,7 +225,8 @@ def default_rules() -> RuleSet:
     """No rules file: the three reference pipelines' AE titles, nothing routed by tags."""
     return RuleSet(
         rules=(),
-        pipelines={n: PipelineRoute(n, ae) for n, ae in DEFAULT_PIPELINE_AES.items()},
+        pipelines={n: PipelineRoute(n, ae, REFERENCE_POLICIES.get(n, CompletionPolicy()))
+                   for n, ae in DEFAULT_PIPELINE_AES.items()},
     )
 
 
@@ -217,10 +249,11 @@ class _Parser(ConditionParser):
         return value
 
     def completion(self, node: Any, path: str) -> CompletionPolicy:
-        keys = {"quiet_period_s", "release_grace_s", "manifest_quiet_s", "max_wait_s",
-                "expected_series", "rerun_on_amend", "amend_quiet_s"}
+        keys = {"quiet_period_s", "release_grace_s", "release_min_instances",
+                "manifest_quiet_s", "max_wait_s", "expected_series", "rerun_on_amend",
+                "amend_quiet_s", "on_changed_pixels"}
         node = self.mapping(node, path, keys)
-        d = CompletionPolicy()
+        d = REFERENCE_POLICIES.get(path.split(".")[1], CompletionPolicy())
         expected: list[SeriesExpectation] = []
         raw = node.get("expected_series", [])
         if not isinstance(raw, list):
@@ -241,15 +274,23 @@ class _Parser(ConditionParser):
             max_wait_s=self.number(node, "max_wait_s", path, d.max_wait_s),
             expected_series=tuple(expected),
             rerun_on_amend=self.boolean(node, "rerun_on_amend", path, d.rerun_on_amend),
-            amend_quiet_s=self.number(node, "amend_quiet_s", path, d.amend_quiet_s),
+            amend_quiet_s=(self.number(node, "amend_quiet_s", path, 0.0)
+                           if "amend_quiet_s" in node else d.amend_quiet_s),
+            release_min_instances=int(self.number(
+                node, "release_min_instances", path, d.release_min_instances)),
+            on_changed_pixels=node.get("on_changed_pixels", d.on_changed_pixels),
         )
+        if policy.on_changed_pixels not in ("rerun", "stale"):
+            raise self.fail(node, f"{path}.on_changed_pixels", "expected rerun or stale",
+                            "on_changed_pixels")
         if policy.max_wait_s < policy.quiet_period_s:
             raise self.fail(node, f"{path}.max_wait_s", "must not be shorter than "
                             "quiet_period_s", "max_wait_s")
         return policy
 
     def pipelines(self, node: Any) -> dict[str, PipelineRoute]:
-        out = {n: PipelineRoute(n, ae) for n, ae in DEFAULT_PIPELINE_AES.items()}
+        out = {n: PipelineRoute(n, ae, REFERENCE_POLICIES.get(n, CompletionPolicy()))
+               for n, ae in DEFAULT_PIPELINE_AES.items()}
         if node is None:
             return out
         if not isinstance(node, LineMap):
@@ -273,7 +314,8 @@ class _Parser(ConditionParser):
             if ae:
                 seen_aes[ae] = name
             policy = (self.completion(body["completion"], f"{path}.completion")
-                      if "completion" in body else CompletionPolicy())
+                      if "completion" in body
+                      else REFERENCE_POLICIES.get(name, CompletionPolicy()))
             out[name] = PipelineRoute(name, ae, policy)
         return out
 

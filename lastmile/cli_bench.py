@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -53,14 +53,20 @@ def bench_ingest(
     count: Annotated[int, typer.Option(min=10, help="CT instances per run.")] = 200,
     studies: Annotated[int, typer.Option(min=1, help="Studies for completion latency.")] = 20,
     peers: Annotated[bool, typer.Option(help="Also measure dcmtk storescp and Orthanc.")] = True,
+    senders: Annotated[bool, typer.Option(
+        help="Also the completion outcome per sender (split, paused, aborted, crash).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """C-STORE 200 CT instances with dcmtk storescu into our SCP, storescp and Orthanc."""
+    """C-STORE 200 CT instances with dcmtk storescu into our SCP, storescp and Orthanc;
+    then one study sent five ways and what completion made of each."""
+    from bench.completion import run_completion_bench
     from bench.ingest import run_ingest_bench
 
     result = asyncio.run(run_ingest_bench(count=count, studies=studies, peers=peers))
+    outcomes = asyncio.run(run_completion_bench()) if senders else None
     if as_json:
-        print(json.dumps(asdict(result), indent=1))
+        print(json.dumps({**asdict(result),
+                          "senders": asdict(outcomes) if outcomes else None}, indent=1))
         return
     table = Table(title=f"bench ingest: {result.count} CT instances of "
                   f"{result.instance_bytes / 2**20:.2f} MiB, dcmtk storescu, TCP_NODELAY=1")
@@ -77,6 +83,25 @@ def bench_ingest(
     out.print(f"machine: {os.cpu_count()} cores, 1-min load {result.load_average[0]} at start, "
               f"{result.load_average[1]} at end (figures are noisy on a busy machine)")
     for note in result.notes:
+        out.print(f"note: {note}")
+    if outcomes is not None:
+        _print_senders(outcomes)
+
+
+def _print_senders(outcomes: Any) -> None:
+    table = Table(title="completion per sender (one LTS study each; goal: one current "
+                  "result, equal to the single-association one)")
+    for col in ("sender", "instances", "completed", "amended", "results", "superseded",
+                "current", "reason", "partial", "= single", "last instance -> completed s"):
+        table.add_column(col)
+    for o in outcomes.outcomes:
+        table.add_row(o.sender, str(o.instances), str(o.completions), str(o.amendments),
+                      str(o.results), str(o.superseded), str(o.current_results),
+                      o.reason or "-", str(o.partial), str(o.equal_to_single),
+                      "-" if o.last_instance_to_completed_s is None
+                      else f"{o.last_instance_to_completed_s:.2f}")
+    out.print(table)
+    for note in outcomes.notes:
         out.print(f"note: {note}")
 
 

@@ -89,7 +89,8 @@ class CompletionService(Service):
 
 
 def ingest_services(settings: Settings) -> list[Service]:
-    """Both services share one app, so association-release hints reach the detector."""
+    """Both services share one app (and its rules); the detector reads association facts
+    from the log, as it would from receivers in other processes."""
     options = ingest_options(settings)
     try:
         rules = RulesFile.open(options.rules_path)

@@ -130,7 +130,8 @@ class XnatPublisherService(Service):
         # only the bound for a publisher that died mid-way
         try:
             await bus.consume(PUBLISHER_DURABLE, self.publisher.handle,
-                              filter_subjects=[type_filter("engine.inference.completed")],
+                              filter_subjects=[type_filter("engine.inference.completed"),
+                                               type_filter("engine.result.superseded")],
                               max_attempts=config.max_deliveries, ack_wait_s=60.0, stop=stop)
         finally:
             await asyncio.to_thread(self.publisher.connection.close)

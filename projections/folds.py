@@ -15,6 +15,9 @@ from typing import Any
 
 from events.base import Event
 from events.catalogue import (
+    AssociationAborted,
+    AssociationOpened,
+    AssociationReleased,
     CaseAssigned,
     ConnectionRefused,
     DeliveryFailed,
@@ -37,7 +40,10 @@ from events.catalogue import (
     PublishFailed,
     QcPassed,
     QcRejected,
+    ResultMarkedStale,
     ResultPublished,
+    ResultSuperseded,
+    ResultWithdrawn,
     ReviewSubmitted,
     RouteMatched,
     RouteUnmatched,
@@ -110,12 +116,46 @@ def _study(seq: int, ev: StudyCompleted) -> list[Change]:
     return [("study_completions", (
         *_env(seq, ev), str(ev.reason), ev.series_count, ev.instance_count, ev.latency_s,
         _iso(ev.first_instance_at), _iso(ev.last_instance_at), ev.patient_pseudonym,
+    )), ("completion_evidence", (
+        *_env(seq, ev), "completed", str(ev.reason), ev.partial, ev.instance_count, None,
+        None, None, "\n".join(ev.evidence) or None,
     ))]
 
 
 def _amended(seq: int, ev: StudyAmended) -> list[Change]:
     return [("study_amendments", (*_env(seq, ev), ev.new_instance_count,
-                                  len(ev.series_uids), ev.rerun))]
+                                  len(ev.series_uids), ev.rerun)),
+            ("completion_evidence", (*_env(seq, ev), "amended",
+                                     str(ev.reason) if ev.reason else None, ev.partial,
+                                     ev.instance_count, ev.rerun, ev.stale, ev.pixels_changed,
+                                     "\n".join(ev.evidence) or None))]
+
+
+def _association(seq: int, ev: AssociationOpened | AssociationReleased | AssociationAborted,
+                 ) -> list[Change]:
+    kind = {AssociationOpened: "opened", AssociationReleased: "released",
+            AssociationAborted: "aborted"}[type(ev)]
+    return [("associations", (
+        *_env(seq, ev), ev.association_id, kind, ev.calling_ae, ev.called_ae,
+        ev.aborted_by if isinstance(ev, AssociationAborted) else None,
+        None if isinstance(ev, AssociationOpened) else ev.instance_count,
+        None if isinstance(ev, AssociationOpened) else ev.duration_s,
+    ))]
+
+
+def _superseded(seq: int, ev: ResultSuperseded) -> list[Change]:
+    return [("result_changes", (*_env(seq, ev), ev.run_key, "superseded", ev.superseded_by,
+                                ev.reason, ev.partial, None))]
+
+
+def _stale(seq: int, ev: ResultMarkedStale) -> list[Change]:
+    return [("result_changes", (*_env(seq, ev), ev.run_key, "stale", None, ev.reason, None,
+                                None))]
+
+
+def _withdrawn(seq: int, ev: ResultWithdrawn) -> list[Change]:
+    return [("result_changes", (*_env(seq, ev), ev.run_key, "withdrawn", None,
+                                ev.reason_code, None, ev.destination))]
 
 
 def _matched(seq: int, ev: RouteMatched) -> list[Change]:
@@ -263,6 +303,9 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     StudyAmended: _amended,
     RouteMatched: _matched,
     RouteUnmatched: _unmatched,
+    AssociationOpened: _association,
+    AssociationReleased: _association,
+    AssociationAborted: _association,
     PipelineDeployed: _deployed,
     PipelineStageChanged: _staged,
     PipelineRetired: _retired,
@@ -274,6 +317,9 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     InferenceFailed: _failed,
     ResultPublished: _published,
     PublishFailed: _publish_failed,
+    ResultSuperseded: _superseded,
+    ResultMarkedStale: _stale,
+    ResultWithdrawn: _withdrawn,
     MeasurementRecomputed: _recomputed,
     QcPassed: _qc_passed,
     QcRejected: _qc_rejected,

@@ -37,6 +37,7 @@ import duckdb
 import numpy as np
 from numpy.typing import NDArray
 
+from projections.schema import SUPERSEDED_SQL
 from projections.stats import (
     Accuracy,
     BlandAltman,
@@ -437,11 +438,12 @@ class Agreement:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-_CASES_SQL = """
+_CASES_SQL = f"""
     WITH f AS (
         SELECT run_key, label, arg_max(classification, seq) AS ai,
                arg_max(probability, seq) AS p, any_value(study_uid) AS study_uid
         FROM findings WHERE pipeline = $pipeline AND ($label IS NULL OR label = $label)
+              AND run_key NOT IN {SUPERSEDED_SQL}
         GROUP BY run_key, label
     ), c AS (
         SELECT row_number() OVER (ORDER BY run_key, label) - 1 AS case_id, * FROM f
@@ -719,6 +721,7 @@ def longitudinal(con: Con, pipeline: str = "bts", measurement: str = "lesion_vol
             SELECT run_key, any_value(study_uid) AS study_uid, min(occurred_at) AS measured_at,
                    arg_max(value, seq) AS value
             FROM measurements WHERE source = 'ai' AND pipeline = ? AND name = ?
+                  AND run_key NOT IN {SUPERSEDED_SQL}
             GROUP BY run_key
         ), ic AS (
             SELECT run_key, arg_max(patient_pseudonym, seq) AS ic_patient,
@@ -801,10 +804,12 @@ def _numeric(con: Con, feature: str, pipeline: str, start: datetime, end: dateti
              ) -> list[float]:
     if feature == "score":
         sql = ("SELECT score FROM inference WHERE kind = 'completed' AND score IS NOT NULL "
+               f"AND run_key NOT IN {SUPERSEDED_SQL} "
                "AND pipeline = ? AND occurred_at >= ? AND occurred_at < ?")
         params: list[Any] = [pipeline, start, end]
     else:
         sql = ("SELECT value FROM measurements WHERE source = 'ai' AND name = ? "
+               f"AND run_key NOT IN {SUPERSEDED_SQL} "
                "AND pipeline = ? AND occurred_at >= ? AND occurred_at < ?")
         params = [feature.removeprefix("volume:"), pipeline, start, end]
     return [float(v) for (v,) in con.execute(sql, params).fetchall()]

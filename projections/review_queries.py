@@ -3,7 +3,8 @@ patient's prior results (BTS longitudinal).
 
 The pages read DuckDB only through this module. A case is one completed inference run
 (one per ``run_key``); a run superseded by a later completion of the same study and
-pipeline is no longer offered. The authoritative checks at submit time (stale, already
+pipeline (``engine.result.superseded``) is no longer offered; a partial or stale current
+result is listed with that flag. The authoritative checks at submit time (stale, already
 reviewed) are made on the event log by the pages; these queries only decide what to list.
 """
 
@@ -15,15 +16,21 @@ from datetime import datetime
 
 import duckdb
 
+from projections.schema import SUPERSEDED_SQL
+
 Con = duckdb.DuckDBPyConnection
 
-_CURRENT = """
+_CURRENT = f"""
     WITH done AS (
         SELECT run_key, study_uid, pipeline, occurred_at, model_version, study_date,
                patient_pseudonym, seq,
                row_number() OVER (PARTITION BY study_uid, pipeline ORDER BY seq DESC) AS rn
-        FROM inference WHERE kind = 'completed'
-    ), current AS (SELECT * EXCLUDE (rn) FROM done WHERE rn = 1),
+        FROM inference WHERE kind = 'completed' AND run_key NOT IN {SUPERSEDED_SQL}
+    ), current AS (
+        SELECT d.* EXCLUDE (rn), coalesce(r.partial, false) AS partial,
+               coalesce(r.stale, false) AS stale
+        FROM done d LEFT JOIN current_results r USING (run_key) WHERE d.rn = 1
+    ),
     qc_last AS (
         SELECT run_key, arg_max(passed, seq) AS passed FROM qc GROUP BY run_key
     )
@@ -39,6 +46,8 @@ class WorklistRow:
     model_version: str | None
     study_date: str | None
     blinded_label: str | None
+    partial: bool = False  # computed on a study completed at its maximum wait, incomplete
+    stale: bool = False  # pixels changed after the result; the pipeline does not re-run
 
 
 def worklist(con: Con, reader: str, pipelines: Sequence[str] = (),
@@ -47,7 +56,7 @@ def worklist(con: Con, reader: str, pipelines: Sequence[str] = (),
     them, current, released by QC where the pipeline is gated; newest first."""
     rows = con.execute(_CURRENT + """
         SELECT c.run_key, c.study_uid, c.pipeline, c.occurred_at, c.model_version,
-               c.study_date, any_value(a.blinded_label)
+               c.study_date, any_value(a.blinded_label), c.partial, c.stale
         FROM current c
         JOIN assignments a ON a.run_key = c.run_key AND a.reader = $reader
         LEFT JOIN qc_last q ON q.run_key = c.run_key
@@ -70,13 +79,16 @@ class QcRow:
     pipeline: str
     completed_at: datetime
     model_version: str | None
+    partial: bool = False
+    stale: bool = False
 
 
 def qc_queue(con: Con, pipelines: Sequence[str] = ("hfd",), limit: int = 200) -> list[QcRow]:
     """Current results of gated pipelines without a QC decision, oldest first (first in,
     first out, as a QC desk works)."""
     rows = con.execute(_CURRENT + """
-        SELECT c.run_key, c.study_uid, c.pipeline, c.occurred_at, c.model_version
+        SELECT c.run_key, c.study_uid, c.pipeline, c.occurred_at, c.model_version,
+               c.partial, c.stale
         FROM current c LEFT JOIN qc_last q USING (run_key)
         WHERE list_contains($pipelines, c.pipeline) AND q.passed IS NULL
         ORDER BY c.occurred_at, c.run_key LIMIT $limit

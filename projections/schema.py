@@ -233,6 +233,34 @@ TABLES: tuple[Table, ...] = (
         ("reason", S),
         ("original_type", S),
     )),
+    # ------------------------------------------------ completion evidence, one current result
+    Table("associations", "one row per association opened, released or aborted (per study)", (
+        ("association_id", S),
+        ("kind", S),  # opened | released | aborted
+        ("calling_ae", S),
+        ("called_ae", S),
+        ("aborted_by", S),
+        ("instance_count", I32),
+        ("duration_s", F64),
+    )),
+    Table("completion_evidence", "one row per study completed or amended: the evidence", (
+        ("kind", S),  # completed | amended
+        ("reason", S),
+        ("partial", B),
+        ("instance_count", I32),
+        ("rerun", B),
+        ("stale", B),
+        ("pixels_changed", I32),
+        ("evidence", S),  # one line per item
+    )),
+    Table("result_changes", "one row per result superseded, marked stale or withdrawn", (
+        ("run_key", S),
+        ("kind", S),  # superseded | stale | withdrawn
+        ("superseded_by", S),
+        ("reason", S),
+        ("partial", B),
+        ("destination", S),
+    )),
     Table("undecodable", "one row per message in the log that is not a valid event", (
         ("seq", I64),
         ("reason", S),
@@ -246,8 +274,35 @@ CHECKPOINT_DDL = (
     "projection VARCHAR PRIMARY KEY, last_sequence BIGINT NOT NULL, events BIGINT NOT NULL)"
 )
 
+#: run keys a later result replaced: metrics and worklists count only the current result
+SUPERSEDED_SQL = "(SELECT run_key FROM result_changes WHERE kind = 'superseded')"
+
 # Derived views: facts re-read, never stored twice.
 VIEWS: tuple[tuple[str, str], ...] = (
+    (
+        "current_results",
+        f"""
+        WITH done AS (
+            SELECT run_key, study_uid, pipeline, seq, occurred_at,
+                   row_number() OVER (PARTITION BY study_uid, pipeline ORDER BY seq DESC) AS rn
+            FROM inference
+            WHERE kind = 'completed' AND run_key NOT IN {SUPERSEDED_SQL}
+        ), trig AS (
+            SELECT study_uid, pipeline, arg_max(partial, seq) AS partial
+            FROM completion_evidence GROUP BY ALL
+        ), before AS (
+            SELECT study_uid, pipeline, count(*) AS superseded
+            FROM result_changes WHERE kind = 'superseded' GROUP BY ALL
+        )
+        SELECT d.run_key, d.study_uid, d.pipeline, d.occurred_at AS completed_at,
+               coalesce(t.partial, false) AS partial,
+               d.run_key IN (SELECT run_key FROM result_changes WHERE kind = 'stale') AS stale,
+               coalesce(b.superseded, 0) AS superseded_results
+        FROM done d LEFT JOIN trig t USING (study_uid, pipeline)
+        LEFT JOIN before b USING (study_uid, pipeline)
+        WHERE d.rn = 1
+        """,
+    ),
     (
         "study_timeline",
         """

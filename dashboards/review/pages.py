@@ -356,8 +356,10 @@ def worklist_page() -> None:
     if not rows:
         st.info("Nothing to read. New cases appear here when they are assigned to you.")
     for r in rows:
+        flags = "".join((" · PARTIAL study (completed at its maximum wait)" if r.partial
+                         else "", " · STALE (pixels changed since)" if r.stale else ""))
         st.page_link(_case_page(), label=f"{r.pipeline.upper()} · {r.study_date or ''} · "
-                     f"study …{r.study_uid[-12:]} · model {r.model_version or '?'}",
+                     f"study …{r.study_uid[-12:]} · model {r.model_version or '?'}{flags}",
                      query_params={"study": r.study_uid, "run": r.run_key})
     done = _read_model(RQ.reviewed_runs, user.name)
     if done:
@@ -447,6 +449,9 @@ def qc_page() -> None:
     _opened(case.run_key)
     st.markdown(f"**{case.pipeline.upper()}** · study {case.study_uid} · model "
                 f"{case.result.model_version}")
+    if row.partial:
+        st.warning("Partial study: it completed at its maximum wait with instances missing "
+                   "(an aborted association or missing declared instances).")
     draw_result(case, files_of(case, events, cfg))
     a, b = st.columns([1, 2])
     if a.button("Accept", type="primary", key="qc_accept"):

@@ -189,7 +189,8 @@ def test_bench_events_reports_both_paths(env: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_bench_ingest_measures_every_receiver_and_the_floor(env: dict[str, str]) -> None:
     """The benchmark's own checks run too: it fails if a receiver stored fewer files."""
-    result = run(["bench", "ingest", "--count", "20", "--studies", "2", "--json"], env,
+    result = run(["bench", "ingest", "--count", "20", "--studies", "2", "--no-senders",
+                  "--json"], env,
                  timeout=240)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)

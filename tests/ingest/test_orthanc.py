@@ -41,7 +41,7 @@ async def test_orthanc_pushes_a_study_to_a_pipeline_ae(
     (done,) = await wait_for_events(bus, study_uid, "ingest.study.completed", timeout=10)
     assert isinstance(done, StudyCompleted)
     assert (done.pipeline, done.series_count, done.instance_count) == ("lts", 2, 6)
-    assert done.reason is CompletionReason.ASSOCIATION_RELEASED
+    assert done.reason is CompletionReason.WHOLE_STUDY_RELEASED
     # the pixel data that left the PACS is the pixel data on our disk
     sent = {pydicom.dcmread(f).SOPInstanceUID: hashlib.sha256(pydicom.dcmread(f).PixelData)
             .hexdigest() for f in files}

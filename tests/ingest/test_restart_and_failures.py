@@ -15,7 +15,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from bench.ingest import ct_instances
-from events.catalogue import CompletionReason, StudyAmended, StudyCompleted
+from events.catalogue import (
+    AssociationAborted,
+    CompletionReason,
+    StudyAmended,
+    StudyCompleted,
+)
 from events.instance_store import InstanceStore, key_for, legacy_key_for
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
@@ -58,7 +63,7 @@ async def test_late_series_after_a_restart_is_an_amendment_not_a_second_completi
 
 
 def send_then_abort(port: int, path: Path) -> int:
-    """Store one instance and abort: no release hint, only the quiet period can complete."""
+    """Store one instance and abort (A-ABORT from the sender)."""
     ae = AE(ae_title="ABORTER")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="LM_LTS")
@@ -67,18 +72,34 @@ def send_then_abort(port: int, path: Path) -> int:
     return status
 
 
-async def test_a_study_pending_at_shutdown_completes_after_restart(
+HOLD = """
+pipelines:
+  lts: {completion: {quiet_period_s: 1.5, max_wait_s: 4}}
+"""
+
+
+async def test_an_aborted_study_is_held_across_a_restart_and_completes_partial_at_max_wait(
         start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
     (path,) = ct_instances(tmp_path / "one", 1)
     study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-    a = await start_ingest(QUIET)
+    a = await start_ingest(HOLD)
     assert await asyncio.to_thread(send_then_abort, a.port, path) == StoreStatus.SUCCESS
-    await a.shutdown()  # before the 1.5 s quiet period
+    (abort,) = await wait_for_events(bus, study, "ingest.association.aborted")
+    assert isinstance(abort, AssociationAborted)
+    assert (abort.aborted_by, abort.instance_count, abort.calling_ae) == (
+        "requestor", 1, "ABORTER")
+    await asyncio.sleep(2.0)  # past the quiet period: the abort holds the study
+    await a.shutdown()
     assert not [e for _, e in await bus.history(study) if isinstance(e, StudyCompleted)]
-    await start_ingest(QUIET, instances_dir=a.instances_dir)
+    await asyncio.sleep(3.0)  # down: this time is not up-time
+    await start_ingest(HOLD, instances_dir=a.instances_dir)
+    await asyncio.sleep(0.8)  # wall time since the first instance > max wait, up-time not
+    assert not [e for _, e in await bus.history(study) if isinstance(e, StudyCompleted)]
     (done,) = await wait_for_events(bus, study, "ingest.study.completed", timeout=10)
     assert isinstance(done, StudyCompleted)
-    assert done.reason is CompletionReason.QUIET_PERIOD and done.instance_count == 1
+    assert done.reason is CompletionReason.MAX_WAIT and done.instance_count == 1
+    assert done.partial
+    assert any("aborted by the requestor" in e for e in done.evidence)
 
 
 async def test_duplicates_are_recognised_after_a_restart(

@@ -151,7 +151,7 @@ async def test_multi_series_study_completes_with_counts(
     (done,) = await wait_for_events(bus, study, "ingest.study.completed", timeout=10)
     assert isinstance(done, StudyCompleted)
     assert done.pipeline == "lts"
-    assert done.reason is CompletionReason.ASSOCIATION_RELEASED
+    assert done.reason is CompletionReason.WHOLE_STUDY_RELEASED
     assert (done.series_count, done.instance_count) == (3, 12)
     assert sorted(s.instance_count for s in done.series) == [4, 4, 4]
     assert done.latency_s < 2.0  # one association, manifest satisfied: within 2 s
@@ -186,7 +186,7 @@ rules:
     when: {tag: Modality, equals: MR}
   - {id: rest, fallback: true, pipelines: []}
 pipelines:
-  bts: {completion: {quiet_period_s: 30}}
+  bts: {completion: {quiet_period_s: 30, release_min_instances: 1}}
 """)
     mr, ct = get_testdata_file("MR_small.dcm"), get_testdata_file("CT_small.dcm")
     assert (await storescu(r.port, [mr, ct]))[0] == 0
