@@ -68,7 +68,7 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
     assert bad.exit_code == 2 and "unknown role" in bad.output
     # who changed it is recorded (the OS account running the command), not the password
     pw = tmp_path / "dr.a.pw"
-    pw.write_text("pw one two\n")
+    pw.write_text("pw one two three four\n")
     pw.chmod(0o600)
     r = runner.invoke(app, ["users", "add", "dr.b", "--role", "reader", "--as", "dr.a",
                             "--password-file", str(pw), "--password-stdin"], input="pw\n")
@@ -216,6 +216,7 @@ def test_unblinding_key_is_written_from_the_log_with_the_study_salt(
     salt = "the-study-office-salt-1"
     study_file = tmp_path / "blinded.toml"
     study_file.write_text(f'salt = "{salt}"\nsources = ["ai", "expert"]\n')
+    study_file.chmod(0o600)  # it holds the salt: a readable file is refused
     out = tmp_path / "key.json"
     runner = CliRunner()
     app = cli(tmp_path / "state", fresh_server.url)
