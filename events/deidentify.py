@@ -107,6 +107,14 @@ FIELD_ACTIONS: Mapping[str, Action] = {
     "reason": Action.TEXT, "reasons": Action.TEXT, "error": Action.TEXT,
     "detail": Action.TEXT, "runtime_reason": Action.TEXT,
     "series_description": Action.TEXT, "model_card": Action.TEXT,
+    # association facts, completion evidence, superseded results (issue 15)
+    "receiver": Action.REMOVE, "sop_instances_sha256": Action.REMOVE,
+    "superseded_by": Action.ID, "rejection_note_uid": Action.UID,
+    "rejected_sop_instance_uids": Action.UID, "evidence": Action.TEXT,
+    # receiver refusals (issue 14, 18)
+    "first_series_uid": Action.UID, "first_study_uid": Action.UID,
+    # sign-ins, users, redaction (issue 18): the person is a person, the rest is facts
+    "user": Action.PERSON, "event_ids": Action.EVENT_ID,
     # nested structs
     "series": Action.NESTED, "measurements": Action.NESTED, "findings": Action.NESTED,
     # facts without identity
@@ -120,7 +128,13 @@ FIELD_ACTIONS: Mapping[str, Action] = {
         "progression", "final", "kind", "will_retry", "dice", "seconds_on_case",
         "agree", "reads", "confidence", "source", "feature", "psi", "threshold",
         "consumer", "stream_sequence", "deliveries", "original_type", "payload_size",
-        "value", "unit", "label", "classification", "probability", "box")},
+        "value", "unit", "label", "classification", "probability", "box",
+        "aborted_by", "association_instance_count", "change", "changed_instances",
+        "channel", "declared_series_instances", "declared_study_instances", "failures",
+        "images_in_acquisition", "method", "page", "partial", "pixels_changed",
+        "read_models_rebuilt", "reason_code", "refused", "refused_count", "retry_after_s",
+        "roles", "sequences", "sessions", "slice_position_mm", "stale",
+        "text_encoding_problems", "types")},
 }
 
 # a UID (three components or more, e.g. 2.25.<n>) standing alone, "seg-<uid>.dcm" too
