@@ -65,13 +65,19 @@ def outcomes(events: Iterable[Event]) -> dict[str, tuple[int, int, int]]:
 
 
 def sensitivity(events: Iterable[Event], pipeline: str, positive: str) -> tuple[float, int]:
-    """AI sensitivity against the strict-majority reference of the readers' latest reads."""
+    """AI sensitivity against the strict-majority reference of the readers' latest reads,
+    over the current result of each study (its latest completed run: a re-run supersedes)."""
+    events = list(events)
+    current = {(e.study_uid, e.pipeline): e.run_key for e in events
+               if isinstance(e, InferenceCompleted)}
     ai: dict[tuple[str, str], str] = {}
     reads: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for e in events:
         if e.pipeline != pipeline:
             continue
         if isinstance(e, InferenceCompleted):
+            if current[(e.study_uid, e.pipeline)] != e.run_key:
+                continue
             for f in e.findings:
                 ai[(e.run_key, f.label)] = f.classification
         elif isinstance(e, ReviewSubmitted) and e.blinded_label is None:

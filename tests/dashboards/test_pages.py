@@ -182,7 +182,7 @@ def test_audit_deep_link_shows_and_downloads_the_history(known_site: KnownSite, 
     expect(expanders).to_have_count(n)
     expanders.first.locator("summary").click()
     first = next(e for e in known_site.events if e.study_uid == study)
-    expect(page.get_by_text(first.event_id).first).to_be_visible()
+    expect(page.get_by_text(first.event_id).first).to_be_visible(timeout=30_000)
     with page.expect_download() as dl:
         page.locator(".st-key-audit-json button").first.click()
     path = tmp_path / "history.json"
