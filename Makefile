@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo retraining
+PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo retraining sitecheck
 APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
 
 .PHONY: setup system-packages demo up test lint bench screenshots

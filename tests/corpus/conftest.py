@@ -1,0 +1,130 @@
+"""The corpus run: one real ``lastmile up`` and one ``lastmile check`` per called AE over
+the whole corpus; every case's test then reads its own studies from the result.
+
+The corpus is built once into the download cache (``tests/corpus/sources.py``), keyed by
+the builder's own source, so a changed case list builds afresh. ``LASTMILE_CORPUS=full``
+runs the whole corpus instead of the CI sample (``build.SAMPLE`` says what the sample
+cuts). At the end the session prints the table of every case and writes
+``test-artifacts/corpus.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events.nats_server import free_port
+from sitecheck.folder import scan
+from tests.corpus import build, sources
+from tests.drills.procs import LASTMILE, clean_env, lastmile_up
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+ARTIFACT = ROOT / "test-artifacts" / "corpus.json"
+CHECK_TIMEOUT_S = 120  # per study, after its association; the corpus rules wait <= 20 s
+
+
+def full_corpus() -> bool:
+    return os.environ.get("LASTMILE_CORPUS", "") == "full"
+
+
+@dataclass
+class CorpusRun:
+    """What ``check`` said about each study, by case, and where the results are."""
+
+    root: Path
+    results_dir: Path
+    by_case: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # per AE
+    seconds: float = 0.0
+    verdicts: dict[str, str] = field(default_factory=dict)  # case -> PASS / FAIL: why
+
+
+RUN: list[CorpusRun] = []
+
+
+def corpus_root() -> Path:
+    key = hashlib.sha256(Path(build.__file__).read_bytes()).hexdigest()[:12]
+    return sources.cache_dir() / f"corpus-{'full' if full_corpus() else 'sample'}-{key}"
+
+
+def _deploy(env: dict[str, str]) -> None:
+    for name in ("bts", "lts", "hfd"):
+        subprocess.run([*LASTMILE, "pipelines", "deploy", str(ROOT / "engine" / "pipelines" /
+                                                             f"{name}.yaml"),
+                        "--stage", "validation", "--who", "corpus-test",
+                        "--why", "the corpus test runs every pipeline on every routed study"],
+                       env=env, check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
+    root = corpus_root()
+    cases = build.build(root, full_corpus())
+    state = tmp_path_factory.mktemp("corpus-state")
+    dicom_port = free_port()
+    env = clean_env(state_dir=str(state), nats_port=str(free_port()),
+                    dicom_port=str(dicom_port), nats_sync="2m",
+                    services='["ingest", "engine"]', routing_rules=str(HERE / "rules.yaml"))
+    _deploy(env)
+    run = CorpusRun(root, state / "results")
+    t0 = time.perf_counter()
+    with lastmile_up(env, state / "up.log", wait_port=dicom_port):
+        # one check per called AE, side by side (one association per study each), as
+        # several modalities send at once; the one engine worker takes them in turn
+        procs = {ae: subprocess.Popen(
+            [*LASTMILE, "check", str(root / ae), "--ae", ae, "--json",
+             "--timeout", str(CHECK_TIMEOUT_S)], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+            for ae in sorted({c.ae for c in cases})}
+        outputs = {ae: p.communicate(timeout=1200) for ae, p in procs.items()}
+    run.seconds = time.perf_counter() - t0
+    studies: dict[str, dict[str, Any]] = {}
+    for ae, (stdout, stderr) in outputs.items():
+        if procs[ae].returncode not in (0, 1):
+            raise RuntimeError(f"lastmile check {ae} exited {procs[ae].returncode}:\n"
+                               f"{stderr[-3000:]}")
+        report = json.loads(stdout)
+        run.summaries[ae] = report["summary"]
+        studies.update({s["study_uid"]: s for s in report["studies"]})
+    for case in cases:
+        uids = scan(root / case.ae / case.folder).studies
+        run.by_case[case.name] = [studies[u] for u in uids if u in studies]
+    RUN.append(run)
+    yield run
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    if not RUN:
+        return
+    run = RUN[0]
+    tr = terminalreporter
+    tr.section(f"corpus ({'full' if full_corpus() else 'sample'}): "
+               f"{sum(len(v) for v in run.by_case.values())} studies in {run.seconds:.0f} s "
+               f"(test-artifacts/corpus.json)")
+    for name, studies in run.by_case.items():
+        results = []
+        for s in studies:
+            if s["pipelines"]:
+                results += [f"{p['pipeline']}: {p['result']}"
+                            + (f" ({p['reason'][:110]})" if p["reason"] else "")
+                            for p in s["pipelines"]]
+            else:
+                results.append(f"{s['result']}" + (f" ({(s['reason'] or '')[:110]})"))
+        tr.write_line(f"{run.verdicts.get(name, '?'):5} {name}: {'; '.join(results)}")
+    for ae, summary in run.summaries.items():
+        tr.write_line(f"{ae}: {json.dumps(summary)}")
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    ARTIFACT.write_text(json.dumps({"seconds": round(run.seconds, 1),
+                                    "summaries": run.summaries, "verdicts": run.verdicts,
+                                    "cases": run.by_case}, indent=1) + "\n")
