@@ -103,9 +103,17 @@ def _pipeline_dict(p: PipelineOutcome, sent: StudySent, timed_out: bool) -> dict
 
 
 def settle(sent: StudySent, outcome: StudyOutcome) -> StudyOutcome:
-    """A study that never reached the log (association refused, no context, every file
-    answered with a failure) is refused by the receiver, with the sender's reasons."""
+    """A study that never reached the log is refused by the receiver, with the sender's
+    reasons (association refused, no context, failure statuses), or crashed at the
+    receiver when it ended the association without answering a C-STORE: no status and
+    no event, the one ending a sender cannot act on."""
     if outcome.pipelines or outcome.result.final or any(f.accepted for f in sent.files):
+        return outcome
+    unanswered = [f for f in sent.files if f.category == "Failure" and f.status is None]
+    if unanswered and not outcome.rejected:
+        outcome.result = Result.CRASHED
+        outcome.reason = (f"the receiver ended the association without answering "
+                          f"{len(unanswered)} C-STORE request(s) and recorded no event")
         return outcome
     reasons = sorted({f.note or f.status_name for f in sent.files})
     outcome.result = Result.REFUSED

@@ -122,8 +122,8 @@ class StudyOutcome:
 
     @property
     def crashed(self) -> bool:
-        return bool(self.dead_letters) or any(p.result is Result.CRASHED
-                                              for p in self.pipelines)
+        return (bool(self.dead_letters) or self.result is Result.CRASHED
+                or any(p.result is Result.CRASHED for p in self.pipelines))
 
     @property
     def retried_runs(self) -> int:

@@ -44,6 +44,7 @@ VALID = frozenset({"valid"})
 REFUSED = frozenset({"refused"})
 VALID_OR_REFUSED = frozenset({"valid", "refused"})
 NOT_ROUTED = frozenset({"no pipeline", "refused"})  # refused: at the receiver, named
+NOT_SENT = frozenset({"not sent"})  # not a DICOM instance: check skips it, with the reason
 
 #: what the CI sample leaves out or cuts (README says so)
 SAMPLE = {
@@ -66,6 +67,8 @@ class Case:
     full_only: bool = False
     #: 16-bit variants: the findings must equal the control's
     same_findings_as: str | None = None
+    #: a refusal must name this (lower case), e.g. "colour"
+    reason_contains: str | None = None
 
     @property
     def folder(self) -> str:
@@ -275,15 +278,20 @@ def _real_cases(full: bool) -> list[Case]:
              _copy([nib / "0.dcm", nib / "1.dcm", nib / "siemens_dwi_0.dcm",
                     nib / "siemens_dwi_1000.dcm"])),
     ]
-    for name in ("csa_slice_norm", "slicethickness_empty_string", "philips_mprage",
-                 "decimal_rescale"):
+    for name in ("csa_slice_norm", "slicethickness_empty_string", "philips_mprage"):
         cases.append(Case(f"nibabel {name}", "LM_BTS", "nibabel", "real", REFUSED,
                           _copy([nib / f"{name}.dcm"])))
+    # no SOP Class UID: no C-STORE can name it; check says so and sends nothing
+    cases.append(Case("nibabel decimal_rescale", "LM_BTS", "nibabel", "real", NOT_SENT,
+                      _copy([nib / "decimal_rescale.dcm"])))
     for name in ("emri_small", "emri_small_RLE", "emri_small_big_endian",
-                 "emri_small_jpeg_2k_lossless", "emri_small_jpeg_ls_lossless",
-                 "emri_small_jpeg_2k_lossless_too_short"):
+                 "emri_small_jpeg_2k_lossless", "emri_small_jpeg_ls_lossless"):
         cases.append(Case(f"pydicom-data {name}", "LM_BTS", "pydicom-data", "real", REFUSED,
                           _copy([pdd / f"{name}.dcm"], remap=name)))
+    # truncated pixel data: sent as shipped (the only case left with the original UIDs)
+    cases.append(Case("pydicom-data emri_small_jpeg_2k_lossless_too_short", "LM_BTS",
+                      "pydicom-data", "real", REFUSED,
+                      _copy([pdd / "emri_small_jpeg_2k_lossless_too_short.dcm"])))
     for name in ("693_UNCI", "693_UNCR", "693_J2KR", "bad_sequence", "explicit_VR-UN",
                  "eCT_Supplemental"):
         cases.append(Case(f"pydicom-data {name}", "LM_LTS", "pydicom-data", "real", REFUSED,
@@ -367,7 +375,7 @@ def _variant_cases() -> list[Case]:
         Case("phantom HFD 16-bit DX", "LM_HFD", "phantom", "intensity", VALID_OR_REFUSED,
              _phantom_case("hfd", 103, _sixteen_bit_dx_dx), same_findings_as="phantom HFD control"),
         Case("phantom HFD colour", "LM_HFD", "phantom", "contract", REFUSED,
-             _phantom_case("hfd", 110, _colour)),
+             _phantom_case("hfd", 110, _colour), reason_contains="colour"),
         # 6. identity
         Case("phantom HFD duplicate SOP UID in another series", "LM_HFD", "phantom",
              "identity", VALID_OR_REFUSED,

@@ -30,7 +30,7 @@ from tests.drills.procs import LASTMILE, clean_env, lastmile_up
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 ARTIFACT = ROOT / "test-artifacts" / "corpus.json"
-CHECK_TIMEOUT_S = 120  # per study, after its association; the corpus rules wait <= 20 s
+CHECK_TIMEOUT_S = 240  # per study, after its association; the corpus rules wait <= 20 s
 
 
 def full_corpus() -> bool:
@@ -97,8 +97,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
         run.summaries[ae] = report["summary"]
         studies.update({s["study_uid"]: s for s in report["studies"]})
     for case in cases:
-        uids = scan(root / case.ae / case.folder).studies
-        run.by_case[case.name] = [studies[u] for u in uids if u in studies]
+        found = scan(root / case.ae / case.folder)
+        run.by_case[case.name] = [studies[u] for u in found.studies if u in studies]
+        if not found.studies:  # nothing check could send: its reasons, as a study would
+            run.by_case[case.name] = [{
+                "study_uid": case.folder, "result": "not sent", "pipelines": [],
+                "reason": "; ".join(sorted({s.reason for s in found.skipped})),
+                "timed_out": False, "crashed": False, "retried_runs": 0, "dead_letters": []}]
     RUN.append(run)
     yield run
 
