@@ -12,18 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lastmile.settings import Settings
+from lastmile.cli_common import EXIT_FAILED, err, out, settings_of
 
 if TYPE_CHECKING:
     from sitecheck.check import CheckReport, StudyReport
 
-out = Console()
-err = Console(stderr=True)
-
-EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -115,7 +110,7 @@ def check_command(
     from sitecheck.folder import scan
     from sitecheck.sender import Peer
 
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     found = scan(folder)
     if not found.studies:
         err.print(f"no DICOM instances under {folder} ({len(found.skipped)} other files)")

@@ -36,7 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from engine import phantoms
+from demo import phantoms
 from tests.corpus import sources
 
 GENERAL = "LASTMILE"
