@@ -72,7 +72,8 @@ def print_report(report: CheckReport) -> None:
     out.print(table)
     s = report.summary()
     results = ", ".join(f"{n} {r}" for r, n in sorted(s["results"].items()))
-    out.print(f"{s['studies']} studies, {s['files']} files ({s['skipped_files']} skipped: not "
+    studies = f"{s['studies']} stud{'y' if s['studies'] == 1 else 'ies'}"
+    out.print(f"{studies}, {s['files']} files ({s['skipped_files']} skipped: not "
               f"DICOM instances) in {s['seconds']} s: {results}; {s['retried_runs']} retried "
               f"run(s), {s['crashed']} crashed, {s['timed_out']} timed out")
     for reason, n in sorted(s["refusals"].items(), key=lambda kv: -kv[1]):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,8 @@ class CorpusRun:
     results_dir: Path
     by_case: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # per AE
+    exit_codes: dict[str, int] = field(default_factory=dict)  # per AE
+    resend_output: str = ""  # `check` (table form) re-sending a study already done
     seconds: float = 0.0
     verdicts: dict[str, str] = field(default_factory=dict)  # case -> PASS / FAIL: why
 
@@ -67,10 +71,19 @@ def _deploy(env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
+def corpus() -> Iterator[CorpusRun]:
     root = corpus_root()
     cases = build.build(root, full_corpus())
-    state = tmp_path_factory.mktemp("corpus-state")
+    # not pytest's numbered temp dirs: a concurrent pytest session on this machine may
+    # prune those while this run's server still writes there
+    state = Path(tempfile.mkdtemp(prefix="lastmile-corpus-"))
+    try:
+        yield _run(root, cases, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _run(root: Path, cases: list[build.Case], state: Path) -> CorpusRun:
     dicom_port = free_port()
     env = clean_env(state_dir=str(state), nats_port=str(free_port()),
                     dicom_port=str(dicom_port), nats_sync="2m",
@@ -87,14 +100,24 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
             stderr=subprocess.PIPE, text=True)
             for ae in sorted({c.ae for c in cases})}
         outputs = {ae: p.communicate(timeout=1200) for ae, p in procs.items()}
+        control = next(c for c in cases if c.name == "phantom HFD control")
+        resend = subprocess.run([*LASTMILE, "check", str(root / control.ae / control.folder),
+                                 "--ae", control.ae, "--timeout", "60"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        run.resend_output = f"exit {resend.returncode}\n{resend.stdout}"
     run.seconds = time.perf_counter() - t0
     studies: dict[str, dict[str, Any]] = {}
     for ae, (stdout, stderr) in outputs.items():
         if procs[ae].returncode not in (0, 1):
             raise RuntimeError(f"lastmile check {ae} exited {procs[ae].returncode}:\n"
                                f"{stderr[-3000:]}")
-        report = json.loads(stdout)
+        try:
+            report = json.loads(stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"lastmile check {ae} exited {procs[ae].returncode} without "
+                               f"its report:\n{stderr[-3000:]}") from None
         run.summaries[ae] = report["summary"]
+        run.exit_codes[ae] = procs[ae].returncode
         studies.update({s["study_uid"]: s for s in report["studies"]})
     for case in cases:
         found = scan(root / case.ae / case.folder)
@@ -105,7 +128,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
                 "reason": "; ".join(sorted({s.reason for s in found.skipped})),
                 "timed_out": False, "crashed": False, "retried_runs": 0, "dead_letters": []}]
     RUN.append(run)
-    yield run
+    return run
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,

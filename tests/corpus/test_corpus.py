@@ -101,8 +101,10 @@ def problems(case: build.Case, run: CorpusRun) -> list[str]:
 def _params() -> list[ParameterSet]:
     out = []
     for case in build.cases(full_corpus()):
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN[case.name])] \
-            if case.name in KNOWN else []
+        # raises=AssertionError: a corpus run that breaks (a fixture error) is an error,
+        # never an expected failure
+        marks = [pytest.mark.xfail(strict=True, raises=AssertionError,
+                                   reason=KNOWN[case.name])] if case.name in KNOWN else []
         out.append(pytest.param(case, id=case.name, marks=marks))
     return out
 
@@ -112,3 +114,20 @@ def test_case_ends_valid_or_refused(case: build.Case, corpus: CorpusRun) -> None
     found = problems(case, corpus)
     corpus.verdicts[case.name] = "FAIL" if found else "PASS"
     assert not found, f"{case.name} ({case.kind}, sent to {case.ae}):\n  " + "\n  ".join(found)
+
+
+def test_check_exits_1_exactly_when_a_study_crashed_or_timed_out(corpus: CorpusRun) -> None:
+    assert corpus.exit_codes, "no check ran"
+    for ae, summary in corpus.summaries.items():
+        bad = summary["crashed"] + summary["timed_out"]
+        assert corpus.exit_codes[ae] == (1 if bad else 0), (ae, summary)
+
+
+def test_check_resending_a_finished_study_reports_its_result_as_a_table(
+        corpus: CorpusRun) -> None:
+    """A site re-running check on studies already sent: the instances are duplicates, the
+    outcome is the one already in the log, at once."""
+    text = corpus.resend_output
+    assert text.startswith("exit 0"), text
+    assert "1 study," in text and "1 valid" in text and "0 crashed, 0 timed out" in text
+
