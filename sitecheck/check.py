@@ -10,6 +10,7 @@ the log one small read per pending study and poll.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,11 +168,13 @@ class CheckReport:
         }
 
 
+_UID = re.compile(r"\b\d+(?:\.\d+){2,}\b")
+
+
 def _reason_kind(reason: str | None, limit: int = 90) -> str:
     """A refusal reason without the UIDs and paths that make each one unique."""
     text = (reason or "no reason given").split(" (")[0]
-    words = [w for w in text.split() if not (w.count(".") >= 3 and any(c.isdigit() for c in w))]
-    text = " ".join(words)
+    text = _UID.sub("<uid>", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -131,6 +131,21 @@ def _run(root: Path, cases: list[build.Case], state: Path) -> CorpusRun:
     return run
 
 
+def totals(run: CorpusRun) -> dict[str, Any]:
+    """The README's corpus row: check's summaries added up over the called AEs."""
+    out: dict[str, Any] = {"studies": 0, "files": 0, "skipped_files": 0, "results": {},
+                           "refusals": {}, "retried_runs": 0, "crashed": 0, "timed_out": 0}
+    for summary in run.summaries.values():
+        for key in ("studies", "files", "skipped_files", "retried_runs", "crashed",
+                    "timed_out"):
+            out[key] += summary[key]
+        for key in ("results", "refusals"):
+            for name, n in summary[key].items():
+                out[key][name] = out[key].get(name, 0) + n
+    out["seconds"] = round(run.seconds, 1)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
     if not RUN:
@@ -152,7 +167,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
         tr.write_line(f"{run.verdicts.get(name, '?'):5} {name}: {'; '.join(results)}")
     for ae, summary in run.summaries.items():
         tr.write_line(f"{ae}: {json.dumps(summary)}")
+    total = totals(run)
+    tr.write_line(f"all: {json.dumps(total)}")
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    ARTIFACT.write_text(json.dumps({"seconds": round(run.seconds, 1),
+    ARTIFACT.write_text(json.dumps({"seconds": round(run.seconds, 1), "totals": total,
                                     "summaries": run.summaries, "verdicts": run.verdicts,
                                     "cases": run.by_case}, indent=1) + "\n")

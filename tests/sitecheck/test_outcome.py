@@ -194,3 +194,25 @@ def test_contexts_propose_each_files_own_syntax_then_the_uncompressed_pair() -> 
     pair = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     assert contexts == [(MRImageStorage, [JPEGLosslessSV1]), (MRImageStorage, pair),
                         (CTImageStorage, [ExplicitVRBigEndian]), (CTImageStorage, pair)]
+
+
+def test_the_summary_counts_results_and_groups_refusals_without_their_uids() -> None:
+    from sitecheck.check import CheckReport, StudyReport
+
+    def refused(uid: str) -> StudyReport:
+        out = fold(uid, history(stored("1"), completed(), engine(
+            InferenceFailed, f"k{uid}", 6.0, operator="load_images",
+            error=f"PixelDataError: instance {uid}.7: cannot be decoded", attempt=1,
+            final=True)))
+        return StudyReport(StudySent(uid, "LM_HFD", T0, T0), out)
+
+    valid = StudyReport(StudySent(STUDY, "LM_HFD", T0, T0),
+                        fold(STUDY, history(stored("1"), completed(), done("k", 7.0))))
+    pending = StudyReport(StudySent("9.9.9", "LM_HFD", T0, T0),
+                          fold("9.9.9", history(stored("1"), completed())), timed_out=True)
+    report = CheckReport([refused("1.2.3.5"), refused("1.2.3.6"), valid, pending])
+    summary = report.summary()
+    assert summary["results"] == {"refused": 2, "valid": 1, "timed out": 1}
+    assert summary["refusals"] == {
+        "load_images: PixelDataError: instance <uid>: cannot be decoded": 2}
+    assert (summary["crashed"], summary["timed_out"]) == (0, 1) and not report.ok
