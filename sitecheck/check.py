@@ -110,6 +110,10 @@ def settle(sent: StudySent, outcome: StudyOutcome) -> StudyOutcome:
     no event, the one ending a sender cannot act on."""
     if outcome.pipelines or outcome.result.final or any(f.accepted for f in sent.files):
         return outcome
+    if sent.files and all(f.category == "Unreadable" for f in sent.files):
+        outcome.result = Result.NOT_SENT
+        outcome.reason = "; ".join(sorted({f.note or "" for f in sent.files}))
+        return outcome
     unanswered = [f for f in sent.files if f.category == "Failure" and f.status is None]
     if unanswered and not outcome.rejected:
         outcome.result = Result.CRASHED

@@ -53,6 +53,7 @@ class Result(StrEnum):
     REFUSED = "refused"
     SUPERSEDED = "superseded"
     NO_PIPELINE = "no pipeline"
+    NOT_SENT = "not sent"  # no file of the study could be read whole, here
     CRASHED = "crashed"
     PENDING = "pending"
     TIMED_OUT = "timed out"

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
@@ -52,7 +53,7 @@ class FileSent:
     path: str
     sop_instance_uid: str
     status: int | None  # None: not sent (see ``note``)
-    category: str  # Success | Warning | Failure | Not sent
+    category: str  # Success | Warning | Failure | Not sent | Unreadable (here, not sent)
     status_name: str
     sent_syntax: str | None = None
     note: str | None = None  # e.g. "decompressed from JPEG Lossless ..."
@@ -107,8 +108,13 @@ def requested_contexts(files: Sequence[DicomFile]) -> list[tuple[UID, list[UID]]
     return contexts
 
 
+#: a file whose header reads but which cannot be read whole here: nothing to send
+UNREADABLE = "the file cannot be read whole"
+
+
 def _not_sent(f: DicomFile, why: str) -> FileSent:
-    return FileSent(str(f.path), f.sop_instance_uid, None, "Not sent", "not sent", note=why)
+    category = "Unreadable" if why.startswith(UNREADABLE) else "Not sent"
+    return FileSent(str(f.path), f.sop_instance_uid, None, category, "not sent", note=why)
 
 
 def _prepare(f: DicomFile, accepted: dict[UID, list[UID]]) -> tuple[Dataset | None, str | None]:
@@ -117,7 +123,13 @@ def _prepare(f: DicomFile, accepted: dict[UID, list[UID]]) -> tuple[Dataset | No
     if not syntaxes:
         return None, (f"the receiver accepted no presentation context for "
                       f"{f.sop_class_uid.name}")
-    ds = pydicom.dcmread(f.path, force=True)
+    try:
+        ds = pydicom.dcmread(f.path, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        return None, f"{UNREADABLE} ({type(exc).__name__})"
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        # its header reads, the whole file does not: pixel data cut short
+        return None, f"{UNREADABLE}: it ends before its data does (truncated)"
     if not ds.file_meta or "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta = ds.file_meta or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = f.transfer_syntax

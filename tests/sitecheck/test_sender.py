@@ -113,3 +113,14 @@ def test_an_unreachable_receiver_is_recorded_for_every_file(folder: Path) -> Non
     assert sent.association == "failed"
     assert all(f.category == "Not sent" and "no association" in (f.note or "")
                for f in sent.files)
+
+
+def test_a_truncated_file_is_not_sent_and_says_why(tmp_path: Path) -> None:
+    shutil.copyfile(sources.pydicom_data_files() / "emri_small_jpeg_2k_lossless_too_short.dcm",
+                    tmp_path / "short.dcm")
+    files = next(iter(scan(tmp_path).studies.values()))  # its header reads
+    with Scp([ExplicitVRLittleEndian]) as scp:
+        sent = send_study(files, Peer("127.0.0.1", scp.port, "PACS", "LM_CHECK"))
+    (f,) = sent.files
+    assert f.category == "Unreadable" and "truncated" in (f.note or "")
+    assert scp.received == [] and sent.association == "released"
