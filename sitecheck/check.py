@@ -67,6 +67,7 @@ class StudyReport:
             "rejected": dict(o.rejected),
             "unrouted": sorted(set(o.unrouted)),
             "dead_letters": o.dead_letters,
+            "replaced_across_series": o.replaced_across_series,
             "result": None if o.pipelines else self.results()[0].value,
             "reason": o.reason,
             "pipelines": [_pipeline_dict(p, self.sent, self.timed_out) for p in o.pipelines],

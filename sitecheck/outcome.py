@@ -112,6 +112,9 @@ class StudyOutcome:
     unrouted: list[str] = field(default_factory=list)  # routing reasons (general AE)
     pipelines: list[PipelineOutcome] = field(default_factory=list)
     dead_letters: list[str] = field(default_factory=list)
+    #: instances stored as a new version of a SOP Instance UID first seen in another
+    #: series: one UID is one object (PS3.3 C.12.1.1.1), so that replaced another object
+    replaced_across_series: int = 0
     result: Result = Result.PENDING  # the study's own, when no pipeline is involved
     reason: str | None = None
 
@@ -175,7 +178,7 @@ def fold(study_uid: str, history: Sequence[tuple[int, Event]]) -> StudyOutcome:
     expected: dict[str, PipelineOutcome] = {}
     runs: dict[str, Run] = {}
     run_pipeline: dict[str, str] = {}
-    seen_sops: set[str] = set()
+    seen_sops: dict[str, str] = {}  # SOP Instance UID -> the series it was first stored in
 
     def pipeline(name: str) -> PipelineOutcome:
         if name not in expected:
@@ -184,7 +187,9 @@ def fold(study_uid: str, history: Sequence[tuple[int, Event]]) -> StudyOutcome:
 
     for seq, ev in history:
         if isinstance(ev, InstanceStored):
-            seen_sops.add(ev.sop_instance_uid)
+            first = seen_sops.setdefault(ev.sop_instance_uid, ev.series_uid)
+            if first != ev.series_uid:
+                out.replaced_across_series += 1
             if ev.pipeline:
                 pipeline(ev.pipeline)
         elif isinstance(ev, InstanceDuplicated):

@@ -48,6 +48,9 @@ KNOWN: dict[str, str] = {
                              "Ultrasound Image Storage context is accepted, then pynetdicom "
                              "finds no service class and the C-STORE gets no answer, no event",
     "pydicom-data color-px": "receiver (issue 14 #6, association quirks): as color-pl",
+    "phantom HFD duplicate SOP UID in another series": "receiver (issue 14 #6, identity): "
+        "the instance of the second series is stored as version 2 of the first series' "
+        "object, silently replacing it",
 }
 
 
@@ -69,6 +72,9 @@ def problems(case: build.Case, run: CorpusRun) -> list[str]:
             found.append(f"…{uid}: timed out")
         if s["crashed"]:
             found.append(f"…{uid}: crashed ({'; '.join(s['dead_letters'])[:300]})")
+        if s.get("replaced_across_series"):
+            found.append(f"…{uid}: {s['replaced_across_series']} instance(s) stored over an "
+                         f"object of another series with the same SOP Instance UID")
         if s["retried_runs"]:
             found.append(f"…{uid}: {s['retried_runs']} run(s) started more than once")
         rows = s["pipelines"] or [{"pipeline": None, "result": s["result"],

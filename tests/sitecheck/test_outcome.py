@@ -216,3 +216,13 @@ def test_the_summary_counts_results_and_groups_refusals_without_their_uids() -> 
     assert summary["refusals"] == {
         "load_images: PixelDataError: instance <uid>: cannot be decoded": 2}
     assert (summary["crashed"], summary["timed_out"]) == (0, 1) and not report.ok
+
+
+def test_the_same_sop_uid_stored_in_another_series_counts_as_a_replacement() -> None:
+    other = InstanceStored.new(
+        actor="scp:LM_BTS", study_uid=STUDY, pipeline="bts", sop_instance_uid="1",
+        sop_class_uid=str(MRImageStorage), series_uid="1.2.3.4.2", version=2,
+        transfer_syntax_uid=str(ExplicitVRLittleEndian), sha256="1" * 64, size_bytes=10,
+        store_key="cd/1", calling_ae="MOD", called_ae="LM_BTS")
+    assert fold(STUDY, history(stored("1"), stored("1"))).replaced_across_series == 0
+    assert fold(STUDY, history(stored("1"), other)).replaced_across_series == 1
