@@ -57,8 +57,14 @@ RUN: list[CorpusRun] = []
 
 
 def corpus_root() -> Path:
+    """The built corpus for this builder; builds of an older builder are removed."""
     key = hashlib.sha256(Path(build.__file__).read_bytes()).hexdigest()[:12]
-    return sources.cache_dir() / f"corpus-{'full' if full_corpus() else 'sample'}-{key}"
+    mode = "full" if full_corpus() else "sample"
+    root = sources.cache_dir() / f"corpus-{mode}-{key}"
+    for old in sources.cache_dir().glob(f"corpus-{mode}-*"):
+        if old != root:
+            shutil.rmtree(old, ignore_errors=True)
+    return root
 
 
 def _deploy(env: dict[str, str]) -> None:
