@@ -21,16 +21,11 @@ from tests.corpus.conftest import CorpusRun, full_corpus
 # the first case builds the corpus and runs it (the session fixture), the others read it
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.corpus, pytest.mark.timeout(1500)]
 
-RECEIVER_DECODERS = ("receiver (issue 14 #1, transfer syntaxes): stored with Success, then "
-                     "refused in loading: no decoder for this syntax is installed")
 ENGINE_RETRY = ("engine (issue 14 #2, error taxonomy): an input problem in write_seg raises, "
                 "the run is retried three times")
 
 #: case -> why it fails today (the kind of issue 14, and who fixes it)
 KNOWN: dict[str, str] = {
-    "real CR pelvis JPEG lossless SV1": RECEIVER_DECODERS,
-    "real CR pelvis JPEG extended lossy": RECEIVER_DECODERS,
-    "phantom CT JPEG lossless": RECEIVER_DECODERS,
     "phantom BTS no SliceThickness": ENGINE_RETRY + " (SliceThickness absent)",
     "phantom BTS empty SliceThickness": "engine (issue 14 #3): the SEG written over an empty "
                                         "SliceThickness is not dciodvfy-clean",
@@ -50,9 +45,6 @@ KNOWN: dict[str, str] = {
                              "Ultrasound Image Storage context is accepted, then pynetdicom "
                              "finds no service class and the C-STORE gets no answer, no event",
     "pydicom-data color-px": "receiver (issue 14 #6, association quirks): as color-pl",
-    "phantom HFD duplicate SOP UID in another series": "receiver (issue 14 #6, identity): "
-        "the instance of the second series is stored as version 2 of the first series' "
-        "object, silently replacing it",
 }
 
 
