@@ -71,7 +71,8 @@ def _deploy(env: dict[str, str]) -> None:
     for name in ("bts", "lts", "hfd"):
         subprocess.run([*LASTMILE, "pipelines", "deploy", str(ROOT / "engine" / "pipelines" /
                                                              f"{name}.yaml"),
-                        "--stage", "validation", "--why", "the corpus test runs every pipeline on every routed study"],
+                        "--stage", "validation",
+                        "--why", "the corpus test runs every pipeline on every routed study"],
                        env=env, check=True, capture_output=True, timeout=120)
 
 

@@ -37,8 +37,7 @@ KNOWN: dict[str, str] = {
                              "control's",
     "phantom HFD colour": "engine (issue 14 #4, input contracts): refused as 'expected one "
                           "frame', not as a colour image",
-    # seen failing in write_seg by hand; in the corpus run they also queue behind the
-    # retried runs above and time out before the worker reaches them
+    # write_seg raises on the absent Type 2 attributes; retried, then dead-lettered
     "xnat ANONYMIZ GE brain MR": ENGINE_RETRY + " (PatientSex absent, real GE study)",
     "xnat Case001 GE MR": ENGINE_RETRY + " (PatientBirthDate absent, real GE study)",
     "pydicom-data color-pl": "receiver (issue 14 #6, association quirks): the retired "
