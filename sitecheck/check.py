@@ -118,8 +118,9 @@ def settle(sent: StudySent, outcome: StudyOutcome) -> StudyOutcome:
     unanswered = [f for f in sent.files if f.category == "Failure" and f.status is None]
     if unanswered and not outcome.rejected:
         outcome.result = Result.CRASHED
-        outcome.reason = (f"the receiver ended the association without answering "
-                          f"{len(unanswered)} C-STORE request(s) and recorded no event")
+        outcome.reason = (f"no answer to {len(unanswered)} C-STORE request(s) (the "
+                          f"association was aborted or the receiver did not answer in time) "
+                          f"and no event recorded")
         return outcome
     reasons = sorted({f.note or f.status_name for f in sent.files})
     outcome.result = Result.REFUSED

@@ -43,7 +43,9 @@ class Peer:
     port: int
     called_ae: str
     calling_ae: str = "LM_CHECK"
-    timeout_s: float = 30.0
+    #: ACSE/DIMSE/network timeout: a loaded receiver that fsyncs and waits for its event
+    #: log's ack before answering may take long; dcmtk's storescu waits without limit
+    timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,8 @@ def send_study(files: Sequence[DicomFile], peer: Peer) -> StudySent:
             if "Status" not in rsp:
                 result.files.append(FileSent(str(f.path), f.sop_instance_uid, None,
                                              "Failure", "no response (association aborted "
-                                             "or timed out)", note=note))
+                                             f"or no answer within {peer.timeout_s:.0f} s)",
+                                             note=note))
                 continue
             code = int(rsp.Status)
             result.files.append(FileSent(

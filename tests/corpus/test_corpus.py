@@ -21,25 +21,8 @@ from tests.corpus.conftest import CorpusRun, full_corpus
 # the first case builds the corpus and runs it (the session fixture), the others read it
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.corpus, pytest.mark.timeout(1500)]
 
-ENGINE_RETRY = ("engine (issue 14 #2, error taxonomy): an input problem in write_seg raises, "
-                "the run is retried three times")
-
 #: case -> why it fails today (the kind of issue 14, and who fixes it)
 KNOWN: dict[str, str] = {
-    "phantom BTS no SliceThickness": ENGINE_RETRY + " (SliceThickness absent)",
-    "phantom BTS empty SliceThickness": "engine (issue 14 #3): the SEG written over an empty "
-                                        "SliceThickness is not dciodvfy-clean",
-    "phantom BTS no Type 2 attributes": ENGINE_RETRY + " (PatientBirthDate absent)",
-    "phantom BTS malformed dates and sex": ENGINE_RETRY + " (malformed date: int('/0'))",
-    "phantom BTS enhanced multi-frame": ENGINE_RETRY + " (SEG needs single-frame sources)",
-    "phantom HFD 16-bit DX": "engine (issue 14 #4, intensity): the 16-bit exam saturates in "
-                             "the fixed 0..4095 range and its findings differ from the 12-bit "
-                             "control's",
-    "phantom HFD colour": "engine (issue 14 #4, input contracts): refused as 'expected one "
-                          "frame', not as a colour image",
-    # write_seg raises on the absent Type 2 attributes; retried, then dead-lettered
-    "xnat ANONYMIZ GE brain MR": ENGINE_RETRY + " (PatientSex absent, real GE study)",
-    "xnat Case001 GE MR": ENGINE_RETRY + " (PatientBirthDate absent, real GE study)",
     "pydicom-data color-pl": "receiver (issue 14 #6, association quirks): the retired "
                              "Ultrasound Image Storage context is accepted, then pynetdicom "
                              "finds no service class and the C-STORE gets no answer, no event",
