@@ -4,10 +4,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo retraining
+PACKAGES := events xnat_client dicom_rules ingest engine projections dashboards lastmile bench demo retraining sitecheck
 APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
 
-.PHONY: setup system-packages demo up test lint bench screenshots
+.PHONY: setup system-packages demo up test lint bench screenshots corpus
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,3 +52,9 @@ screenshots: setup
 	  tests/review/test_browser.py
 	mkdir -p docs/screenshots
 	for s in $(SCREENSHOTS); do cp test-artifacts/$$s.png docs/screenshots/; done
+
+# The issue-14 corpus (real files from pydicom-data, pynetdicom, nibabel, deid-data and the
+# xnat 0.8.1 sdist, downloaded once into ~/.cache/lastmile-corpus, plus generated variants)
+# as .corpus/<AE>/<case>/ for `lastmile check`; FULL=1 for all of it, not the CI sample.
+corpus: setup
+	$(BIN)/python -m tests.corpus.build .corpus $(if $(FULL),--full)

@@ -247,6 +247,7 @@ def replay(
 # One small module per group; each imports its part (and bench/, demo/) when it runs.
 
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
+    cli_check,
     cli_dashboard,
     cli_demo,
     cli_export,
@@ -274,6 +275,7 @@ app.command("link")(cli_review.link_command)
 app.command("export")(cli_export.export_command)
 app.command("redact")(cli_redact.redact_command)
 app.add_typer(cli_security.security_app, name="security")
+app.command("check")(cli_check.check_command)
 
 # --------------------------------------------------------------------------- entry
 
