@@ -70,7 +70,13 @@ def _segresnet(out_dir: Path, seed: int) -> Path | None:
             return {"logits": self.inner(x)}
 
     path = out_dir / "segresnet.ts"
-    torch.jit.script(Named(net)).save(str(path))
+    # Traced, not scripted: scripting compiles every branch of torch.nn.functional.interpolate,
+    # and the program then names ops (e.g. aten::_upsample_lanczos2d_aa) that an older
+    # torch on the GPU host lacks (seen: torch 2.11 there, 2.13 here). A trace records only
+    # the ops this fixed 96^3 input runs, so the bundle loads on older torch too.
+    example = torch.zeros((1, 1, 96, 96, 96), dtype=torch.float32)
+    with torch.no_grad():
+        torch.jit.trace(Named(net), example, strict=False).save(str(path))
     return path
 
 

@@ -10,6 +10,14 @@ import pytest
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 
+try:  # browser tests: a Streamlit rerun on a loaded CI machine can take longer than
+    # Playwright's 5 s default, so every `expect(...)` waits up to 30 s (it returns as
+    # soon as the condition holds; a missing message still fails).
+    from playwright.sync_api import expect as _expect
+    _expect.set_options(timeout=30_000)
+except ImportError:  # pragma: no cover - playwright is in the test extra
+    pass
+
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
