@@ -251,13 +251,20 @@ class RouteUnmatched(Event, frozen=True, kw_only=True, tag="ingest.route.unmatch
 
 
 class AssociationOpened(Event, frozen=True, kw_only=True, tag="ingest.association.opened"):
-    """A DICOM association was accepted (PS3.8 A-ASSOCIATE)."""
+    """A DICOM association was accepted (PS3.8 A-ASSOCIATE).
+
+    ``refused_contexts``: the presentation contexts the requestor proposed and we rejected
+    in the A-ASSOCIATE-AC, each "SOP Class name: reason" (PS3.8 9.3.3.2 result/reason:
+    abstract syntax not supported, transfer syntaxes not supported); empty when all were
+    accepted. UIDs of SOP Classes and syntaxes are no patient data.
+    """
 
     association_id: str
     calling_ae: str
     called_ae: str
     source_address: str | None = None  # the peer's IP address
     receiver: str | None = None  # which receiver process (host:pid)
+    refused_contexts: tuple[str, ...] = ()
 
 
 class AssociationReleased(Event, frozen=True, kw_only=True, tag="ingest.association.released"):

@@ -58,13 +58,14 @@ class AssociationFacts:
             log.error("could not record association facts: %s", exc)
 
     def opened(self, association_id: str, *, calling_ae: str, called_ae: str,
-               source_address: str | None) -> None:
+               source_address: str | None, refused_contexts: tuple[str, ...] = ()) -> None:
         with self._lock:
             self._open[association_id] = _Open(calling_ae, called_ae)
         self._record([AssociationOpened.new(
             actor=f"scp:{called_ae}", event_id=deterministic_id("assoc-opened", association_id),
             association_id=association_id, calling_ae=calling_ae, called_ae=called_ae,
-            source_address=source_address, receiver=self.receiver)])
+            source_address=source_address, receiver=self.receiver,
+            refused_contexts=refused_contexts)])
 
     def carried(self, association_id: str, study_uid: str, sop_instance_uid: str) -> None:
         with self._lock:

@@ -44,7 +44,6 @@ from typing import Any, cast
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from events.catalogue import InstanceRejected
@@ -53,6 +52,7 @@ from ingest.association_facts import AssociationFacts
 from ingest.guard import ConnectionGuard, GuardConfig, RefusalLog
 from ingest.receiver import InstanceReceiver, Publish, Received
 from ingest.rules import RuleSet
+from ingest.sop_classes import offered_storage_classes, refused_contexts
 from ingest.spool import SpooledDataset, spool_into
 from ingest.spool import release as release_spool
 from ingest.statuses import AssociationRejection, StoreStatus
@@ -144,9 +144,8 @@ class StorageScp:
         ae.dimse_timeout = self.config.dimse_timeout_s
         ae.add_supported_context(VERIFICATION)
         self.accepted_syntaxes = decodable_syntaxes().accepted
-        for cx in StoragePresentationContexts:
-            assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, list(self.accepted_syntaxes))
+        for sop_class in offered_storage_classes():
+            ae.add_supported_context(sop_class, list(self.accepted_syntaxes))
         return ae
 
     def _guard(self) -> ConnectionGuard:
@@ -351,7 +350,8 @@ class StorageScp:
         primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
         self.facts.opened(assoc_id, calling_ae=str(assoc.requestor.ae_title).strip(),
                           called_ae=str(primitive.called_ae_title).strip(),
-                          source_address=str(assoc.requestor.address))
+                          source_address=str(assoc.requestor.address),
+                          refused_contexts=refused_contexts(assoc.rejected_contexts))
 
     def _on_acse_received(self, event: evt.Event) -> None:
         assoc_id = self._ids.get(event.assoc)

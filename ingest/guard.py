@@ -378,7 +378,7 @@ class ConnectionGuard:
             return bytearray()
 
         def guarded(nr_bytes: int) -> bytearray:
-            established = bool(getattr(assoc, "is_established", False))
+            established = _accepted(assoc)
             if state["type"] < 0:
                 data = recv(nr_bytes)
                 if len(data) == 6:
@@ -413,6 +413,24 @@ class ConnectionGuard:
             return body
 
         return guarded
+
+
+def _accepted(assoc: Any) -> bool:
+    """Whether the A-ASSOCIATE-AC has been sent on this connection.
+
+    pynetdicom sets ``is_established`` only after the EVT_ACCEPTED handlers return (one of
+    ours publishes an event and waits for its ack), while its DUL thread has already sent
+    the A-ASSOCIATE-AC and reads the requestor's next PDU. The DUL state machine is the
+    protocol's own answer: Sta6 ("association established and ready for data transfer",
+    PS3.8 9.2) and the release states after it are entered when the AC is sent (AE-7)."""
+    if getattr(assoc, "is_established", False):
+        return True
+    fsm = getattr(getattr(assoc, "dul", None), "state_machine", None)
+    return getattr(fsm, "current_state", "Sta1") in _AFTER_ACCEPT
+
+
+#: PS3.8 9.2 states from "established" on (Sta6; Sta7-Sta12 are the release exchange)
+_AFTER_ACCEPT = frozenset({"Sta6", "Sta7", "Sta8", "Sta9", "Sta10", "Sta11", "Sta12"})
 
 
 def _printable(raw: bytes) -> str | None:

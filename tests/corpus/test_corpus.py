@@ -22,12 +22,7 @@ from tests.corpus.conftest import CorpusRun, full_corpus
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.corpus, pytest.mark.timeout(1500)]
 
 #: case -> why it fails today (the kind of issue 14, and who fixes it)
-KNOWN: dict[str, str] = {
-    "pydicom-data color-pl": "receiver (issue 14 #6, association quirks): the retired "
-                             "Ultrasound Image Storage context is accepted, then pynetdicom "
-                             "finds no service class and the C-STORE gets no answer, no event",
-    "pydicom-data color-px": "receiver (issue 14 #6, association quirks): as color-pl",
-}
+KNOWN: dict[str, str] = {}
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

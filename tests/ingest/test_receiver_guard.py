@@ -119,12 +119,6 @@ async def test_a_4_gib_association_request_is_refused_from_its_header(
     assert await echo_ok(r.port)
 
 
-@pytest.mark.xfail(
-    reason="a race since the completion merge, likely: the association-opened fact is published "
-    "in the EVT_ACCEPTED handler before pynetdicom marks the association established, so an "
-    "oversized PDU sent at once is refused as 'request_pdu_too_large' (still refused, wrong "
-    "reason code); the guard must learn acceptance before that publish",
-    strict=False)
 async def test_a_pdu_larger_than_declared_is_refused_after_acceptance(
         start_ingest: StartIngest, bus: EventBus) -> None:
     r = await start_ingest(max_pdu=65536)
