@@ -13,8 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
-from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.sop_class import CTImageStorage, Verification, uid_to_service_class
 
 from events.catalogue import AssociationOpened, InstanceStored
 from events.jetstream import EventBus
