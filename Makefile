@@ -34,8 +34,7 @@ test: setup
 	$(BIN)/ruff check $(PACKAGES) tests
 	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 	$(BIN)/mypy
-	# the real-world corpus (tests/corpus) still finds receiver faults: `make corpus-test`
-	$(BIN)/python -m pytest -q -m "not corpus"
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGES) tests
