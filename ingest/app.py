@@ -48,6 +48,7 @@ class ScpRunner:
     port: int | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     receiver: InstanceReceiver | None = None
+    storage_scp: StorageScp | None = None  # while running (its guard's counts, for tests)
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
         store = InstanceStore(self.options.instances_dir,
@@ -64,7 +65,8 @@ class ScpRunner:
                                   max_instance_bytes=self.options.max_instance_bytes),
             index=index,
         )
-        scp = StorageScp(self.options.scp, self.receiver, self.rules, publisher)
+        scp = self.storage_scp = StorageScp(self.options.scp, self.receiver, self.rules,
+                                            publisher)
         self.port = await asyncio.to_thread(scp.start)
         self.started.set()
         try:

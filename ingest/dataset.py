@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from dicom_rules.conditions import TagValues
+from events.dicom_dates import DicomValueError, normalise_da
 from events.pseudonym import age_band, pseudonym, sex_code
 from ingest.errors import BadInstance
 from ingest.statuses import StoreStatus
@@ -279,6 +280,36 @@ def text(ds: Dataset, keyword: str) -> str | None:
     return out or None
 
 
+#: The descriptive attributes events carry (governance stratifies by them), with the
+#: longest value their VR allows (PS3.5 6.2: LO 64, SH 16 characters).
+_FACT_MAX_CHARS = {"SeriesDescription": 64, "Manufacturer": 64, "ManufacturerModelName": 64,
+                   "InstitutionName": 64, "StationName": 16}
+
+
+def fact_text(ds: Dataset, keyword: str) -> str | None:
+    """A descriptive attribute for an event, only when its value is valid for its VR:
+    one value (no backslash), no control characters (ESC of ISO 2022 excepted), within
+    the VR's length (``_FACT_MAX_CHARS``). A malformed value is left out rather than copied into the
+    log: it may hold anything a sender put there (issue 18: no DICOM value reaches an
+    event except the attributes the events name, and those only well formed)."""
+    value = text(ds, keyword)
+    if value is None:
+        return None
+    if (len(value) > _FACT_MAX_CHARS.get(keyword, 64) or "\\" in value
+            or any((ord(c) < 0x20 and c != "\x1b") or ord(c) == 0x7F for c in value)):
+        return None
+    return value
+
+
+def fact_date(ds: Dataset, keyword: str) -> str | None:
+    """A DA attribute as ``YYYYMMDD`` (older unambiguous forms normalised, see
+    ``events.dicom_dates``), or None when absent or unreadable."""
+    try:
+        return normalise_da(text(ds, keyword), keyword)
+    except DicomValueError:
+        return None
+
+
 def integer(ds: Dataset, keyword: str) -> int | None:
     raw = text(ds, keyword)
     try:
@@ -376,7 +407,7 @@ def facts(ds: Dataset, secret: bytes) -> InstanceFacts:
     patient_id = text(ds, "PatientID")
     issuer = text(ds, "IssuerOfPatientID") or ""
     accession = text(ds, "AccessionNumber")
-    study_date = text(ds, "StudyDate")
+    study_date = text(ds, "StudyDate")  # raw for the age band (which never records it)
     return InstanceFacts(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -384,16 +415,16 @@ def facts(ds: Dataset, secret: bytes) -> InstanceFacts:
         series_uid=uids["SeriesInstanceUID"],
         modality=text(ds, "Modality"),
         series_number=integer(ds, "SeriesNumber"),
-        series_description=text(ds, "SeriesDescription"),
+        series_description=fact_text(ds, "SeriesDescription"),
         instance_number=integer(ds, "InstanceNumber"),
-        manufacturer=text(ds, "Manufacturer"),
-        manufacturer_model=text(ds, "ManufacturerModelName"),
-        station_name=text(ds, "StationName"),
-        institution=text(ds, "InstitutionName"),
+        manufacturer=fact_text(ds, "Manufacturer"),
+        manufacturer_model=fact_text(ds, "ManufacturerModelName"),
+        station_name=fact_text(ds, "StationName"),
+        institution=fact_text(ds, "InstitutionName"),
         patient_pseudonym=pseudonym(secret, patient_id, issuer=issuer) if patient_id else None,
         patient_sex=sex_code(text(ds, "PatientSex")),
         age_band=age_band(text(ds, "PatientAge"), text(ds, "PatientBirthDate"), study_date),
-        study_date=study_date,
+        study_date=fact_date(ds, "StudyDate"),
         accession_pseudonym=(pseudonym(secret, accession, kind="accession")
                              if accession else None),
         pixel_spacing_mm=_spacing(ds),

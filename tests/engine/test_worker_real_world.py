@@ -45,18 +45,9 @@ from events.catalogue import (
 from events.codec import encode
 from events.jetstream import EventBus
 from tests.engine.conftest import SECRET, RunningWorker, dciodvfy_errors, has, wait_for
+from tests.malformed import MARKER, malformed
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-MARKER = "ZQX7"
-TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
-            "UC", "UT"}
-#: what routing, selection and the contract read: left valid so the run reaches its end
-KEEP = {"Modality", "SeriesDescription", "PhotometricInterpretation", "BodyPartExamined",
-        "SpecificCharacterSet", "ImagerPixelSpacing", "PixelSpacing", "InstanceNumber",
-        "SeriesNumber", "ImageType", "PresentationIntentType", "PatientID",
-        "IssuerOfPatientID"}
-
 
 class CountingRuntime:
     """The real runtime, counting its calls (how often the model ran)."""
@@ -125,24 +116,6 @@ async def test_bad_input_fails_final_at_once_and_the_model_runs_once(
     assert not list(worker_config.results_dir.glob("**/*.dcm"))  # nothing kept or sent
 
 
-def _malformed(ds: Dataset) -> None:
-    """Every text attribute not needed to route the study: malformed around MARKER."""
-    for elem in list(ds):
-        if elem.VR not in TEXT_VRS or elem.keyword in KEEP or elem.tag.group == 0x0002:
-            continue
-        if elem.VR == "DA":
-            value = f"13.{MARKER}.1937"
-        elif elem.VR == "TM":
-            value = f"25:{MARKER}"
-        elif elem.VR in ("DS", "IS"):
-            value = f"{MARKER}.5"
-        elif elem.VR == "CS":
-            value = f"{MARKER.lower()} x"
-        else:
-            value = f"{MARKER}\\{MARKER}" if elem.VR in ("AS", "AE") else f"{MARKER}-{'x' * 70}"
-        ds[elem.tag] = pydicom.DataElement(elem.tag, elem.VR, value)
-
-
 async def test_no_dicom_value_reaches_an_event_or_a_log_line(
     bus: EventBus, reference: dict, worker_config: WorkerConfig,
     caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder,
@@ -154,7 +127,7 @@ async def test_no_dicom_value_reaches_an_event_or_a_log_line(
     failing = pelvis_study(54, images=1, size=256)
     with pydicom.config.disable_value_validation():  # the sender's side, not ours
         for ds in ok.datasets + failing.datasets:
-            _malformed(ds)
+            malformed(ds)
         # UIDs may appear in events (DESIGN: deep links need them); text values may not
         failing.datasets[0].SOPInstanceUID = "1.2.840.113619.ABC.9"
         raw = {s.study_uid: [feed_encode(ds) for ds in s.datasets] for s in (ok, failing)}

@@ -370,9 +370,19 @@ async def test_when_waiting_connections_are_full_the_oldest_goes_not_the_modalit
         start_ingest: StartIngest, bus: EventBus, tmp_path: Path) -> None:
     r = await start_ingest(max_pending=4, request_timeout_s=30)
     idle = []
+    assert r.app.scp.storage_scp is not None
+    guard = r.app.scp.storage_scp.guard
+    assert guard is not None
     for k in range(6):  # six idlers from six addresses, one at a time
         idle.append(_connect(r.port, f"127.0.1.{k + 1}"))
-        await asyncio.sleep(0.2)
+        # the next one only once the guard has taken this one in (and, from the fifth
+        # on, closed the oldest): on a loaded machine a fixed pause does not order them
+        if k >= 4:
+            assert await asyncio.to_thread(_read_until_closed, idle[k - 4], 10) == b""
+        for _ in range(200):
+            if guard.counts()[1] == min(k + 1, 4):
+                break
+            await asyncio.sleep(0.05)
     try:
         rc, out = await storescu(r.port, ct_instances(tmp_path / "ct", 1), called="LM_LTS")
         assert rc == 0, out  # admitted: the longest-waiting idler made room

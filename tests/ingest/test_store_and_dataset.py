@@ -110,3 +110,24 @@ def test_file_meta_is_deterministic_and_parses() -> None:
     whole = pydicom.dcmread(io.BytesIO(meta + dataset))
     assert whole.PixelData == ds0.PixelData
     assert whole.file_meta.TransferSyntaxUID == ts
+
+
+def test_event_facts_keep_only_well_formed_descriptive_values() -> None:
+    from ingest.dataset import fact_date, fact_text
+
+    ds = pydicom.Dataset()
+    ds.InstitutionName = "A" * 64
+    ds.Manufacturer = "A" * 65  # longer than LO allows
+    ds.StationName = "CT\\MR"  # two values where one is expected
+    ds.ManufacturerModelName = "Model\x07X"  # a control character
+    ds.SeriesDescription = "\x1b$B\x1b(B T1"  # ISO 2022 escapes are text, not control
+    ds.StudyDate = "13.04.1937"  # day first, unambiguous: normalised
+    ds.AcquisitionDate = "13.ZQX7.1937"  # unreadable: left out
+    assert fact_text(ds, "InstitutionName") == "A" * 64
+    assert fact_text(ds, "Manufacturer") is None
+    assert fact_text(ds, "StationName") is None
+    assert fact_text(ds, "ManufacturerModelName") is None
+    assert fact_text(ds, "SeriesDescription") == "\x1b$B\x1b(B T1"
+    assert fact_date(ds, "StudyDate") == "19370413"
+    assert fact_date(ds, "AcquisitionDate") is None
+    assert fact_date(ds, "ContentDate") is None
