@@ -111,8 +111,9 @@ FIELD_ACTIONS: Mapping[str, Action] = {
     "receiver": Action.REMOVE, "sop_instances_sha256": Action.REMOVE,
     "superseded_by": Action.ID, "rejection_note_uid": Action.UID,
     "rejected_sop_instance_uids": Action.UID, "evidence": Action.TEXT,
-    # receiver refusals (issue 14, 18)
+    # receiver refusals (issue 14, 18); refused presentation contexts are SOP Class names
     "first_series_uid": Action.UID, "first_study_uid": Action.UID,
+    "refused_contexts": Action.KEEP,
     # sign-ins, users, redaction (issue 18): the person is a person, the rest is facts
     "user": Action.PERSON, "event_ids": Action.EVENT_ID,
     # nested structs
