@@ -35,6 +35,7 @@ from datetime import date, timedelta
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -148,7 +149,7 @@ def choose(priors: Sequence[PriorStudy], max_priors: int = 2) -> list[PriorStudy
     return list(seen.values())[:max_priors]
 
 
-def _associate(source: PriorSource, context: str) -> tuple[AE, object]:
+def _associate(source: PriorSource, context: str) -> Association:
     ae = AE(ae_title=source.address.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_s
     ae.add_requested_context(context)
@@ -163,15 +164,15 @@ def _associate(source: PriorSource, context: str) -> tuple[AE, object]:
         assoc.release()
         raise PriorFetchError(f"{format_address(source.address)} accepted no "
                               "presentation context for Study Root Query/Retrieve")
-    return ae, assoc
+    return assoc
 
 
 def _find_once(source: PriorSource, query: Dataset) -> list[Dataset]:
     where = format_address(source.address)
-    _, assoc = _associate(source, StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(source, StudyRootQueryRetrieveInformationModelFind)
     matches: list[Dataset] = []
     try:
-        for status, identifier in assoc.send_c_find(  # type: ignore[attr-defined]
+        for status, identifier in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind):
             if not status or "Status" not in status:
                 raise PriorFetchError(f"{where}: no C-FIND response (timeout or abort)")
@@ -185,8 +186,8 @@ def _find_once(source: PriorSource, query: Dataset) -> list[Dataset]:
     except (RuntimeError, ValueError, OSError):
         raise PriorFetchError(f"{where}: the association ended during the C-FIND") from None
     finally:
-        if assoc.is_established:  # type: ignore[attr-defined]
-            assoc.release()  # type: ignore[attr-defined]
+        if assoc.is_established:
+            assoc.release()
     return matches
 
 
@@ -195,10 +196,10 @@ def _move_once(source: PriorSource, study_uid: str, destination: str) -> Retriev
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study_uid
-    _, assoc = _associate(source, StudyRootQueryRetrieveInformationModelMove)
+    assoc = _associate(source, StudyRootQueryRetrieveInformationModelMove)
     final: Dataset | None = None
     try:
-        for status, _ in assoc.send_c_move(  # type: ignore[attr-defined]
+        for status, _ in assoc.send_c_move(
                 q, destination, StudyRootQueryRetrieveInformationModelMove):
             if not status or "Status" not in status:
                 raise PriorFetchError(f"{where}: no C-MOVE response (timeout or abort)")
@@ -207,8 +208,8 @@ def _move_once(source: PriorSource, study_uid: str, destination: str) -> Retriev
     except (RuntimeError, ValueError, OSError):
         raise PriorFetchError(f"{where}: the association ended during the C-MOVE") from None
     finally:
-        if assoc.is_established:  # type: ignore[attr-defined]
-            assoc.release()  # type: ignore[attr-defined]
+        if assoc.is_established:
+            assoc.release()
     if final is None:
         raise PriorFetchError(f"{where}: the C-MOVE ended without a final status")
     code = int(final.Status)

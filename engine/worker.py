@@ -485,7 +485,7 @@ class EngineWorker:
                            chosen: Sequence[pacs_priors.PriorStudy] = ()) -> None:
             await bus.publish(caused(
                 PriorsSearched, deterministic_id("priors-searched", key, attempt),
-                run_key=key, source=address, outcome=outcome, modality=modality,
+                run_key=key, address=address, outcome=outcome, modality=modality,
                 before_date=study_date or None, reason=reason, attempt=attempt, final=final,
                 prior_study_uids=tuple(p.study_uid for p in found),
                 chosen_study_uids=tuple(p.study_uid for p in chosen)))
@@ -517,7 +517,7 @@ class EngineWorker:
                 actor=actor, study_uid=prior.study_uid, pipeline=spec.name,
                 causation_id=trigger.event_id,
                 event_id=deterministic_id("prior-retrieved", key, prior.study_uid, attempt),
-                for_study_uid=study, for_run_key=key, source=address,
+                for_study_uid=study, for_run_key=key, address=address,
                 move_destination=destination, outcome=outcome, study_date=prior.study_date,
                 completed=counts.completed if counts else 0,
                 failed=counts.failed if counts else 0,

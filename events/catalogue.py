@@ -605,7 +605,7 @@ class PriorsSearched(Event, frozen=True, kw_only=True, tag="engine.priors.search
     current study; with ``NONE`` (final) the run proceeds without change figures."""
 
     run_key: str
-    source: str  # the PACS, AE@host:port
+    address: str  # the PACS, AE@host:port
     outcome: PriorOutcome
     modality: str | None = None
     before_date: str | None = None  # YYYYMMDD
@@ -626,7 +626,7 @@ class PriorRetrieved(Event, frozen=True, kw_only=True, tag="engine.prior.retriev
 
     for_study_uid: str  # the current study that needed it
     for_run_key: str
-    source: str  # the PACS, AE@host:port
+    address: str  # the PACS, AE@host:port
     move_destination: str  # the AE title the PACS sent it to
     outcome: RetrieveOutcome
     study_date: str | None = None  # YYYYMMDD, as the PACS answered it

@@ -259,3 +259,33 @@ async def test_unreachable_pacs_fails_the_run_for_a_bounded_retry(
     assert [(e.operator, e.final) for e in failed] == [("fetch_priors", False),
                                                        ("fetch_priors", True)]
     assert not any(isinstance(e, InferenceCompleted) for e in events)
+
+
+# ------------------------------------------------------------------ site settings
+
+
+def test_priors_pacs_setting_reaches_the_worker(tmp_path: Path) -> None:
+    from lastmile.services_engine import worker_config
+    from lastmile.settings import load_settings
+
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\npriors_pacs = "PACS@pacs.local:104"'
+                      '\npriors_move_destination = "LASTMILE"\npriors_retries = 4\n')
+    priors = worker_config(load_settings(config)).priors
+    assert priors is not None
+    assert (priors.address.ae_title, priors.address.host, priors.address.port) == (
+        "PACS", "pacs.local", 104)
+    assert priors.move_destination == "LASTMILE" and priors.retries == 4
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    assert worker_config(load_settings(config)).priors is None  # unset: never asked
+
+
+def test_bad_priors_pacs_setting_names_file_line_and_key(tmp_path: Path) -> None:
+    from lastmile.settings import ConfigError, load_settings
+
+    config = tmp_path / "lastmile.toml"
+    config.write_text('state_dir = "x"\n\npriors_pacs = "pacs.local:104"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert f"{config}:3: priors_pacs:" in str(err.value)
+    assert "AE@host:port" in str(err.value)
