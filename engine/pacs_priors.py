@@ -238,7 +238,8 @@ def _with_retries(work: Callable[[], object], source: PriorSource,
             if on_retry is not None:
                 on_retry(attempt, last)
             time.sleep(source.retry_delay_s * attempt)
-    raise PriorFetchError(f"{last} (after {source.retries + 1} attempts)")
+    tries = source.retries + 1
+    raise PriorFetchError(f"{last} (after {tries} attempt{'s' if tries > 1 else ''})")
 
 
 def find_priors(source: PriorSource, *, patient_id: str, before: str,

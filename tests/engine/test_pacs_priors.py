@@ -289,3 +289,48 @@ def test_bad_priors_pacs_setting_names_file_line_and_key(tmp_path: Path) -> None
         load_settings(config)
     assert f"{config}:3: priors_pacs:" in str(err.value)
     assert "AE@host:port" in str(err.value)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.skipif(STORESCU is None, reason="Debian dcmtk not installed")
+async def test_a_prior_the_pacs_will_not_send_is_a_retried_failure_with_its_status(
+    bus: EventBus, reference: dict, worker_config: WorkerConfig, tmp_path: Path,
+) -> None:
+    # Orthanc answers our queries but knows no move destination "LM_BTS"
+    orthanc = Orthanc(tmp_path / "orthanc",
+                      modalities={"lastmile": ["LASTMILE", "127.0.0.1", 104]}).start()
+    try:
+        patient = fake_patient(6060)
+        prior = brain_mr_study(6061, patient=patient, study_date="20250101",
+                               lesion_radius_mm=12.0, extra_localizer=False)
+        await _storescu(orthanc.dicom_port, orthanc.ae_title, prior.write(tmp_path / "pacs"))
+        current = brain_mr_study(6062, patient=patient, study_date="20260101",
+                                 lesion_radius_mm=14.0)
+        bts = reference["bts"]
+        await bus.publish(deployed_event(bts, actor="test", stage=Stage.VALIDATION))
+        config = replace(worker_config, priors=PriorSource(
+            PacsAddress(orthanc.ae_title, "127.0.0.1", orthanc.dicom_port), retries=0))
+        async with RunningWorker(bus, EngineWorker({"bts": bts}, config)):
+            await feed_study(bus, current.datasets, worker_config.instances_dir, SECRET,
+                             pipeline="bts", called_ae="LM_BTS")
+            events = await wait_for(
+                bus, current.study_uid,
+                lambda evs: any(isinstance(e, InferenceFailed) and e.final for e in evs), 120)
+            prior_events = [e for _, e in await bus.history(prior.study_uid)]
+    finally:
+        orthanc.stop()
+    searched = [e for e in events if isinstance(e, PriorsSearched)]
+    assert {(e.outcome, e.chosen_study_uids) for e in searched} == {
+        (PriorOutcome.FOUND, (prior.study_uid,))}
+    refused = sorted((e for e in prior_events if isinstance(e, PriorRetrieved)),
+                     key=lambda e: e.attempt)
+    assert [(e.outcome, e.attempt) for e in refused] == [(RetrieveOutcome.FAILED, 1),
+                                                         (RetrieveOutcome.FAILED, 2)]
+    assert "C-MOVE to LM_BTS" in refused[0].reason
+    # Orthanc 1.10 answers an unknown destination with 0xC000-range, named, not a number
+    assert "Failure: Unable to Process" in refused[0].reason
+    assert not any(isinstance(e, InstanceStored) for e in prior_events)
+    failed = [e for e in events if isinstance(e, InferenceFailed)]
+    assert {e.operator for e in failed} == {"fetch_priors"}
+    assert not any(isinstance(e, InferenceCompleted) for e in events)
