@@ -80,6 +80,12 @@ class PublishFailedError(EdgeError):
         self.outcomes: list[Any] = list(outcomes or [])
 
 
+class PriorFetchError(EdgeError):
+    """The PACS could not be asked for a patient's earlier studies, or did not send one
+    (``engine.pacs_priors``): infrastructure, retried with a bound. "The PACS holds no
+    earlier study" is not this error but an answer."""
+
+
 class OperatorError(EngineError):
     """An operator failed: the operator's name, the series, and a reason safe to record.
 

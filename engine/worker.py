@@ -42,19 +42,20 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from engine import iocm, pacs
+from engine import iocm, pacs, pacs_priors
 from engine.dicom_results import Provenance
 from engine.errors import (
     EngineError,
     InputError,
     OperatorError,
+    PriorFetchError,
     PublishFailedError,
     RuntimeUnavailable,
     is_retryable,
     quiet_value_warnings,
     safe_reason,
 )
-from engine.ops.longitudinal import EarlierResult
+from engine.ops.longitudinal import EarlierResult, earlier_than
 from engine.pacs_redelivery import outcome_events
 from engine.pipeline_model import PipelineSpec
 from engine.registry import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
@@ -81,8 +82,12 @@ from events.catalogue import (
     InstanceStored,
     Measurement,
     OperatorFinished,
+    PriorOutcome,
+    PriorRetrieved,
+    PriorsSearched,
     PublishFailed,
     ResultPublished,
+    RetrieveOutcome,
     Stage,
     StudyAmended,
     StudyCompleted,
@@ -95,6 +100,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DURABLE = "engine-workers"
+#: modalities that are not images of the exam (results, states, selections)
+_NOT_IMAGES = frozenset({"SR", "SEG", "PR", "KO", "REG", "RTSTRUCT"})
 Make = Callable[..., Event]  # builds a follow-up event of the trigger (see _run_pipeline)
 TRIGGERS = (type_filter("ingest.study.completed"), type_filter("ingest.study.amended"))
 
@@ -122,6 +129,8 @@ class WorkerConfig:
     heartbeat_s: float = 10.0
     calling_ae: str = "LASTMILE"
     host: HostCapabilities | None = None  # None: probe this host
+    #: the PACS asked for earlier studies by longitudinal pipelines; None: never asked
+    priors: pacs_priors.PriorSource | None = None
 
 
 @dataclass(frozen=True)
@@ -257,8 +266,8 @@ class EngineWorker:
         return last
 
     async def _run_pipeline(self, bus: EventBus, trigger: Event, delivery: Delivery,
-                            history: list[tuple[int, Event]], loaded: LoadedPipeline
-                            ) -> RunOutcome:
+                            history: list[tuple[int, Event]], loaded: LoadedPipeline,
+                            *, fetch_priors: bool = True) -> RunOutcome:
         spec = loaded.spec
         study = trigger.study_uid or ""
         revision = trigger.event_id if isinstance(trigger, StudyAmended) else ""
@@ -300,7 +309,8 @@ class EngineWorker:
         files = study_files(history, self.config.instances_dir)
         if deployed.stage == Stage.STAGING:
             by_hand = spec.ae_title in files.called_aes or (
-                isinstance(trigger, StudyCompleted) and trigger.reason == CompletionReason.FORCED)
+                isinstance(trigger, StudyCompleted) and trigger.reason == CompletionReason.FORCED
+            ) or isinstance(trigger, PriorRetrieved)  # a prior the run of such a study needed
             if not by_hand:
                 return await skip(f"{spec.name} is in staging: it runs only on studies sent "
                                   f"to {spec.ae_title} or completed by hand")
@@ -312,7 +322,9 @@ class EngineWorker:
         await bus.publish(caused(InferenceRequested, deterministic_id("requested", key),
                                  run_key=key, model_sha256=spec.model.sha256,
                                  stage=deployed.stage,
-                                 trigger="study_amended" if revision else "study_completed"))
+                                 trigger="study_amended" if revision
+                                 else "prior_retrieved" if isinstance(trigger, PriorRetrieved)
+                                 else "study_completed"))
         t_start = time.perf_counter()
         timings: list[StepTiming] = []
         ctx: RunContext | None = None
@@ -338,12 +350,19 @@ class EngineWorker:
                                                                     choice))
             stages["model_load"] = time.perf_counter() - t
             earlier = await self._earlier(bus, spec.name, files.patient_pseudonym, loaded)
+            study_date = files.study_date or study_date_of(datasets[0].get("StudyDate")) or ""
+            if (fetch_priors and self.config.priors is not None and files.patient_pseudonym
+                    and self._tracked(loaded) is not None
+                    and not earlier_than(earlier, study_date, study)):
+                await self._fetch_priors(bus, trigger, caused, key, attempt, loaded,
+                                         datasets, study_date, delivery)
+                earlier = await self._earlier(bus, spec.name, files.patient_pseudonym,
+                                              loaded)
             ctx = RunContext(
                 pipeline=loaded, runtime=runtime, datasets=datasets,
                 provenance=Provenance(spec.model.name, spec.model.version, spec.model.sha256,
                                       spec.name, spec.version, key),
-                study_date=files.study_date
-                or study_date_of(datasets[0].get("StudyDate")) or "",
+                study_date=study_date,
                 earlier=earlier,
                 blinding_hash=blinding_hash(self.config.secret, key)
                 if spec.outputs.blinding_hash else None,
@@ -423,8 +442,7 @@ class EngineWorker:
     async def _earlier(self, bus: EventBus, pipeline: str, pseudonym: str | None,
                        loaded: LoadedPipeline) -> list[EarlierResult]:
         """The same patient's earlier results of this pipeline (by pseudonym)."""
-        tracked = next((p.label for p in loaded.operator_params
-                        if isinstance(p, LongitudinalParams)), None)
+        tracked = self._tracked(loaded)
         if tracked is None or pseudonym is None:
             return []
         out = []
@@ -436,6 +454,94 @@ class EngineWorker:
                 if vol is not None:
                     out.append(EarlierResult(ev.study_uid, ev.study_date, vol))
         return out
+
+    @staticmethod
+    def _tracked(loaded: LoadedPipeline) -> str | None:
+        """The label a longitudinal pipeline compares over time; None for the others."""
+        return next((p.label for p in loaded.operator_params
+                     if isinstance(p, LongitudinalParams)), None)
+
+    async def _fetch_priors(self, bus: EventBus, trigger: Event, caused: Make, key: str,
+                            attempt: int, loaded: LoadedPipeline, datasets: list[Dataset],
+                            study_date: str, delivery: Delivery) -> None:
+        """The log holds no earlier result: ask the PACS for the patient's earlier
+        studies, have it send the baseline and the latest to our receiver, and run the
+        pipeline on each (``engine.pacs_priors``; events ``PriorsSearched`` and
+        ``PriorRetrieved``). "None there" is final and the run proceeds without change
+        figures; a PACS that cannot be asked raises ``PriorFetchError`` (retried)."""
+        source = self.config.priors
+        assert source is not None
+        spec = loaded.spec
+        study = trigger.study_uid or ""
+        address = pacs.format_address(source.address)
+        patient_id = next((str(ds.PatientID) for ds in datasets
+                           if str(ds.get("PatientID", "") or "").strip()), "")
+        modalities = [str(ds.Modality) for ds in datasets
+                      if ds.get("Modality") and ds.Modality not in _NOT_IMAGES]
+        modality = max(sorted(set(modalities)), key=modalities.count) if modalities else None
+
+        async def searched(outcome: PriorOutcome, reason: str = "", *, final: bool = True,
+                           found: Sequence[pacs_priors.PriorStudy] = (),
+                           chosen: Sequence[pacs_priors.PriorStudy] = ()) -> None:
+            await bus.publish(caused(
+                PriorsSearched, deterministic_id("priors-searched", key, attempt),
+                run_key=key, address=address, outcome=outcome, modality=modality,
+                before_date=study_date or None, reason=reason, attempt=attempt, final=final,
+                prior_study_uids=tuple(p.study_uid for p in found),
+                chosen_study_uids=tuple(p.study_uid for p in chosen)))
+
+        if not study_date or not patient_id:
+            missing = "StudyDate (0008,0020)" if not study_date else "PatientID (0010,0020)"
+            return await searched(PriorOutcome.NONE, f"the current study has no readable "
+                                  f"{missing}: the PACS cannot be asked for earlier studies")
+        try:
+            found = await self._alive(delivery, asyncio.to_thread(
+                pacs_priors.find_priors, source, patient_id=patient_id, before=study_date,
+                modality=modality, current_study_uid=study))
+        except PriorFetchError as exc:
+            await searched(PriorOutcome.FAILED, safe_reason(exc),
+                           final=attempt >= self.config.max_attempts)
+            raise
+        if not found:
+            return await searched(PriorOutcome.NONE, f"the PACS holds no earlier "
+                                  f"{modality or ''} study of this patient".replace("  ", " "))
+        chosen = pacs_priors.choose(found, source.max_priors)
+        await searched(PriorOutcome.FOUND, found=found, chosen=chosen)
+        destination = source.move_destination or spec.ae_title
+        actor = f"worker:{self.config.worker_id}"
+
+        def retrieved(prior: pacs_priors.PriorStudy, outcome: RetrieveOutcome,
+                      counts: pacs_priors.Retrieved | None = None, reason: str = ""
+                      ) -> PriorRetrieved:
+            return PriorRetrieved.new(
+                actor=actor, study_uid=prior.study_uid, pipeline=spec.name,
+                causation_id=trigger.event_id,
+                event_id=deterministic_id("prior-retrieved", key, prior.study_uid, attempt),
+                for_study_uid=study, for_run_key=key, address=address,
+                move_destination=destination, outcome=outcome, study_date=prior.study_date,
+                completed=counts.completed if counts else 0,
+                failed=counts.failed if counts else 0,
+                warning=counts.warning if counts else 0, reason=reason, attempt=attempt)
+
+        for prior in chosen:
+            history = await bus.history(prior.study_uid)
+            if any(isinstance(ev, InstanceStored) for _, ev in history):
+                event = retrieved(prior, RetrieveOutcome.IN_LOG)
+            else:
+                try:
+                    counts = await self._alive(delivery, asyncio.to_thread(
+                        pacs_priors.retrieve, source, prior.study_uid, destination))
+                except PriorFetchError as exc:
+                    await bus.publish(retrieved(prior, RetrieveOutcome.FAILED,
+                                                reason=safe_reason(exc)))
+                    raise
+                event = retrieved(prior, RetrieveOutcome.RETRIEVED, counts)
+            await bus.publish(event)
+            outcome = await self._run_pipeline(bus, event, delivery,
+                                               await bus.history(prior.study_uid), loaded,
+                                               fetch_priors=False)
+            log.info("run %s: prior %s %s, its run %s", key, prior.study_uid,
+                     event.outcome.value, outcome.status)
 
     async def _publish_timings(self, bus: EventBus, make: Make, key: str, attempt: int,
                                timings: list[StepTiming]) -> None:
@@ -454,6 +560,8 @@ class EngineWorker:
             operator = exc.operator
         elif isinstance(exc, RuntimeUnavailable):
             operator = "select_runtime"
+        elif isinstance(exc, PriorFetchError):
+            operator = "fetch_priors"
         elif isinstance(exc, InputError | OSError):
             operator = "read_instances"
         else:

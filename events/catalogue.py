@@ -576,6 +576,67 @@ class LogRedacted(Event, frozen=True, kw_only=True, tag="system.log.redacted"):
     read_models_rebuilt: bool = False
 
 
+# --------------------------------------------------------------------------- priors from
+# the PACS (issue 16, item 7): a longitudinal pipeline asks the PACS for the patient's
+# earlier studies when the log holds no earlier result (engine.pacs_priors). No DICOM
+# value here: study UIDs, dates (as InstanceStored records them), AE titles and counts.
+
+
+class PriorOutcome(StrEnum):
+    """What asking the PACS for earlier studies gave."""
+
+    FOUND = "found"  # it holds earlier studies of the patient (``prior_study_uids``)
+    NONE = "none"  # it holds none, or the study cannot be asked about: final
+    FAILED = "failed"  # it could not be asked: infrastructure, retried with a bound
+
+
+class RetrieveOutcome(StrEnum):
+    """What became of one earlier study chosen for the comparison."""
+
+    RETRIEVED = "retrieved"  # the PACS sent it to our receiver (C-MOVE)
+    IN_LOG = "in_log"  # its instances were already in the log: nothing to fetch
+    FAILED = "failed"  # the PACS did not send it (wholly): retried with a bound
+
+
+class PriorsSearched(Event, frozen=True, kw_only=True, tag="engine.priors.searched"):
+    """The PACS was asked (C-FIND, Study Root, STUDY level; PS3.4 C.6.2) for the
+    patient's studies of ``modality`` dated before ``before_date`` (the current study's
+    date), because the log held no earlier result of the pipeline. Recorded on the
+    current study; with ``NONE`` (final) the run proceeds without change figures."""
+
+    run_key: str
+    address: str  # the PACS, AE@host:port
+    outcome: PriorOutcome
+    modality: str | None = None
+    before_date: str | None = None  # YYYYMMDD
+    prior_study_uids: tuple[str, ...] = ()  # every earlier study found, earliest first
+    chosen_study_uids: tuple[str, ...] = ()  # those compared with: baseline, latest
+    reason: str = ""  # our words and attribute keywords, never a value
+    attempt: int = 1  # the worker's delivery attempt
+    final: bool = True  # False: the run fails now and is retried (``FAILED`` only)
+
+
+class PriorRetrieved(Event, frozen=True, kw_only=True, tag="engine.prior.retrieved"):
+    """One earlier study chosen by ``PriorsSearched`` was sent by the PACS to our
+    receiver (C-MOVE, PS3.4 C.4.2), was already in the log, or was not sent. Recorded
+    on the *earlier* study (its audit says where it came from and for which study); its
+    instances are ``instance stored`` events of the receiver, as for any sender. The
+    pipeline then runs on it (this event is that run's trigger) so the current run can
+    compare with its result."""
+
+    for_study_uid: str  # the current study that needed it
+    for_run_key: str
+    address: str  # the PACS, AE@host:port
+    move_destination: str  # the AE title the PACS sent it to
+    outcome: RetrieveOutcome
+    study_date: str | None = None  # YYYYMMDD, as the PACS answered it
+    completed: int = 0  # C-MOVE sub-operations (PS3.4 C.4.2.1.4)
+    failed: int = 0
+    warning: int = 0
+    reason: str = ""
+    attempt: int = 1
+
+
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     InstanceStored,
     InstanceRejected,
@@ -615,4 +676,6 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     SignInFailed,
     UserChanged,
     LogRedacted,
+    PriorsSearched,  # priors from the PACS (issue 16, item 7)
+    PriorRetrieved,
 )

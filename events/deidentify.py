@@ -116,6 +116,11 @@ FIELD_ACTIONS: Mapping[str, Action] = {
     "refused_contexts": Action.KEEP,
     # sign-ins, users, redaction (issue 18): the person is a person, the rest is facts
     "user": Action.PERSON, "event_ids": Action.EVENT_ID,
+    # priors from the PACS (issue 16, item 7); the PACS's address is removed as "address"
+    "before_date": Action.DATE, "prior_study_uids": Action.UID,
+    "chosen_study_uids": Action.UID, "for_study_uid": Action.UID,
+    "for_run_key": Action.ID, "move_destination": Action.REMOVE, "outcome": Action.KEEP,
+    "completed": Action.KEEP, "failed": Action.KEEP, "warning": Action.KEEP,
     # nested structs
     "series": Action.NESTED, "measurements": Action.NESTED, "findings": Action.NESTED,
     # facts without identity

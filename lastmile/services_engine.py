@@ -24,13 +24,22 @@ def pipeline_dirs(settings: Settings) -> list[Path]:
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
+    from engine.pacs import parse_address
+    from engine.pacs_priors import PriorSource
     from engine.worker import WorkerConfig
 
+    priors = None
+    if settings.priors_pacs:  # validated by Settings: AE@host:port
+        priors = PriorSource(parse_address(settings.priors_pacs),
+                             move_destination=settings.priors_move_destination,
+                             retries=settings.priors_retries,
+                             timeout_s=settings.priors_timeout_s)
     return WorkerConfig(
         instances_dir=settings.instances_dir,
         results_dir=settings.results_dir,
         secret=settings.secret(),
         worker_id=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
+        priors=priors,
     )
 
 

@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     # --- engine
     pipelines_dir: Path = Field(Path("pipelines"), description="Pipeline YAML files")
     worker_id: str | None = Field(None, description="Defaults to host:pid")
+    # --- priors from the PACS (longitudinal pipelines; engine.pacs_priors)
+    priors_pacs: str | None = Field(
+        None, description="AE@host:port of the PACS asked (C-FIND, C-MOVE) for a patient's "
+        "earlier studies when the log holds no earlier result; unset: never asked")
+    priors_move_destination: str | None = Field(
+        None, min_length=1, max_length=16,
+        description="AE title the PACS sends priors to (it must map it to this receiver); "
+        "unset: the pipeline's own AE title")
+    priors_retries: int = Field(2, ge=0, le=10, description="Retries per PACS request")
+    priors_timeout_s: float = Field(30.0, gt=0, description="Per PACS request")
     # --- which services `lastmile up` runs on this host
     services: tuple[Literal["ingest", "engine", "projector", "dashboard", "xnat"], ...] = Field(
         ("ingest", "engine", "projector", "dashboard", "xnat"),
@@ -121,6 +131,16 @@ class Settings(BaseSettings):
     @property
     def duckdb_path(self) -> Path:
         return self.state_dir / "lastmile.duckdb"
+
+    @field_validator("priors_pacs")
+    @classmethod
+    def _priors_pacs(cls, v: str | None) -> str | None:
+        ae, _, rest = (v or "").partition("@")
+        host, _, port = rest.rpartition(":")
+        if v is not None and not (0 < len(ae) <= 16 and host and port.isdigit()
+                                  and 0 < int(port) < 65536):
+            raise ValueError("expected AE@host:port (an AE title of at most 16 characters)")
+        return v
 
     @field_validator("nats_sync")
     @classmethod

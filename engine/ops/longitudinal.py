@@ -39,6 +39,16 @@ def percent_change(value: float, reference: float) -> float | None:
     return (value - reference) / reference * 100.0
 
 
+def earlier_than(earlier: Sequence[EarlierResult], current_date: str,
+                 current_study_uid: str | None = None) -> list[EarlierResult]:
+    """The results dated before ``current_date`` (not the current study's), earliest
+    first; none when the current date cannot be read."""
+    current = _date(current_date)
+    dated = [(d, e) for e in earlier if (d := _date(e.study_date)) is not None]
+    return [e for d, e in sorted(dated, key=lambda t: (t[0], t[1].study_uid))
+            if current is not None and d < current and e.study_uid != current_study_uid]
+
+
 def compare(
     current_value: float,
     current_date: str,
@@ -52,10 +62,7 @@ def compare(
     Results dated after the current study (or the current study itself) are ignored,
     so re-running an old exam compares it only with what was known before it.
     """
-    current = _date(current_date)
-    dated = [(d, e) for e in earlier if (d := _date(e.study_date)) is not None]
-    before = [e for d, e in sorted(dated, key=lambda t: (t[0], t[1].study_uid))
-              if current is not None and d < current and e.study_uid != current_study_uid]
+    before = earlier_than(earlier, current_date, current_study_uid)
     if not before:
         return Comparison(None, None, None, None, None)
     baseline, prior = before[0], before[-1]

@@ -78,8 +78,11 @@ def dciodvfy_errors(path: Path) -> list[str]:
 class Orthanc:
     """A real Orthanc (Debian package) on free ports, as the PACS receiving results."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, modalities: dict[str, list[object]] | None = None) -> None:
+        """``modalities``: Orthanc's DicomModalities (name -> [AE, host, port]), the
+        destinations it sends to on a C-MOVE."""
         self.root = root
+        self.modalities = modalities or {}
         self.dicom_port, self.http_port = free_port(), free_port()
         self.ae_title = "ORTHANC"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -94,6 +97,7 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True,
             "ConcurrentJobs": 1, "DicomAlwaysAllowStore": True,
+            "DicomModalities": self.modalities,
         }
         conf = self.root / "orthanc.json"
         conf.write_text(json.dumps(config))
