@@ -230,7 +230,7 @@ async def test_events_carry_the_site_pseudonym_and_no_identity(
     assert identity, "the test files should carry identity to leak"
     events: list[Event] = []
     for study in studies:
-        await wait_for_events(bus, study, "ingest.study.completed", timeout=10)
+        await wait_for_events(bus, study, "ingest.study.completed", timeout=60)
         events += [e for _, e in await bus.history(study)]
     for ev in events:
         wire = encode(ev)[1].decode("utf-8", "replace")
