@@ -633,8 +633,15 @@ def reliability() -> None:
             tooltip=["pipeline:N", "operator:N", "n:Q", alt.Tooltip("p50_s:Q", format=".2f"),
                      alt.Tooltip("p90_s:Q", format=".2f")]).properties(height=260)
     ui.chart(c, op, "operator_timings")
+    st.subheader("Studies completed with no runnable pipeline")
+    not_run = (r.reasons[r.reasons["kind"] == "not_run"] if not r.reasons.empty
+               else r.reasons)
+    st.caption("Nothing ran for these: deploy the pipeline (or re-deploy its file where "
+               "the worker can read it), then `lastmile study rerun UID --pipeline P --why`.")
+    ui.table(not_run.rename(columns={"operator": "reason_code"}), "not_run")
     st.subheader("Other reasons (skips, dead letters, publish failures, QC rejections)")
-    other = r.reasons[r.reasons["kind"] != "failed"] if not r.reasons.empty else r.reasons
+    other = (r.reasons[~r.reasons["kind"].isin(["failed", "not_run"])]
+             if not r.reasons.empty else r.reasons)
     ui.table(other, "reasons")
 
 

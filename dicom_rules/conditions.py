@@ -83,9 +83,11 @@ class Not:
 Condition = Equals | OneOf | Regex | Range | Exists | AllOf | AnyOf | Not
 
 
-def _shown(tag: str, values: tuple[str, ...] | None) -> str:
+def _shown(tag: str, values: tuple[str, ...] | None, show: bool = True) -> str:
     if values is None:
         return f"{tag} absent"
+    if not show:
+        return tag
     if tag in IDENTITY_TAGS:
         return f"{tag}=<identity, not shown>"
     text = "\\".join(values)
@@ -99,44 +101,48 @@ def _number(text: str) -> float | None:
         return None
 
 
-def evaluate(cond: Condition, tags: TagValues) -> tuple[bool, str]:
+def evaluate(cond: Condition, tags: TagValues, *, show_values: bool = True
+             ) -> tuple[bool, str]:
     """Whether ``cond`` holds for ``tags``, and a short human reason (for events and CLI).
 
     On identity tags neither the value nor the rule's operand appears in the reason.
+    With ``show_values=False`` no value of ``tags`` appears at all: the reason is the
+    keyword, the rule's own operand and our words ("ContrastBolusAgent absent",
+    "SequenceName !~ /tse/"), as series selection records in its audit.
     """
     tag = getattr(cond, "tag", None)
     if tag in IDENTITY_TAGS:
-        ok, _ = _evaluate(cond, tags)
+        ok, _ = _evaluate(cond, tags, show_values)
         return ok, f"{tag} {'matches' if ok else 'does not match'} (identity: not shown)"
-    return _evaluate(cond, tags)
+    return _evaluate(cond, tags, show_values)
 
 
-def _evaluate(cond: Condition, tags: TagValues) -> tuple[bool, str]:
+def _evaluate(cond: Condition, tags: TagValues, show: bool = True) -> tuple[bool, str]:
     match cond:
         case Equals(tag, value):
             vals = tags.get(tag)
             ok = vals is not None and any(v == value for v in vals)
-            return ok, f"{_shown(tag, vals)} {'==' if ok else '!='} {value!r}"
+            return ok, f"{_shown(tag, vals, show)} {'==' if ok else '!='} {value!r}"
         case OneOf(tag, values):
             vals = tags.get(tag)
             ok = vals is not None and any(v in values for v in vals)
-            return ok, f"{_shown(tag, vals)} {'in' if ok else 'not in'} {list(values)}"
+            return ok, f"{_shown(tag, vals, show)} {'in' if ok else 'not in'} {list(values)}"
         case Regex(tag, pattern):
             vals = tags.get(tag)
             ok = vals is not None and any(pattern.search(v) for v in vals)
-            return ok, f"{_shown(tag, vals)} {'~' if ok else '!~'} /{pattern.pattern}/"
+            return ok, f"{_shown(tag, vals, show)} {'~' if ok else '!~'} /{pattern.pattern}/"
         case Range(tag, lo, hi):
             vals = tags.get(tag)
             nums = [n for n in (_number(v) for v in vals or ()) if n is not None]
             ok = any((lo is None or n >= lo) and (hi is None or n <= hi) for n in nums)
-            return ok, f"{_shown(tag, vals)} {'in' if ok else 'not in'} [{lo}, {hi}]"
+            return ok, f"{_shown(tag, vals, show)} {'in' if ok else 'not in'} [{lo}, {hi}]"
         case Exists(tag, present):
             ok = (tag in tags) == present
             return ok, f"{tag} {'present' if tag in tags else 'absent'}"
         case AllOf(items):
             reasons = []
             for item in items:
-                ok, why = evaluate(item, tags)
+                ok, why = evaluate(item, tags, show_values=show)
                 reasons.append(why)
                 if not ok:
                     return False, why
@@ -144,13 +150,13 @@ def _evaluate(cond: Condition, tags: TagValues) -> tuple[bool, str]:
         case AnyOf(items):
             misses = []
             for item in items:
-                ok, why = evaluate(item, tags)
+                ok, why = evaluate(item, tags, show_values=show)
                 if ok:
                     return True, why
                 misses.append(why)
             return False, "none of: " + "; ".join(misses)
         case Not(item):
-            ok, why = evaluate(item, tags)
+            ok, why = evaluate(item, tags, show_values=show)
             return (not ok), f"not ({why})"
     raise TypeError(f"not a condition: {cond!r}")  # pragma: no cover - exhaustive
 

@@ -164,3 +164,20 @@ def canonical_tag(raw: str) -> str | None:
         keyword = keyword_for_tag(number) if dictionary_has_tag(number) else ""
         return keyword or digits.upper()
     return None
+
+
+def _lines(data: Any) -> Any:
+    """Plain YAML data (dicts, lists) as ``LineMap``s without line numbers."""
+    if isinstance(data, dict) and not isinstance(data, LineMap):
+        out = LineMap({str(k): _lines(v) for k, v in data.items()})
+        out.line, out.key_lines = 0, {}
+        return out
+    if isinstance(data, list):
+        return [_lines(v) for v in data]
+    return data
+
+
+def parse_condition(data: Any, source: str, path: str) -> Condition:
+    """One condition from already-loaded YAML data (a pipeline file's ``selection.when``),
+    or ``RuleError`` naming ``path`` and the problem (the caller adds the line)."""
+    return ConditionParser(source).condition(_lines(data), path)

@@ -90,7 +90,8 @@ def _partial(history: Sequence[tuple[int, Event]], run: InferenceCompleted) -> b
 
 
 async def supersede_earlier(bus: EventBus, make: Make, *, study_uid: str, current_key: str,
-                            spec: PipelineSpec, results_dir: Path, calling_ae: str) -> int:
+                            spec: PipelineSpec, results_dir: Path, calling_ae: str,
+                            reason: str | None = None) -> int:
     """Supersede every earlier current result of this study and pipeline by
     ``current_key`` and withdraw those sent to a PACS. Idempotent (deterministic ids and
     UIDs): a redelivered trigger repeats nothing. Returns how many were superseded."""
@@ -103,7 +104,8 @@ async def supersede_earlier(bus: EventBus, make: Make, *, study_uid: str, curren
         await bus.publish(make(
             ResultSuperseded, deterministic_id("superseded", old.run_key, current_key),
             run_key=old.run_key, superseded_by=current_key, partial=_partial(history, old),
-            reason="a re-run of the study after more instances (or changed pixels) arrived"))
+            reason=reason
+            or "a re-run of the study after more instances (or changed pixels) arrived"))
         await _withdraw(bus, make, history, old, current_key, spec, results_dir, calling_ae)
     return len(earlier)
 

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.ops.selection import PHOTOMETRIC_TERMS, InputContract, SelectionRule
+from engine.ops.selection import PHOTOMETRIC_TERMS, TIE_BREAKS, InputContract, SelectionRule
 from engine.runtimes import RUNTIME_NAMES
 
 SPEC_VERSION = 1
@@ -36,6 +36,26 @@ class SelectionSpec(_Strict):
     max_slices: int | None = Field(None, ge=1)
     max_spacing_mm: float | None = Field(None, gt=0)
     multiple: bool = False
+    #: a condition of the rule language (``dicom_rules``) on the series' first instance
+    when: dict[str, Any] | None = None
+    #: how a tie among matching series is broken: names of ``TIE_BREAKS``, in order
+    tie_break: tuple[str, ...] = ()
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            _condition(v)
+        return v
+
+    @field_validator("tie_break")
+    @classmethod
+    def _tie_break(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [n for n in v if n not in TIE_BREAKS]
+        if unknown:
+            raise ValueError(f"unknown tie-break {', '.join(unknown)} (known: "
+                             f"{', '.join(TIE_BREAKS)})")
+        return v
 
     @field_validator("description_regex", "exclude_regex")
     @classmethod
@@ -50,7 +70,19 @@ class SelectionSpec(_Strict):
         return v
 
     def rule(self) -> SelectionRule:
-        return SelectionRule(**self.model_dump())
+        fields = self.model_dump(exclude={"when"})
+        return SelectionRule(**fields, when=_condition(self.when) if self.when else None)
+
+
+def _condition(data: dict[str, Any]) -> Any:
+    """``selection.when`` parsed by the rule language, or ``ValueError`` saying why."""
+    from dicom_rules.errors import RuleError
+    from dicom_rules.parse import parse_condition
+
+    try:
+        return parse_condition(data, "selection.when", "when")
+    except RuleError as exc:
+        raise ValueError(str(exc).removeprefix("selection.when: ")) from None
 
 
 class InputSpec(_Strict):
@@ -166,6 +198,8 @@ class LoadedPipeline(BaseModel):
     model_path: Path
     card_path: Path | None
     operator_params: tuple[BaseModel, ...]
+    #: the file's text as read (deployment events carry it: workers run it from the log)
+    text: str = ""
 
     @property
     def name(self) -> str:

@@ -1,53 +1,27 @@
-"""Deployed pipelines as a fold over pipeline events; the events that change them.
+"""The events that change deployed pipelines; what is deployed now is their fold.
 
 Deploying, changing a stage and retiring are facts in the log (who, why, which file
-hash). What is deployed *now* is ``fold_pipelines(events)``: a pure function, so a
-worker, the CLI and an auditor all derive the same answer from the same log.
+hash, and the file's own text so that every worker can run it). What is deployed *now*
+is ``fold_pipelines(events)`` (``events.deployments``): a pure function, so a worker,
+the receiver, the CLI and an auditor all derive the same answer from the same log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
-
 from engine.spec import LoadedPipeline
-from events.base import Event, deterministic_id
+from events.base import deterministic_id
 from events.catalogue import PipelineDeployed, PipelineRetired, PipelineStageChanged, Stage
+from events.deployments import PIPELINE_EVENTS, DeployedPipeline, fold_pipelines
 
-PIPELINE_EVENTS = "lm.ev._.engine.pipeline.>"
-
-
-@dataclass(frozen=True)
-class DeployedPipeline:
-    name: str
-    version: str
-    file_sha256: str
-    model_sha256: str | None
-    stage: Stage
-    ae_title: str | None
-    deployed_by: str
-    retired: bool = False
-    last_reason: str | None = None
-
-
-def fold_pipelines(events: Iterable[Event]) -> dict[str, DeployedPipeline]:
-    """Current state of every pipeline ever deployed (retired ones flagged)."""
-    state: dict[str, DeployedPipeline] = {}
-    for ev in events:
-        if isinstance(ev, PipelineDeployed):
-            state[ev.name] = DeployedPipeline(ev.name, ev.version, ev.file_sha256,
-                                              ev.model_sha256, ev.stage, ev.ae_title,
-                                              ev.actor, False, ev.reason)
-        elif isinstance(ev, PipelineStageChanged) and ev.name in state:
-            state[ev.name] = replace(state[ev.name], stage=ev.to_stage, last_reason=ev.reason)
-        elif isinstance(ev, PipelineRetired) and ev.name in state:
-            state[ev.name] = replace(state[ev.name], retired=True, last_reason=ev.reason)
-    return state
+__all__ = ["PIPELINE_EVENTS", "DeployedPipeline", "deployed_event", "fold_pipelines",
+           "retired_event", "stage_changed_event"]
 
 
 def deployed_event(loaded: LoadedPipeline, *, actor: str, reason: str | None = None,
                    stage: Stage = Stage.STAGING) -> PipelineDeployed:
-    """Deploying the same file twice is the same fact (deterministic id)."""
+    """Deploying the same file twice is the same fact (deterministic id); the event
+    carries the file's text and path, so a running worker without the file in its
+    pipeline folders runs it from the log (its model must be at the resolved path)."""
     spec = loaded.spec
     return PipelineDeployed.new(
         actor=actor,
@@ -62,6 +36,8 @@ def deployed_event(loaded: LoadedPipeline, *, actor: str, reason: str | None = N
         ae_title=spec.ae_title,
         model_card=str(loaded.card_path) if loaded.card_path else None,
         reason=reason,
+        file_text=loaded.text,
+        file_path=str(loaded.path),
     )
 
 

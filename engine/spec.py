@@ -115,6 +115,7 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
         model_path=model_path,
         card_path=card_path,
         operator_params=tuple(params),
+        text=text,
     )
 
 

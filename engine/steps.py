@@ -132,9 +132,9 @@ def operator(name: str, params: type[BaseModel] = NoParams,
 @operator("select_series")
 def _select(ctx: RunContext, _: BaseModel) -> str:
     """Choose the input series by the pipeline's selection rules; record why others lost."""
-    infos = describe_series(ctx.datasets)
-    ctx.selection = select_series(infos, ctx.pipeline.spec.selection.rule(),
-                                  ctx.pipeline.spec.input.contract())
+    rule = ctx.pipeline.spec.selection.rule()
+    infos = describe_series(ctx.datasets, rule.tags)
+    ctx.selection = select_series(infos, rule, ctx.pipeline.spec.input.contract())
     chosen = {s.series_uid for s in ctx.selection.chosen}
     ctx.series = [d for d in ctx.datasets if str(d.SeriesInstanceUID) in chosen]
     return f"{len(chosen)} chosen, {len(ctx.selection.rejected)} rejected"

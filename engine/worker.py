@@ -2,12 +2,16 @@
 
 Any number of worker processes share one durable consumer (``engine-workers``), so
 scaling out is starting more of them, on more hosts. For each ``study completed`` (and
-``study amended`` with ``rerun``) the worker:
+``study amended`` with ``rerun``, and ``study rerun requested``) the worker:
 
-1. finds the pipeline (``event.pipeline``) among its pipeline files and the deployed
-   state folded from the log (stage, file hash); staging runs only studies sent to the
-   pipeline's own AE title or forced by hand;
-2. derives the run key (study, pipeline, model hash [, amendment]) and looks in the
+1. finds the pipeline (``event.pipeline``) in the deployed state folded from the log
+   (stage, file hash): the file of that hash from its pipeline folders, else the file's
+   text the deployment event carries (so a pipeline deployed while the worker runs is
+   runnable at once, without a restart); no runnable pipeline (not deployed, retired,
+   file unavailable) is recorded as ``study not run`` with the reason. Staging runs only
+   studies sent to the pipeline's own AE title, forced or re-run by hand;
+2. derives the run key (study, pipeline, model hash, file hash [, amendment or re-run])
+   and looks in the
    study's history: a run key that already completed, was skipped or failed finally is
    never run again, so a redelivery cannot publish a second result;
 3. reads the study's files from the instance store (``InstanceStored.store_key``, the
@@ -81,6 +85,7 @@ from events.catalogue import (
     InferenceStarted,
     InstanceStored,
     Measurement,
+    NotRunReason,
     OperatorFinished,
     PriorOutcome,
     PriorRetrieved,
@@ -88,9 +93,13 @@ from events.catalogue import (
     PublishFailed,
     ResultPublished,
     RetrieveOutcome,
+    SeriesChoice,
+    SeriesSelected,
     Stage,
     StudyAmended,
     StudyCompleted,
+    StudyNotRun,
+    StudyRerunRequested,
 )
 from events.dicom_dates import DicomValueError, normalise_da
 from events.jetstream import Delivery, EventBus
@@ -103,12 +112,15 @@ DURABLE = "engine-workers"
 #: modalities that are not images of the exam (results, states, selections)
 _NOT_IMAGES = frozenset({"SR", "SEG", "PR", "KO", "REG", "RTSTRUCT"})
 Make = Callable[..., Event]  # builds a follow-up event of the trigger (see _run_pipeline)
-TRIGGERS = (type_filter("ingest.study.completed"), type_filter("ingest.study.amended"))
+TRIGGERS = (type_filter("ingest.study.completed"), type_filter("ingest.study.amended"),
+            type_filter("engine.study.rerun_requested"))
 
 
-def run_key(study_uid: str, pipeline: str, model_sha256: str, revision: str = "") -> str:
-    """One result per (study, pipeline, model hash [, amendment]), ever."""
-    parts = "\x1f".join((study_uid, pipeline, model_sha256, revision))
+def run_key(study_uid: str, pipeline: str, model_sha256: str, revision: str = "",
+            file_sha256: str = "") -> str:
+    """One result per (study, pipeline, model hash, pipeline file hash [, amendment or
+    re-run]), ever: a changed pipeline file is a new run."""
+    parts = "\x1f".join((study_uid, pipeline, model_sha256, revision, file_sha256))
     return hashlib.sha256(parts.encode()).hexdigest()[:32]
 
 
@@ -215,6 +227,8 @@ class EngineWorker:
         # recent outcomes, for tests and the bench (bounded: a worker runs for months)
         self.outcomes: deque[RunOutcome] = deque(maxlen=1000)
         self._bus: EventBus
+        # pipelines read from deployment events, by file SHA-256 (None: unreadable here)
+        self._from_log: dict[str, LoadedPipeline | str] = {}
 
     # ------------------------------------------------------------------ service
 
@@ -247,7 +261,8 @@ class EngineWorker:
 
     async def _handle(self, bus: EventBus, event: Event, delivery: Delivery
                       ) -> RunOutcome | None:
-        if not isinstance(event, StudyCompleted | StudyAmended) or not event.study_uid:
+        if not isinstance(event, StudyCompleted | StudyAmended | StudyRerunRequested
+                          ) or not event.study_uid:
             return None
         if isinstance(event, StudyAmended) and not event.rerun:
             if event.stale and event.pipeline:  # changed pixels, pipeline says "stale"
@@ -258,20 +273,73 @@ class EngineWorker:
         names = [event.pipeline] if event.pipeline else sorted(
             {ev.pipeline for _, ev in history if isinstance(ev, StudyCompleted) and ev.pipeline})
         last: RunOutcome | None = None
+        deployed = await self._deployed(bus)
         for name in names:
-            if name not in self.pipelines:
-                log.debug("study %s: pipeline %s is not one of this worker's", study, name)
+            loaded = self.resolve(name, deployed.get(name))
+            if isinstance(loaded, StudyNotRun):
+                last = await self._not_run(bus, event, name, loaded)
                 continue
-            last = await self._run_pipeline(bus, event, delivery, history, self.pipelines[name])
+            last = await self._run_pipeline(bus, event, delivery, history, loaded,
+                                            deployed[name])
         return last
+
+    def resolve(self, name: str, deployed: DeployedPipeline | None
+                ) -> LoadedPipeline | StudyNotRun:
+        """The runnable file of ``name`` as deployed now, or why there is none (a
+        ``StudyNotRun`` without its envelope, for ``_not_run`` to record).
+
+        The worker's own file when its SHA-256 is the deployed one, else the deployed
+        text from the log (parsed once per hash, model hash verified); pure apart from
+        that cache and reading the model file."""
+        def none(code: NotRunReason, reason: str) -> StudyNotRun:
+            return StudyNotRun.new(actor="worker", reason_code=code, reason=reason,
+                                   trigger="")
+        if deployed is None:
+            return none(NotRunReason.NOT_DEPLOYED, f"pipeline {name} is not deployed "
+                        "(lastmile pipelines deploy FILE)")
+        if deployed.retired:
+            return none(NotRunReason.RETIRED, f"pipeline {name} is retired")
+        own = self.pipelines.get(name)
+        if own is not None and own.file_sha256 == deployed.file_sha256:
+            return own
+        cached = self._from_log.get(deployed.file_sha256)
+        if cached is None and deployed.file_text is not None and deployed.file_path:
+            from engine.spec import parse_pipeline
+
+            try:
+                cached = parse_pipeline(deployed.file_text, Path(deployed.file_path))
+            except EngineError as exc:
+                cached = (f"the deployed file of {name} cannot be used on this worker "
+                          f"({safe_reason(exc).splitlines()[-1].strip()[:300]})")
+            self._from_log[deployed.file_sha256] = cached
+        if isinstance(cached, LoadedPipeline):
+            return cached
+        if cached is not None:
+            return none(NotRunReason.FILE_UNAVAILABLE, cached)
+        mine = (f", this worker's {own.path.name} has {own.file_sha256[:12]}: deploy it "
+                "again" if own is not None else " and the log does not carry its text")
+        return none(NotRunReason.FILE_UNAVAILABLE,
+                    f"deployed file of {name} has SHA-256 {deployed.file_sha256[:12]}{mine}")
+
+    async def _not_run(self, bus: EventBus, trigger: Event, name: str,
+                       why: StudyNotRun) -> RunOutcome:
+        """Record that ``trigger`` found no runnable pipeline ``name`` (once per trigger)."""
+        await bus.publish(trigger.caused(
+            StudyNotRun, actor=f"worker:{self.config.worker_id}", pipeline=name,
+            event_id=deterministic_id("not-run", trigger.event_id, name),
+            reason_code=why.reason_code, reason=why.reason, trigger=trigger.type_name()))
+        log.warning("study %s not run by %s: %s", trigger.study_uid, name, why.reason)
+        return RunOutcome("", "not_run", why.reason, trigger.study_uid, name)
 
     async def _run_pipeline(self, bus: EventBus, trigger: Event, delivery: Delivery,
                             history: list[tuple[int, Event]], loaded: LoadedPipeline,
+                            deployed: DeployedPipeline | None = None,
                             *, fetch_priors: bool = True) -> RunOutcome:
         spec = loaded.spec
         study = trigger.study_uid or ""
-        revision = trigger.event_id if isinstance(trigger, StudyAmended) else ""
-        key = run_key(study, spec.name, spec.model.sha256, revision)
+        revision = (trigger.event_id
+                    if isinstance(trigger, StudyAmended | StudyRerunRequested) else "")
+        key = run_key(study, spec.name, spec.model.sha256, revision, loaded.file_sha256)
         actor = f"worker:{self.config.worker_id}"
 
         def caused(cls: type[Event], event_id: str, **payload: object) -> Event:
@@ -288,7 +356,7 @@ class EngineWorker:
                 or (isinstance(ev, InferenceSkipped) and ev.causation_id == trigger.event_id)
             ):
                 if isinstance(ev, InferenceCompleted):  # a crash before superseding
-                    await self._supersede(bus, caused, study, key, spec)
+                    await self._supersede(bus, caused, study, key, spec, trigger)
                 return RunOutcome(key, "duplicate", f"already {ev.type_name()}")
 
         async def skip(reason: str, rejected: tuple[str, ...] = ()) -> RunOutcome:
@@ -297,18 +365,16 @@ class EngineWorker:
                                      run_key=key, reason=reason, rejected_series=rejected))
             return RunOutcome(key, "skipped", reason)
 
-        # 2. deployed, same file, stage allows this study?
-        deployed = (await self._deployed(bus)).get(spec.name)
-        if deployed is None or deployed.retired:
-            state = "retired" if deployed else "not deployed"
-            return await skip(f"pipeline {spec.name} is {state}")
-        if deployed.file_sha256 != loaded.file_sha256:
-            return await skip(
-                f"deployed file of {spec.name} has SHA-256 {deployed.file_sha256[:12]}, this "
-                f"worker's {loaded.path.name} has {loaded.file_sha256[:12]}: deploy it again")
+        # 2. deployed (``resolve``: this very file); does the stage allow this study?
+        if deployed is None:  # a prior's run (``_fetch_priors``): the same deployment
+            deployed = (await self._deployed(bus)).get(spec.name)
+            if deployed is None or deployed.retired:
+                return await skip(f"pipeline {spec.name} is "
+                                  f"{'retired' if deployed else 'not deployed'}")
         files = study_files(history, self.config.instances_dir)
         if deployed.stage == Stage.STAGING:
-            by_hand = spec.ae_title in files.called_aes or (
+            by_hand = spec.ae_title in files.called_aes or isinstance(
+                trigger, StudyRerunRequested) or (
                 isinstance(trigger, StudyCompleted) and trigger.reason == CompletionReason.FORCED
             ) or isinstance(trigger, PriorRetrieved)  # a prior the run of such a study needed
             if not by_hand:
@@ -322,7 +388,8 @@ class EngineWorker:
         await bus.publish(caused(InferenceRequested, deterministic_id("requested", key),
                                  run_key=key, model_sha256=spec.model.sha256,
                                  stage=deployed.stage,
-                                 trigger="study_amended" if revision
+                                 trigger="study_rerun" if isinstance(trigger, StudyRerunRequested)
+                                 else "study_amended" if revision
                                  else "prior_retrieved" if isinstance(trigger, PriorRetrieved)
                                  else "study_completed"))
         t_start = time.perf_counter()
@@ -371,8 +438,10 @@ class EngineWorker:
                                                           on_step=timings.append))
         except (OperatorError, InputError, EngineError, OSError) as exc:
             await self._publish_timings(bus, caused, key, attempt, timings)
+            await self._publish_selection(bus, caused, key, attempt, ctx)
             return await self._failed(bus, caused, key, attempt, exc)
         await self._publish_timings(bus, caused, key, attempt, timings)
+        await self._publish_selection(bus, caused, key, attempt, ctx)
         assert ctx is not None
         if ctx.selection is not None and not ctx.selection.chosen:
             return await skip("no series matched the selection rules",
@@ -408,19 +477,22 @@ class EngineWorker:
             blinding_hash=ctx.blinding_hash, patient_pseudonym=files.patient_pseudonym,
             study_date=ctx.study_date or None,
         ))
-        await self._supersede(bus, caused, study, key, spec)
+        await self._supersede(bus, caused, study, key, spec, trigger)
         return RunOutcome(key, "completed", f"{len(published)} published", study, spec.name,
                           stages, ctx.inference_s)
 
     # ------------------------------------------------------------------ pieces
 
     async def _supersede(self, bus: EventBus, make: Make, study: str, key: str,
-                         spec: PipelineSpec) -> None:
+                         spec: PipelineSpec, trigger: Event) -> None:
         """The new result is current: earlier ones are superseded (and withdrawn from
         the PACS they went to), after the new result was sent (``engine.iocm``)."""
+        reason = None
+        if isinstance(trigger, StudyRerunRequested):
+            reason = f"re-run by hand by {trigger.actor}: {trigger.why}"[:500]
         await iocm.supersede_earlier(bus, make, study_uid=study, current_key=key, spec=spec,
                                      results_dir=self.config.results_dir,
-                                     calling_ae=self.config.calling_ae)
+                                     calling_ae=self.config.calling_ae, reason=reason)
 
     def _follow_up(self, trigger: Event) -> Make:
         actor = f"worker:{self.config.worker_id}"
@@ -551,6 +623,17 @@ class EngineWorker:
                  duration_s=round(t.duration_s, 6), detail=(t.detail or "")[:500])
             for t in timings
         ])
+
+    async def _publish_selection(self, bus: EventBus, make: Make, key: str, attempt: int,
+                                 ctx: RunContext | None) -> None:
+        """Every series the run considered and why (``engine.series.selected``)."""
+        if ctx is None or ctx.selection is None:
+            return
+        await bus.publish(make(
+            SeriesSelected, deterministic_id("selected", key, attempt), run_key=key,
+            attempt=attempt, series=tuple(
+                SeriesChoice(series_uid=uid, chosen=chosen, reason=reason[:500])
+                for uid, chosen, reason in ctx.selection.considered)))
 
     async def _failed(self, bus: EventBus, make: Make, key: str, attempt: int,
                       exc: Exception) -> RunOutcome:

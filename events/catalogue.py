@@ -307,6 +307,12 @@ class PipelineDeployed(Event, frozen=True, kw_only=True, tag="engine.pipeline.de
     ae_title: str | None = None
     model_card: str | None = None
     reason: str | None = None
+    # added without a version change (issue 16, live deployment): the deployed file's
+    # own text and where it was read from, so every running worker can run it from the
+    # log (relative model paths resolve against ``file_path``'s folder); older events
+    # have neither and run only from a worker's pipeline folders
+    file_text: str | None = None
+    file_path: str | None = None
 
 
 class PipelineStageChanged(Event, frozen=True, kw_only=True, tag="engine.pipeline.stage_changed"):
@@ -439,6 +445,59 @@ class ResultWithdrawn(Event, frozen=True, kw_only=True, tag="engine.result.withd
     rejected_sop_instance_uids: tuple[str, ...]
     reason_code: str  # e.g. "(113001, DCM, Rejected for Quality Reasons)"
     rejection_note_uid: str | None = None  # the KOS SOP Instance UID (PACS)
+
+
+# ------------------------------------------------ engine: live deployment, re-runs (issue 16)
+
+
+class NotRunReason(StrEnum):
+    """Why a completed study has no runnable pipeline (``StudyNotRun.reason_code``)."""
+
+    NOT_DEPLOYED = "not_deployed"  # no deployment of that name in the log
+    RETIRED = "retired"
+    #: deployed, but no worker can read the deployed file (no text in the log and no
+    #: file of that hash in its folders, or its model is missing or altered there)
+    FILE_UNAVAILABLE = "file_unavailable"
+
+
+class StudyNotRun(Event, frozen=True, kw_only=True, tag="engine.study.not_run"):
+    """A study completed (or was asked to re-run) for ``pipeline`` and no runnable
+    pipeline of that name exists: nothing ran, and this says why (our words, no DICOM
+    value). A later completion or re-run after a deployment runs it."""
+
+    reason_code: NotRunReason
+    reason: str
+    trigger: str  # the trigger's type name, e.g. "ingest.study.completed"
+
+
+class SeriesChoice(msgspec.Struct, frozen=True, kw_only=True):
+    """One series a run considered: chosen or not, and why (our words, attribute
+    keywords and the pipeline file's own operands; never a DICOM value)."""
+
+    series_uid: str
+    chosen: bool
+    reason: str
+
+
+class SeriesSelected(Event, frozen=True, kw_only=True, tag="engine.series.selected"):
+    """Series selection of one run attempt: every series of the study it considered,
+    with the reason each was chosen or rejected. Recorded for failed runs too, so the
+    audit names the series a failure used."""
+
+    run_key: str
+    attempt: int
+    series: tuple[SeriesChoice, ...]
+
+
+class StudyRerunRequested(Event, frozen=True, kw_only=True,
+                          tag="engine.study.rerun_requested"):
+    """Someone asked for a study to be run again by ``pipeline`` (``lastmile study
+    rerun``): the actor says who, ``why`` says why. The run's key includes this event's
+    id, so it is a new result; it supersedes the earlier ones (``ResultSuperseded``)."""
+
+    why: str
+    #: the deployed file's SHA-256 when it was asked (None: the pipeline was not deployed)
+    file_sha256: str | None = None
 
 
 class MeasurementRecomputed(
@@ -664,6 +723,9 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     ResultSuperseded,
     ResultMarkedStale,
     ResultWithdrawn,
+    StudyNotRun,
+    StudyRerunRequested,
+    SeriesSelected,
     MeasurementRecomputed,
     QcPassed,
     QcRejected,

@@ -214,6 +214,12 @@ class EventBus:
         info = await self.js.stream_info(self.settings.stream)
         return int(info.state.last_seq)
 
+    async def subject_count(self, filter_subject: str) -> int:
+        """How many messages the stream holds on subjects matching ``filter_subject``
+        (one STREAM.INFO request: a cheap "did anything change?" before a read)."""
+        info = await self.js.stream_info(self.settings.stream, subjects_filter=filter_subject)
+        return sum(int(n) for n in (info.state.subjects or {}).values())
+
     # ------------------------------------------------------------------ publishing
 
     async def publish(self, event: Event, *, retry_s: float | None = None) -> Published:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from events.instance_store import InstanceStore
 from events.jetstream import EventBus
+from ingest.deployments import DeploymentFollower
 from ingest.dicom_scp import ScpConfig, StorageScp
 from ingest.jetstream import CompletionDetector, ThreadPublisher, fold_index
 from ingest.receiver import InstanceReceiver, ReceiverConfig
@@ -57,6 +58,12 @@ class ScpRunner:
         if cleaned:
             log.warning("removed %d partial files left by an interrupted write", cleaned)
         index = await fold_index(bus)
+        # the pipelines deployed in the log: their AE titles are ours from the start,
+        # and from the moment a later deployment is recorded (``poll`` below, and before
+        # any called AE title is refused)
+        follower = DeploymentFollower(bus, self.rules)
+        await follower.poll()
+        follower.attach(asyncio.get_running_loop())
         publisher = ThreadPublisher(bus, asyncio.get_running_loop(),
                                     timeout_s=self.options.publish_timeout_s)
         self.receiver = InstanceReceiver(
@@ -75,6 +82,11 @@ class ScpRunner:
                     await asyncio.wait_for(stop.wait(), self.options.rules_poll_s)
                 except TimeoutError:
                     await asyncio.to_thread(self.rules.poll)
+                    try:
+                        await follower.poll()
+                    except Exception as exc:  # noqa: BLE001 - the log is an edge; retry
+                        log.warning("deployed pipelines not re-read (the log: %s)",
+                                    type(exc).__name__)
         finally:
             # handlers may be waiting on this loop for acks: stop from a thread
             await asyncio.to_thread(scp.stop)

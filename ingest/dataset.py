@@ -20,9 +20,9 @@ from typing import Any, TypeAlias
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
 
 from dicom_rules.conditions import TagValues
+from dicom_rules.values import tag_values  # noqa: F401 - re-exported
 from events.dicom_dates import DicomValueError, normalise_da
 from events.pseudonym import age_band, pseudonym, sex_code
 from ingest.errors import BadInstance
@@ -316,32 +316,6 @@ def integer(ds: Dataset, keyword: str) -> int | None:
         return int(float(raw)) if raw is not None else None
     except ValueError:
         return None
-
-
-def tag_values(ds: Dataset, tags: frozenset[str]) -> dict[str, tuple[str, ...]]:
-    """The values of the tags rules read, as text (absent tags are left out)."""
-    out: dict[str, tuple[str, ...]] = {}
-    for name in tags:
-        try:
-            elem = ds.get(Tag(int(name, 16)) if _is_hex(name) else name)
-            if elem is None:
-                continue
-            value = elem.value if hasattr(elem, "value") else elem
-        except Exception:  # noqa: BLE001 - undecodable value: treat as absent
-            continue
-        if isinstance(value, bytes):
-            out[name] = ()
-        elif isinstance(value, MultiValue | list | tuple):
-            out[name] = tuple(str(v).strip() for v in value)
-        elif value is None or value == "":
-            out[name] = ()
-        else:
-            out[name] = (str(value).strip(),)
-    return out
-
-
-def _is_hex(name: str) -> bool:
-    return len(name) == 8 and all(c in "0123456789ABCDEF" for c in name)
 
 
 @dataclass(frozen=True)

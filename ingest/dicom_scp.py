@@ -132,6 +132,14 @@ class StorageScp:
     def ae_titles(self) -> set[str]:
         return {self.config.general_ae, *self.rules().ae_titles()}
 
+    def _recognise(self, called: str) -> bool:
+        """A pipeline's AE title, in the rules file or deployed in the log; the log is
+        asked once more before a refusal (a deployment recorded a moment ago)."""
+        recognise = getattr(self.rules, "recognise", None)
+        if recognise is not None:
+            return bool(recognise(called))
+        return called in self.rules().ae_titles()
+
     def _ae(self) -> AE:
         ae = AE(ae_title=self.config.general_ae)
         ae.maximum_pdu_size = self.config.max_pdu
@@ -276,7 +284,7 @@ class StorageScp:
                 assoc.kill()
                 return
         rejection: AssociationRejection | None = None
-        if called not in self.ae_titles():
+        if called != self.config.general_ae and not self._recognise(called):
             rejection = AssociationRejection.CALLED_AE_NOT_RECOGNIZED
             why = f"called AE title {called!r} is not one of ours"
         elif self.config.allowed_calling_aes and calling not in self.config.allowed_calling_aes:

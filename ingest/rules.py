@@ -27,6 +27,11 @@ general AE title, and how each pipeline decides that a study is complete::
 
 Conditions are the rule language of ``dicom_rules`` (shared with pipeline selection);
 this module adds what routing needs: rules, pipelines and their completion policies.
+
+Deployed pipelines come from the log too (``with_deployed``): a pipeline deployed with
+``lastmile pipelines deploy`` gets its file's ``ae_title`` without a line here, and a
+rule may name it (a name neither listed under ``pipelines:`` nor deployed is routed all
+the same: the worker records ``engine.study.not_run`` for it, never a silent drop).
 ``route`` takes values and returns values. ``load_rules`` parses and validates a file
 and refuses it with the line and key of the first problem.
 """
@@ -36,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +50,11 @@ import yaml
 from dicom_rules.conditions import Condition, TagValues, condition_tags, evaluate
 from dicom_rules.errors import RuleError
 from dicom_rules.parse import ConditionParser, LineLoader, LineMap
+from events.deployments import DeployedPipeline
 from ingest.errors import RulesError
 
 DEFAULT_PIPELINE_AES: Mapping[str, str] = {"bts": "LM_BTS", "lts": "LM_LTS", "hfd": "LM_HFD"}
+PIPELINE_NAME = r"[a-z][a-z0-9_-]{0,31}"
 
 
 # --------------------------------------------------------------------------- rule set
@@ -151,6 +158,12 @@ class RuleSet:
                 out |= condition_tags(rule.when)
         return out
 
+    def undeclared(self) -> tuple[str, ...]:
+        """Pipelines the rules name that are not listed under ``pipelines:`` (deployed
+        ones, or a typo: ``RulesFile`` warns about those the log does not know)."""
+        named = {p for r in self.rules for p in r.pipelines}
+        return tuple(sorted(named - set(self.pipelines)))
+
     def ae_titles(self) -> dict[str, str]:
         """Called AE title -> pipeline, for the one-AE-per-pipeline titles."""
         return {p.ae_title: p.name for p in self.pipelines.values() if p.ae_title}
@@ -219,6 +232,45 @@ def manifest_status(
         if not any(evaluate(exp.when, s)[0] for s in series)
     )
     return not missing, missing
+
+
+def with_deployed(rules: RuleSet, deployed: Mapping[str, DeployedPipeline]
+                  ) -> tuple[RuleSet, tuple[str, ...]]:
+    """The rules in force: the file's, plus what the log has deployed (pure).
+
+    - a deployed pipeline the file does not list gets a route with its file's AE title
+      and the default completion policy (or the reference one for bts, lts, hfd);
+    - a listed pipeline without an AE title takes the deployed one;
+    - a retired pipeline's AE title is no longer ours (the receiver refuses it with
+      "Called AE Title Not Recognized": nothing is accepted that would not run);
+    - an AE title already used by another pipeline is not taken (a conflict, returned).
+
+    Returns (rules, conflicts in our words). ``sha256`` covers the deployments too, so
+    caches keyed on it (the receiver's routes) follow a deployment.
+    """
+    pipelines = dict(rules.pipelines)
+    conflicts: list[str] = []
+    for name, d in sorted(deployed.items()):
+        route_now = pipelines.get(name)
+        if d.retired:
+            if route_now is not None and route_now.ae_title and route_now.ae_title == (
+                    d.ae_title or DEFAULT_PIPELINE_AES.get(name)):
+                pipelines[name] = replace(route_now, ae_title=None)
+            continue
+        used = {p.ae_title: p.name for p in pipelines.values() if p.ae_title}
+        ae = d.ae_title
+        if ae and used.get(ae, name) != name:
+            conflicts.append(f"deployed pipeline {name}: AE title {ae} is already used by "
+                             f"pipeline {used[ae]}; not taken")
+            ae = None
+        if route_now is None:
+            pipelines[name] = PipelineRoute(
+                name, ae, REFERENCE_POLICIES.get(name, CompletionPolicy()))
+        elif route_now.ae_title is None and ae:
+            pipelines[name] = replace(route_now, ae_title=ae)
+    stamp = "\x1f".join(f"{n}:{d.file_sha256}:{d.retired}" for n, d in sorted(deployed.items()))
+    sha = hashlib.sha256(f"{rules.sha256}\x1e{stamp}".encode()).hexdigest()
+    return replace(rules, pipelines=pipelines, sha256=sha), tuple(conflicts)
 
 
 def default_rules() -> RuleSet:
@@ -298,7 +350,7 @@ class _Parser(ConditionParser):
         seen_aes: dict[str, str] = {}
         for name, body in node.items():
             path = f"pipelines.{name}"
-            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
+            if not re.fullmatch(PIPELINE_NAME, name):
                 raise self.fail(node, path, "pipeline names are lower-case letters, digits, "
                                 "- and _ (max 32)", name)
             body = self.mapping(body if body is not None else LineMap(), path,
@@ -345,10 +397,11 @@ class _Parser(ConditionParser):
                 raise self.fail(item, f"{path}.pipelines", "expected a list of pipeline names",
                                 "pipelines")
             for p in targets:
-                if p not in pipelines:
-                    raise self.fail(item, f"{path}.pipelines", f"unknown pipeline {p!r} "
-                                    f"(known: {', '.join(sorted(pipelines))}; add it under "
-                                    "`pipelines:`)", "pipelines")
+                if not re.fullmatch(PIPELINE_NAME, p):
+                    raise self.fail(item, f"{path}.pipelines", f"{p!r} is not a pipeline "
+                                    "name (lower-case letters, digits, - and _, max 32; "
+                                    "a pipeline listed under `pipelines:` or deployed)",
+                                    "pipelines")
             if not targets and not fallback:
                 raise self.fail(item, f"{path}.pipelines", "a rule needs at least one pipeline "
                                 "(only a fallback rule may route to none)", "pipelines")

@@ -105,7 +105,9 @@ def pipelines_deploy(
     as_user: AsUser = None,
     password_file: PasswordFile = None,
 ) -> None:
-    """Validate FILE (model hash included) and record its deployment with the file's hash."""
+    """Validate FILE (model hash included) and record its deployment with the file's hash
+    and text: running receivers accept its AE title and workers run it, without a
+    restart. The same file again changes nothing."""
     try:
         loaded = load_pipeline(file)
     except EngineError as exc:
@@ -113,9 +115,25 @@ def pipelines_deploy(
         raise typer.Exit(3) from None
     who = _signed_in(ctx, as_user, password_file)
     ev = deployed_event(loaded, actor=who.actor, reason=why, stage=stage)
-    _run(ctx, lambda bus: bus.publish_many([*who.events(), ev]))
-    out.print(f"deployed {loaded.name} {loaded.spec.version} in {stage.value} "
-              f"(file sha256 {loaded.file_sha256[:12]}, model {loaded.spec.model.sha256[:12]})")
+
+    async def go(bus: EventBus) -> Any:
+        current = (await _fold(bus)).get(loaded.name)
+        if current is not None and not current.retired and (
+                current.file_sha256 == loaded.file_sha256):
+            return current  # the same file again: nothing changes, nothing is recorded
+        await bus.publish_many([*who.events(), ev])
+        return None
+
+    same = _run(ctx, go)
+    if same is not None:
+        out.print(f"{loaded.name}: this file (sha256 {loaded.file_sha256[:12]}) is already "
+                  f"deployed, in {same.stage.value}: nothing changed (a stage change is "
+                  "`lastmile pipelines stage`)")
+        return
+    ae = f", AE title {loaded.spec.ae_title}" if loaded.spec.ae_title else ""
+    out.print(f"deployed {loaded.name} {loaded.spec.version} in {stage.value}{ae} "
+              f"(file sha256 {loaded.file_sha256[:12]}, model {loaded.spec.model.sha256[:12]}); "
+              "running services take it from the log")
 
 
 @pipelines_app.command("stage")

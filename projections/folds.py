@@ -48,10 +48,13 @@ from events.catalogue import (
     RouteMatched,
     RouteUnmatched,
     SeriesCompleted,
+    SeriesSelected,
     SignedIn,
     SignInFailed,
     StudyAmended,
     StudyCompleted,
+    StudyNotRun,
+    StudyRerunRequested,
     UserChanged,
 )
 from events.errors import CodecError
@@ -289,6 +292,16 @@ def _dead(seq: int, ev: DeliveryFailed) -> list[Change]:
                               ev.deliveries, ev.reason, ev.original_type))]
 
 
+def _not_run(seq: int, ev: StudyNotRun) -> list[Change]:
+    return [("study_runs_by_hand", (*_env(seq, ev), "not_run", ev.reason_code.value,
+                                    ev.reason, ev.actor))]
+
+
+def _rerun(seq: int, ev: StudyRerunRequested) -> list[Change]:
+    return [("study_runs_by_hand", (*_env(seq, ev), "rerun_requested", None, ev.why,
+                                    ev.actor))]
+
+
 def _not_projected(seq: int, ev: Event) -> list[Change]:
     return []
 
@@ -321,6 +334,9 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     ResultMarkedStale: _stale,
     ResultWithdrawn: _withdrawn,
     MeasurementRecomputed: _recomputed,
+    StudyNotRun: _not_run,  # live deployment, re-runs (issue 16)
+    StudyRerunRequested: _rerun,
+    SeriesSelected: _not_projected,  # every series and why: in the study's audit
     QcPassed: _qc_passed,
     QcRejected: _qc_rejected,
     CaseAssigned: _assigned,

@@ -229,6 +229,7 @@ def outcomes(con: Con, pipeline: str | None = None) -> list[OutcomeRow]:
 class ReasonRow:
     pipeline: str | None
     kind: str  # skipped | failed | completion | dead_letter | publish_failed | qc_rejected
+    #          | not_run (a completed study with no runnable pipeline; operator: the code)
     operator: str | None
     reason: str
     n: int
@@ -254,8 +255,11 @@ def reasons(con: Con, pipeline: str | None = None) -> list[ReasonRow]:
         UNION ALL
         SELECT pipeline, 'qc_rejected', NULL, reason, count(*) FROM qc
             WHERE NOT passed {where} GROUP BY ALL
+        UNION ALL
+        SELECT pipeline, 'not_run', reason_code, reason, count(*) FROM study_runs_by_hand
+            WHERE kind = 'not_run' {where} GROUP BY ALL
         ORDER BY 1, 2, 5 DESC
-    """, params * 6).fetchall()
+    """, params * 7).fetchall()
     return [ReasonRow(p, k, o, r or "", int(n)) for p, k, o, r, n in rows]
 
 

@@ -261,6 +261,14 @@ TABLES: tuple[Table, ...] = (
         ("partial", B),
         ("destination", S),
     )),
+    # ------------------------------------------------ live deployment, re-runs (issue 16)
+    Table("study_runs_by_hand", "one row per study not run (no runnable pipeline) or "
+          "re-run by hand", (
+              ("kind", S),  # not_run | rerun_requested
+              ("reason_code", S),  # not_run: not_deployed | retired | file_unavailable
+              ("reason", S),  # not_run: why; rerun_requested: the why given
+              ("actor", S),
+          )),
     Table("undecodable", "one row per message in the log that is not a valid event", (
         ("seq", I64),
         ("reason", S),

@@ -1,8 +1,17 @@
 """Exam parsing and series selection: which series a pipeline runs on, and why not others.
 
 Selection rules are data (``SelectionRule``); ``select_series`` is a pure function of
-the series' headers and the rule. Every rejected series is returned with its reason,
-so "no series matched" events can say exactly what was wrong.
+the series' headers and the rule. Every series is returned with the reason it was chosen
+or rejected (``Selection.considered``: the worker records it as
+``engine.series.selected``, for completed and failed runs alike), so "no series matched"
+events can say exactly what was wrong.
+
+Beyond the geometric checks (orientation, slice count, spacing), ``when`` is a condition
+of the rule language routing uses (``dicom_rules``: equals, one_of, regex, range,
+exists; all, any, not) on any attribute of the series' first instance, e.g. "no
+ContrastBolusAgent", "ImageType has ORIGINAL", "SequenceName matches /tse/". When more
+than one series matches and the rule takes one, ``tie_break`` (names from
+``TIE_BREAKS``, in order) decides; the reason says which one did.
 
 A pipeline also declares its *input contract* (``InputContract``): the modality,
 photometric interpretation, bit depth, pixel spacing and body part its model was
@@ -14,12 +23,16 @@ description can hold anything).
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from dicom_rules.conditions import Condition, condition_tags, evaluate
+from dicom_rules.values import tag_values
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,33 @@ class SeriesInfo:
     bits_stored: int | None = None
     pixel_spacing_mm: float | None = None  # smallest of (Imager)PixelSpacing
     body_part: str | None = None
+    #: values of the attributes a ``when`` condition reads (first instance), as text
+    tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def tag_map(self) -> Mapping[str, tuple[str, ...]]:
+        return dict(self.tags)
+
+
+def _number_or(value: float | int | None, missing: float) -> float:
+    return missing if value is None else float(value)
+
+
+#: tie-breaks a pipeline file may name (``selection.tie_break``), each a sort key where
+#: larger ranks first; a series missing the attribute ranks last
+TIE_BREAKS: dict[str, tuple[str, Callable[[SeriesInfo], float]]] = {
+    "most_slices": ("the most slices", lambda s: s.slice_count),
+    "fewest_slices": ("the fewest slices", lambda s: -s.slice_count),
+    "most_instances": ("the most instances", lambda s: s.instance_count),
+    "finest_spacing": ("the finest spacing (PixelSpacing, SliceThickness)",
+                       lambda s: -_number_or(s.spacing_mm, math.inf)),
+    "lowest_series_number": ("the lowest SeriesNumber (0020,0011)",
+                             lambda s: -_number_or(s.series_number, math.inf)),
+    "highest_series_number": ("the highest SeriesNumber (0020,0011)",
+                              lambda s: _number_or(s.series_number, -math.inf)),
+}
+#: what a file that names no tie-break gets (the behaviour before ``tie_break`` existed)
+DEFAULT_TIE_BREAK = ("most_slices", "lowest_series_number")
 
 
 @dataclass(frozen=True)
@@ -52,6 +92,13 @@ class SelectionRule:
     max_slices: int | None = None
     max_spacing_mm: float | None = None
     multiple: bool = False  # True: every matching series (radiographs); else the best one
+    when: Condition | None = None  # the rule language, on the series' first instance
+    tie_break: tuple[str, ...] = ()  # names of TIE_BREAKS, in order; () = the default
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """The attributes ``when`` reads (what ``describe_series`` must collect)."""
+        return condition_tags(self.when) if self.when is not None else frozenset()
 
 
 COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT",
@@ -123,9 +170,19 @@ def contract_violation(info: SeriesInfo, contract: InputContract) -> str | None:
 class Selection:
     chosen: tuple[SeriesInfo, ...]
     rejected: tuple[tuple[str, str], ...]  # (series uid, reason)
+    #: why each chosen series was chosen (series uid, reason), in ``chosen`` order
+    chosen_reasons: tuple[tuple[str, str], ...] = ()
 
     def rejected_lines(self) -> tuple[str, ...]:
         return tuple(f"{uid}: {reason}" for uid, reason in self.rejected)
+
+    @property
+    def considered(self) -> tuple[tuple[str, bool, str], ...]:
+        """Every series considered: (series uid, chosen?, reason), chosen first."""
+        reasons = dict(self.chosen_reasons)
+        return (*((s.series_uid, True, reasons.get(s.series_uid, "matched every selection "
+                                                    "rule")) for s in self.chosen),
+                *((uid, False, why) for uid, why in self.rejected))
 
 
 def orientation_of(iop: Sequence[float] | None) -> str | None:
@@ -153,8 +210,10 @@ def _floats(value: object) -> list[float]:
         return []
 
 
-def describe_series(datasets: Iterable[Dataset]) -> list[SeriesInfo]:
-    """Group instance headers by series into ``SeriesInfo`` (order: series number)."""
+def describe_series(datasets: Iterable[Dataset], tags: frozenset[str] = frozenset()
+                    ) -> list[SeriesInfo]:
+    """Group instance headers by series into ``SeriesInfo`` (order: series number), with
+    the values of ``tags`` (``SelectionRule.tags``) from each series' first instance."""
     groups: dict[str, list[Dataset]] = {}
     for ds in datasets:
         groups.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
@@ -194,6 +253,7 @@ def describe_series(datasets: Iterable[Dataset]) -> list[SeriesInfo]:
             bits_stored=_int(first.get("BitsStored")),
             pixel_spacing_mm=min(pixel) if pixel else None,
             body_part=str(first.get("BodyPartExamined", "")).strip() or None,
+            tags=tuple(sorted(tag_values(first, tags).items())) if tags else (),
         ))
     return sorted(infos, key=lambda s: (s.series_number or 0, s.series_uid))
 
@@ -219,6 +279,10 @@ def why_rejected(info: SeriesInfo, rule: SelectionRule,
         info.spacing_mm is None or info.spacing_mm > rule.max_spacing_mm
     ):
         return f"spacing {info.spacing_mm} mm exceeds {rule.max_spacing_mm} mm"
+    if rule.when is not None:
+        ok, why = evaluate(rule.when, info.tag_map, show_values=False)
+        if not ok:
+            return f"selection condition not met: {why}"
     if contract is not None:
         return contract_violation(info, contract)
     return None
@@ -226,9 +290,10 @@ def why_rejected(info: SeriesInfo, rule: SelectionRule,
 
 def select_series(series: Sequence[SeriesInfo], rule: SelectionRule,
                   contract: InputContract | None = None) -> Selection:
-    """Matching series (all when ``rule.multiple``, else the one with most slices and
-    then the lowest series number) and the reason for each series not chosen (outside
-    the rule or the pipeline's input contract)."""
+    """Matching series (all when ``rule.multiple``, else the first by ``rule.tie_break``,
+    default most slices then lowest series number), with the reason each series was
+    chosen or not (outside the rule or the pipeline's input contract, or lost the tie).
+    Reasons are our words, keywords and the rule's own operands, never a DICOM value."""
     matched, rejected = [], []
     for info in series:
         reason = why_rejected(info, rule, contract)
@@ -237,10 +302,26 @@ def select_series(series: Sequence[SeriesInfo], rule: SelectionRule,
         else:
             rejected.append((info.series_uid, reason))
     if rule.multiple or len(matched) <= 1:
-        return Selection(tuple(matched), tuple(rejected))
-    best = max(matched, key=lambda s: (s.slice_count, -(s.series_number or 0)))
-    for info in matched:
-        if info is not best:
-            rejected.append((info.series_uid, f"matched, but series {best.series_uid} has "
-                             f"more slices ({best.slice_count} > {info.slice_count})"))
-    return Selection((best,), tuple(rejected))
+        why = ("matched every selection rule" + (" (multiple: every matching series is "
+                                                 "used)" if rule.multiple else ""))
+        return Selection(tuple(matched), tuple(rejected),
+                         tuple((s.series_uid, why) for s in matched))
+    names = rule.tie_break or DEFAULT_TIE_BREAK
+    keys = [TIE_BREAKS[n][1] for n in names]
+    # a stable sort: on a tie on every key, series order (series number, UID) decides
+    ranked = sorted(matched, key=lambda s: tuple(-k(s) for k in keys))
+    best = ranked[0]
+    for info in ranked[1:]:
+        decided = next((n for n, k in zip(names, keys, strict=True) if k(best) != k(info)),
+                       None)
+        if decided is None:
+            rejected.append((info.series_uid, f"matched, but tied with series "
+                             f"{best.series_uid} on every tie-break ({', '.join(names)}); "
+                             "the earlier in series order was taken"))
+        else:
+            rejected.append((info.series_uid, f"matched, but series {best.series_uid} "
+                             f"ranks first by tie-break {decided} "
+                             f"({TIE_BREAKS[decided][0]})"))
+    chosen_why = (f"matched every selection rule; first of {len(matched)} matching series "
+                  f"by tie-break {', then '.join(names)}")
+    return Selection((best,), tuple(rejected), ((best.series_uid, chosen_why),))

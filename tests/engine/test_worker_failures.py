@@ -21,8 +21,10 @@ from events.catalogue import (
     InferenceCompleted,
     InferenceFailed,
     InferenceSkipped,
+    NotRunReason,
     ResultPublished,
     Stage,
+    StudyNotRun,
 )
 from events.jetstream import EventBus
 from tests.engine.conftest import SECRET, RunningWorker, has, wait_for
@@ -180,7 +182,7 @@ async def test_pipeline_pinned_to_tensorrt_on_a_cpu_host_fails_naming_the_runtim
     assert [f.final for f in failed] == [False, True]  # another (GPU) worker may take it
 
 
-async def test_skipped_before_deployment_runs_when_completed_again_after(
+async def test_not_run_before_deployment_runs_when_completed_again_after(
     bus: EventBus, reference: dict, worker_config: WorkerConfig
 ) -> None:
     hfd = reference["hfd"]
@@ -189,10 +191,12 @@ async def test_skipped_before_deployment_runs_when_completed_again_after(
     async with RunningWorker(bus, worker):
         stored, _ = await feed_study(bus, study.datasets, worker_config.instances_dir, SECRET,
                                      pipeline="hfd", called_ae="LM_HFD")
-        evs = await wait_for(bus, study.study_uid, has("engine.inference.skipped"))
-        assert "not deployed" in next(e for e in evs if isinstance(e, InferenceSkipped)).reason
+        evs = await wait_for(bus, study.study_uid, has("engine.study.not_run"))
+        not_run = next(e for e in evs if isinstance(e, StudyNotRun))
+        assert not_run.reason_code == NotRunReason.NOT_DEPLOYED
+        assert "not deployed" in not_run.reason and not_run.pipeline == "hfd"
         await bus.publish(deployed_event(hfd, actor="test", stage=Stage.STAGING))
         await bus.publish(completed_event(stored, pipeline="hfd",
                                           reason=CompletionReason.FORCED))
         await wait_for(bus, study.study_uid, has("engine.inference.completed"))
-    assert [o.status for o in worker.outcomes] == ["skipped", "completed"]
+    assert [o.status for o in worker.outcomes] == ["not_run", "completed"]

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from dicom_rules.conditions import AllOf, AnyOf, Equals, Exists, Not, OneOf, Range, Regex, evaluate
 from dicom_rules.parse import canonical_tag
+from events.catalogue import Stage
+from events.deployments import DeployedPipeline
 from ingest.errors import RulesError
 from ingest.rules import (
     EXAMPLE_RULES,
@@ -20,6 +22,7 @@ from ingest.rules import (
     manifest_status,
     parse_rules,
     route,
+    with_deployed,
 )
 from ingest.rules_file import RulesFile
 
@@ -109,8 +112,8 @@ rules:
     [
         ("rules:\n  - id: a\n    pipelines: [bts]\n    when: {tag: Modality, equal: MR}\n",
          4, "unknown key 'equal'"),
-        ("rules:\n  - id: a\n    pipelines: [nope]\n    when: {tag: Modality, equals: MR}\n",
-         3, "unknown pipeline 'nope'"),
+        ("rules:\n  - id: a\n    pipelines: [No_Pe]\n    when: {tag: Modality, equals: MR}\n",
+         3, "'No_Pe' is not a pipeline name"),
         ("rules:\n  - id: a\n    pipelines: [bts]\n    when: {tag: NotATag, equals: MR}\n",
          4, "unknown DICOM tag"),
         ("rules:\n  - id: a\n    pipelines: [bts]\n    when: {tag: Modality, regex: '('}\n",
@@ -180,3 +183,57 @@ def test_routing_is_total_and_explained(tags: dict[str, tuple[str, ...]]) -> Non
     assert len(decision.reasons) == len(decision.rule_ids) >= 1
     assert set(decision.pipelines) <= set(rules.pipelines)
     assert route(rules, tags) == decision
+
+
+# --------------------------------------------------------------- deployed pipelines (issue 16)
+
+
+def _deployed(name: str, ae: str | None, *, retired: bool = False,
+              sha: str = "a" * 64) -> DeployedPipeline:
+    return DeployedPipeline(name, "1.0.0", sha, None, Stage.VALIDATION, ae, "os:x",
+                            retired=retired)
+
+
+def test_rules_may_name_a_pipeline_the_log_deploys() -> None:
+    rules = parse_rules("rules:\n  - {id: own, pipelines: [myhip], "
+                        "when: {tag: Modality, equals: CR}}\n")
+    assert rules.undeclared() == ("myhip",)
+    assert route(rules, CR_PELVIS).pipelines == ("myhip",)
+    assert "LM_MYHIP" not in rules.ae_titles()
+
+
+def test_deployed_pipelines_bring_their_ae_titles_and_retired_ones_lose_them() -> None:
+    rules = parse_rules("pipelines:\n  listed: {}\n")
+    merged, conflicts = with_deployed(rules, {
+        "myhip": _deployed("myhip", "LM_MYHIP"),
+        "listed": _deployed("listed", "LM_LISTED"),
+        "hfd": _deployed("hfd", "LM_HFD", retired=True),
+        "clash": _deployed("clash", "LM_BTS"),
+    })
+    aes = merged.ae_titles()
+    assert aes["LM_MYHIP"] == "myhip" and aes["LM_LISTED"] == "listed"
+    assert "LM_HFD" not in aes  # retired: refused, not accepted and dropped
+    assert aes["LM_BTS"] == "bts" and conflicts == (
+        "deployed pipeline clash: AE title LM_BTS is already used by pipeline bts; not taken",)
+    assert merged.policy("myhip") == CompletionPolicy()
+    assert merged.sha256 != rules.sha256
+    again, _ = with_deployed(rules, {"myhip": _deployed("myhip", "LM_MYHIP", sha="b" * 64)})
+    assert again.sha256 != with_deployed(rules, {"myhip": _deployed("myhip", "LM_MYHIP")})[0].sha256
+
+
+def test_rules_file_follows_deployments_and_asks_again_before_refusing() -> None:
+    rf = RulesFile.open(None)
+    assert not rf.recognise("LM_MYHIP")
+    asked: list[int] = []
+
+    def refresh() -> None:  # what ingest.deployments does: read the log, set_deployed
+        asked.append(1)
+        rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP")})
+
+    rf.refresh = refresh
+    assert rf.recognise("LM_MYHIP") and asked == [1]
+    assert rf.recognise("LM_MYHIP") and asked == [1]  # known now: the log is not asked
+    assert not rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP")})  # no change
+    assert rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP", retired=True)})
+    rf.refresh = None
+    assert not rf.recognise("LM_MYHIP")
