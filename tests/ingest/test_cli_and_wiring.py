@@ -109,7 +109,7 @@ def test_an_invalid_rules_file_stops_up_with_a_configuration_error(tmp_path: Pat
     from lastmile.settings import ConfigError
 
     bad = tmp_path / "rules.yaml"
-    bad.write_text("rules:\n  - {id: x, pipelines: [nope], when: {tag: Modality, equals: MR}}\n")
+    bad.write_text("rules:\n  - {id: x, pipelines: [bts], when: {tag: Modality, equal: MR}}\n")
     settings = Settings(state_dir=tmp_path / "state", routing_rules=bad,
                         site_secret=SECRET.decode())
     with pytest.raises(ConfigError, match="rules.yaml:2"):
