@@ -23,7 +23,13 @@ from bench.dashboards import browser
 from dashboards.process import DashboardProcess
 from demo.synthetic import SyntheticConfig, SyntheticSite
 from events.base import Event
-from events.catalogue import InferenceCompleted, PipelineDeployed, Stage
+from events.catalogue import (
+    InferenceCompleted,
+    NotRunReason,
+    PipelineDeployed,
+    Stage,
+    StudyNotRun,
+)
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 
@@ -31,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboards"
 CARD = ROOT / "engine" / "models" / "hfd.card.md"
 NEW_VERSION = "1.1.0"
+#: a study completed for a pipeline nobody deployed (issue 16): the reliability page lists it
+NOT_RUN = StudyNotRun.new(
+    actor="worker:test", study_uid="1.2.826.0.1.3680043.8.498.16016", pipeline="myhip",
+    reason_code=NotRunReason.NOT_DEPLOYED, trigger="ingest.study.completed",
+    reason="pipeline myhip is not deployed (lastmile pipelines deploy FILE)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ def known_site_events() -> tuple[list[Event], SyntheticConfig, dict[str, str]]:
         out.append(ev)
     first_study = next(i for i, e in enumerate(out) if e.study_uid is not None)
     out.insert(first_study, upgrade)
+    out.append(msgspec.structs.replace(NOT_RUN, occurred_at=out[-1].occurred_at,
+                                       recorded_at=out[-1].occurred_at))
     return out, cfg, dict(site.unblinding)
 
 

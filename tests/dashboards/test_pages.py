@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 from bench.dashboards import wait_for_page
 from dashboards.process import PAGES, page_url
 from tests.dashboards import oracle
-from tests.dashboards.conftest import ARTIFACTS, NEW_VERSION, KnownSite
+from tests.dashboards.conftest import ARTIFACTS, NEW_VERSION, NOT_RUN, KnownSite
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -170,6 +170,20 @@ def test_reliability_counts_runs(known_site: KnownSite, page: Any) -> None:
         f"{sum(f for f, _, _ in outcomes.values()):,}")
     expect(metric(page, "final failures")).to_have_text(
         f"{sum(b for _, _, b in outcomes.values()):,}")
+
+
+def test_reliability_lists_studies_with_no_runnable_pipeline(known_site: KnownSite, page: Any,
+                                                             tmp_path: Path) -> None:
+    open_page(page, known_site, "reliability")
+    expect(page.get_by_role("heading", name="Studies completed with no runnable pipeline")
+           ).to_be_visible()
+    with page.expect_download() as dl:
+        page.locator(".st-key-csv-not_run button").first.click()
+    path = tmp_path / "not_run.csv"
+    dl.value.save_as(path)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["pipeline"], r["kind"], r["reason_code"], r["reason"], r["n"]) for r in rows] == [
+        ("myhip", "not_run", "not_deployed", NOT_RUN.reason, "1")]
 
 
 def test_audit_deep_link_shows_and_downloads_the_history(known_site: KnownSite, page: Any,
