@@ -330,7 +330,7 @@ class PipelineRetired(Event, frozen=True, kw_only=True, tag="engine.pipeline.ret
 
 
 class InferenceRequested(Event, frozen=True, kw_only=True, tag="engine.inference.requested"):
-    run_key: str  # (study, pipeline, model hash): one result per key, ever
+    run_key: str  # (study, pipeline, model hash, file hash[, revision]): one result per key
     model_sha256: str | None = None
     stage: Stage | None = None
     trigger: str = "study_completed"

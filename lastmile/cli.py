@@ -132,6 +132,11 @@ _AUDIT_SKIP = frozenset({
 
 
 def _summary(event: Event, limit: int = 200) -> str:
+    from events.catalogue import SeriesSelected
+
+    if isinstance(event, SeriesSelected):  # every series and why, in full (issue 16)
+        return "\n".join(f"{'chosen' if c.chosen else 'rejected'} {c.series_uid}: {c.reason}"
+                         for c in event.series)
     parts = []
     for key, value in to_builtins(event).items():
         if key in _AUDIT_SKIP or value in (None, "", [], {}):

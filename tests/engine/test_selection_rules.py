@@ -143,3 +143,9 @@ async def test_a_failed_run_names_the_series_it_used(
     assert by_uid[pre].chosen and by_uid[pre].reason == "matched every selection rule"
     assert not by_uid[localizer].chosen
     assert by_uid[localizer].reason.startswith("SeriesDescription (0008,103E)")
+    # `lastmile audit` shows every series and its reason in full
+    from lastmile.cli import _summary
+
+    assert _summary(selected).splitlines() == [
+        f"chosen {pre}: matched every selection rule",
+        f"rejected {localizer}: {by_uid[localizer].reason}"]
