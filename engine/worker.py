@@ -227,8 +227,8 @@ class EngineWorker:
         # recent outcomes, for tests and the bench (bounded: a worker runs for months)
         self.outcomes: deque[RunOutcome] = deque(maxlen=1000)
         self._bus: EventBus
-        # pipelines read from deployment events, by file SHA-256 (None: unreadable here)
-        self._from_log: dict[str, LoadedPipeline | str] = {}
+        # pipelines read from deployment events, by file SHA-256
+        self._from_log: dict[str, LoadedPipeline] = {}
 
     # ------------------------------------------------------------------ service
 
@@ -303,19 +303,19 @@ class EngineWorker:
         if own is not None and own.file_sha256 == deployed.file_sha256:
             return own
         cached = self._from_log.get(deployed.file_sha256)
-        if cached is None and deployed.file_text is not None and deployed.file_path:
+        if cached is not None:
+            return cached
+        if deployed.file_text is not None and deployed.file_path:
             from engine.spec import parse_pipeline
 
             try:
                 cached = parse_pipeline(deployed.file_text, Path(deployed.file_path))
-            except EngineError as exc:
-                cached = (f"the deployed file of {name} cannot be used on this worker "
-                          f"({safe_reason(exc).splitlines()[-1].strip()[:300]})")
+            except EngineError as exc:  # not cached: the model may be put in place later
+                return none(NotRunReason.FILE_UNAVAILABLE,
+                            f"the deployed file of {name} cannot be used on this worker "
+                            f"({safe_reason(exc).splitlines()[-1].strip()[:300]})")
             self._from_log[deployed.file_sha256] = cached
-        if isinstance(cached, LoadedPipeline):
             return cached
-        if cached is not None:
-            return none(NotRunReason.FILE_UNAVAILABLE, cached)
         mine = (f", this worker's {own.path.name} has {own.file_sha256[:12]}: deploy it "
                 "again" if own is not None else " and the log does not carry its text")
         return none(NotRunReason.FILE_UNAVAILABLE,
