@@ -37,6 +37,8 @@ from events.catalogue import (
     PipelineDeployed,
     PipelineRetired,
     PipelineStageChanged,
+    PriorRetrieved,
+    PriorsSearched,
     PublishFailed,
     QcPassed,
     QcRejected,
@@ -337,6 +339,10 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     StudyNotRun: _not_run,  # live deployment, re-runs (issue 16)
     StudyRerunRequested: _rerun,
     SeriesSelected: _not_projected,  # every series and why: in the study's audit
+    # priors from the PACS (issue 16 #7): in the studies' audits; a failed fetch is also an
+    # ``inference failed`` of operator ``fetch_priors``, which the reliability page counts
+    PriorsSearched: _not_projected,
+    PriorRetrieved: _not_projected,
     QcPassed: _qc_passed,
     QcRejected: _qc_rejected,
     CaseAssigned: _assigned,
