@@ -8,9 +8,12 @@ travels inside it (PS3.3 C.8.20.2 and TID 4019). UIDs are derived from the run k
 so a re-run of the same key rebuilds the *same* instances (a PACS that receives one
 twice keeps one).
 
-Codes: SNOMED CT where pydicom's dictionary has the concept; the rest (liver lobes,
-hip classes, % change) use the private scheme ``99LM`` declared in the
-CodingSchemeIdentificationSequence.
+Codes: every label, class and finding name is coded by the pipeline file's ``codes:``
+(value, scheme, meaning; SNOMED CT or DCM from pydicom's dictionaries for the
+reference pipelines); a name the file does not code gets a private ``99LM`` code
+whose meaning is the name. Our own concepts without a standard code (% change from
+baseline and prior, progression) use ``99LM`` too; every private scheme an object uses
+is declared in its CodingSchemeIdentificationSequence (PS3.3 C.12.1.1.2).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -56,24 +60,67 @@ PCT_FROM_PRIOR = Code("LM-PCP", PRIVATE_SCHEME, "Percent change from prior")
 PROGRESSION = Code("LM-PROG", PRIVATE_SCHEME, "Progression")
 YES = Code("373066001", "SCT", "Yes")
 NO = Code("373067005", "SCT", "No")
-HIP_CLASSIFICATION = Code("LM-HIPC", PRIVATE_SCHEME, "Hip classification")
-PROBABILITY = Code("LM-PROB", PRIVATE_SCHEME, "Probability")
-CLASS_CODES = {
-    "normal": Code("17621005", "SCT", "Normal"),
-    "fracture": Code("LM-FX", PRIVATE_SCHEME, "Fracture"),
-    "hardware": Code("LM-HW", PRIVATE_SCHEME, "Orthopedic hardware"),
-}
+#: the concept name of a classification's qualitative evaluation (TID 1501)
+FINDING = codes.DCM.Finding  # (121071, DCM, "Finding")
+PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
+PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
+ABSENT = codes.SCT.Absent  # (272519000, SCT, "Absent")
+#: an uncoded segment's category: the generic one of CID 7150
+UNCODED_CATEGORY = codes.SCT.Tissue
 
-# label name -> (segmented property category, type)
-SEGMENT_CODES: dict[str, tuple[Code, Code]] = {
-    "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion),
-    "left_lobe": (codes.SCT.AnatomicalStructure, Code("LM-LLL", PRIVATE_SCHEME,
-                                                        "Left lobe of liver")),
-    "right_lobe": (codes.SCT.AnatomicalStructure, Code("LM-RLL", PRIVATE_SCHEME,
-                                                         "Right lobe of liver")),
-    "vessels": (codes.SCT.AnatomicalStructure, codes.SCT.BloodVessel),
-}
-DEFAULT_SEGMENT_CODE = (codes.SCT.Tissue, codes.SCT.Tissue)
+
+class CodeLike(Protocol):
+    """A coded name as the pipeline file gives it (``engine.pipeline_model.CodeSpec``)."""
+
+    value: str
+    scheme: str
+    meaning: str
+    scheme_version: str | None
+
+    @property
+    def category(self) -> CodeLike | None: ...
+
+    @property
+    def site(self) -> CodeLike | None: ...
+
+
+Codes = Mapping[str, CodeLike]
+
+
+def _code(c: CodeLike) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(c.value, c.scheme, c.meaning, c.scheme_version)
+
+
+def concept(name: str, codebook: Codes | None) -> Code | hd.sr.CodedConcept:
+    """The coded concept of a label, class or finding ``name``: the file's code, or a
+    private ``99LM`` code whose meaning is the name (PS3.16 8: private designators)."""
+    found = (codebook or {}).get(name)
+    if found is not None:
+        return _code(found)
+    return Code(f"LM-{name.upper()[:13]}", PRIVATE_SCHEME, name[:64])
+
+
+def site_of(name: str, codebook: Codes | None) -> hd.sr.CodedConcept | None:
+    found = (codebook or {}).get(name)
+    return _code(found.site) if found is not None and found.site is not None else None
+
+
+def segment_codes(name: str, codebook: Codes | None
+                  ) -> tuple[Code | hd.sr.CodedConcept, Code | hd.sr.CodedConcept]:
+    """(segmented property category, type) of a segment label (PS3.3 C.8.20.4)."""
+    found = (codebook or {}).get(name)
+    category = _code(found.category) if found is not None and found.category else None
+    return category or UNCODED_CATEGORY, concept(name, codebook)
+
+
+def private_schemes(codebook: Codes | None) -> set[str]:
+    """The private coding schemes (designators starting with ``99``) a codebook uses."""
+    out = {PRIVATE_SCHEME}
+    for c in (codebook or {}).values():
+        for part in (c, c.category, c.site):
+            if part is not None and part.scheme.startswith("99"):
+                out.add(part.scheme)
+    return out
 
 
 def uid_from(*parts: object) -> str:
@@ -109,12 +156,17 @@ class Provenance:
         )
 
 
-def _private_scheme(ds: Dataset) -> None:
-    item = Dataset()
-    item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = "Lastmile local codes"
-    item.CodingSchemeResponsibleOrganization = "Lastmile project"
-    ds.CodingSchemeIdentificationSequence = [item]
+def _private_scheme(ds: Dataset, codebook: Codes | None = None) -> None:
+    """Declare every private scheme the object may use (PS3.3 C.12.1.1.2)."""
+    items = []
+    for scheme in sorted(private_schemes(codebook)):
+        item = Dataset()
+        item.CodingSchemeDesignator = scheme
+        item.CodingSchemeName = ("Lastmile local codes" if scheme == PRIVATE_SCHEME
+                                 else "Local codes of a pipeline file")
+        item.CodingSchemeResponsibleOrganization = "Lastmile project"
+        items.append(item)
+    ds.CodingSchemeIdentificationSequence = items
 
 
 def build_seg(
@@ -128,9 +180,11 @@ def build_seg(
     frames: Sequence[int] = (),
     spacing_mm: tuple[float, float, float] | None = None,
     slice_thickness_mm: float | None = None,
+    codebook: Codes | None = None,
 ) -> Dataset:
     """A BINARY DICOM SEG (PS3.3 A.51) of label map ``labels`` ``(z, y, x)``, one
-    segment per named label.
+    segment per named label, coded by ``codebook`` (``segment_codes``; its ``site`` as
+    the segment's anatomic region).
 
     ``sources``: one single-frame source dataset per slice in the same order, or one
     enhanced multi-frame dataset whose frame ``frames[i]`` (0-based) is slice ``i``.
@@ -160,7 +214,8 @@ def build_seg(
     algo = prov.algorithm_sequence()
     descriptions = []
     for number, value in enumerate(values, start=1):
-        category, kind = SEGMENT_CODES.get(names[value], DEFAULT_SEGMENT_CODE)
+        category, kind = segment_codes(names[value], codebook)
+        site = site_of(names[value], codebook)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=names[value][:64],
@@ -170,6 +225,7 @@ def build_seg(
             algorithm_identification=algo,
             tracking_uid=uid_from(prov.run_key, "segment", number),
             tracking_id=f"{prov.pipeline}:{names[value]}",
+            anatomic_regions=[site] if site is not None else None,
         ))
     measures = None
     if spacing_mm is not None:
@@ -198,7 +254,7 @@ def build_seg(
         omit_empty_frames=bool(segmap.any()),
         pixel_measures=measures,
     )
-    _private_scheme(seg)
+    _private_scheme(seg, codebook)
     return seg
 
 
@@ -249,14 +305,16 @@ def build_volume_sr(
     prov: Provenance,
     *,
     series_number: int = 901,
+    codebook: Codes | None = None,
 ) -> Dataset:
     """TID 1500 Measurement Report: per segment of ``seg``, its volume (and % change
-    from baseline and prior, and the progression flag, when known)."""
+    from baseline and prior, and the progression flag, when known); finding type and
+    site from ``codebook``."""
     algo = prov.algorithm_id()
     groups = []
     series_uid = str(sources[0].SeriesInstanceUID)
     for m in measurements:
-        _, kind = SEGMENT_CODES.get(m.label, DEFAULT_SEGMENT_CODE)
+        kind, sites = concept(m.label, codebook), _sites(m.label, codebook)
         items, qualitative = _volume_items(m, algo)
         groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
@@ -267,6 +325,7 @@ def build_volume_sr(
                 segment_number=m.segment_number,
                 source_series=SourceSeriesForSegmentation(series_uid)),
             finding_type=kind,
+            finding_sites=sites,
             algorithm_id=algo,
             measurements=items,
             qualitative_evaluations=qualitative or None,
@@ -276,7 +335,12 @@ def build_volume_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    return _sr(report, [*sources, seg], prov, series_number)
+    return _sr(report, [*sources, seg], prov, series_number, codebook)
+
+
+def _sites(name: str, codebook: Codes | None) -> list[hd.sr.FindingSite] | None:
+    site = site_of(name, codebook)
+    return [hd.sr.FindingSite(site)] if site is not None else None
 
 
 def build_volume_sr_on_images(
@@ -285,6 +349,7 @@ def build_volume_sr_on_images(
     prov: Provenance,
     *,
     series_number: int = 901,
+    codebook: Codes | None = None,
 ) -> Dataset:
     """TID 1500 Measurement Report without a SEG: per label, a measurement group
     (TID 1501) with its volume (and changes) and references to the source images it
@@ -293,13 +358,13 @@ def build_volume_sr_on_images(
     refs = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     for m in measurements:
-        _, kind = SEGMENT_CODES.get(m.label, DEFAULT_SEGMENT_CODE)
         items, qualitative = _volume_items(m, algo)
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
                 uid=uid_from(prov.run_key, "tracking", m.segment_number),
                 identifier=f"{prov.pipeline}:{m.label}"),
-            finding_type=kind,
+            finding_type=concept(m.label, codebook),
+            finding_sites=_sites(m.label, codebook),
             algorithm_id=algo,
             measurements=items,
             qualitative_evaluations=qualitative or None,
@@ -310,7 +375,7 @@ def build_volume_sr_on_images(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    return _sr(report, list(sources), prov, series_number)
+    return _sr(report, list(sources), prov, series_number, codebook)
 
 
 @dataclass(frozen=True)
@@ -323,9 +388,13 @@ class HipFinding:
 
 
 def build_findings_sr(findings: Sequence[HipFinding], prov: Provenance, *,
-                      series_number: int = 902) -> Dataset:
+                      series_number: int = 902, finding: str | None = None,
+                      codebook: Codes | None = None) -> Dataset:
     """TID 1500 report of detections: per image and region, the box (a closed polyline
-    on the image, TID 1410), its classification and the probability."""
+    on the image, TID 1410), its classification (a qualitative evaluation: Finding ->
+    the class's code) and the probability (DCM Probability). ``finding``: the name of
+    what each region is (its code the finding type; DCM Finding when not given)."""
+    finding_type = concept(finding, codebook) if finding else FINDING
     algo = prov.algorithm_id()
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations
                  | MeasurementsAndQualitativeEvaluations] = []
@@ -338,14 +407,13 @@ def build_findings_sr(findings: Sequence[HipFinding], prov: Provenance, *,
             referenced_region=ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polyline,
                 source_image=SourceImageForRegion.from_source_image(f.source)),
-            finding_type=codes.SCT.HipJoint,
+            finding_type=finding_type,
+            finding_sites=_sites(finding, codebook) if finding else None,
             algorithm_id=algo,
             measurements=[Measurement(name=PROBABILITY, value=round(f.probability, 4),
                                       unit=NO_UNITS, algorithm_id=algo)],
             qualitative_evaluations=[QualitativeEvaluation(
-                HIP_CLASSIFICATION, CLASS_CODES.get(f.classification,
-                                                    Code(f"LM-{f.classification[:10]}",
-                                                         PRIVATE_SCHEME, f.classification)))],
+                FINDING, concept(f.classification, codebook))],
         ))
     report = MeasurementReport(
         observation_context=_observation_context(prov),
@@ -353,11 +421,98 @@ def build_findings_sr(findings: Sequence[HipFinding], prov: Provenance, *,
         imaging_measurements=groups,
     )
     unique = {str(f.source.SOPInstanceUID): f.source for f in findings}
-    return _sr(report, list(unique.values()), prov, series_number)
+    return _sr(report, list(unique.values()), prov, series_number, codebook)
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    """One class's (or one multi-label class's) probability for the SR: for the study,
+    and per image of a 2D model (``per_image``: (source image, probability))."""
+
+    name: str
+    probability: float
+    per_image: tuple[tuple[Dataset, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    """A classification for the SR: of ``finding``, the ``decision`` (a class name, or
+    ``present``/``absent`` for one class of a multi-label model) and the probabilities
+    of its classes."""
+
+    finding: str
+    decision: str
+    classes: tuple[ClassProbability, ...]
+
+
+def build_classification_sr(results: Sequence[ClassificationResult],
+                            sources: Sequence[Dataset], prov: Provenance, *,
+                            aggregate: Code | None = None, series_number: int = 903,
+                            codebook: Codes | None = None) -> Dataset:
+    """TID 1500 report of classifications over ``sources`` (the images or the series
+    classified), every group (TID 1501) referencing them, coded by ``codebook``:
+
+    - a decision: a group whose finding type is the finding's code, with a qualitative
+      evaluation DCM Finding = the decided class's code; then per class a group whose
+      finding type is the class's code, with its DCM Probability;
+    - one class of a multi-label model (decision ``present``/``absent``): one group,
+      finding type the class's code, Finding = SNOMED CT Present/Absent, and P(present).
+
+    Probabilities: the study's (derived by ``aggregate``, e.g. SCT Mean, when made from
+    a 2D model's images) and each image's, referencing it (TID 320)."""
+    algo = prov.algorithm_id()
+    refs = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+
+    def group(name: str, *, decision: Code | hd.sr.CodedConcept | None,
+              probability: ClassProbability | None) -> None:
+        items = []
+        if probability is not None:
+            items.append(_probability(probability.probability, algo,
+                                      aggregate if probability.per_image else None))
+            items += [_probability(p, algo, None, src) for src, p in probability.per_image]
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=uid_from(prov.run_key, "classification", len(groups)),
+                identifier=f"{prov.pipeline}:{name}"[:64]),
+            finding_type=concept(name, codebook),
+            finding_sites=_sites(name, codebook),
+            algorithm_id=algo,
+            measurements=items or None,
+            qualitative_evaluations=[QualitativeEvaluation(FINDING, decision)]
+            if decision is not None else None,
+            source_images=refs,
+        ))
+
+    for result in results:
+        if result.decision in ("present", "absent"):
+            present = next((c for c in result.classes if c.name == "present"), None)
+            group(result.finding, probability=present,
+                  decision=PRESENT if result.decision == "present" else ABSENT)
+            continue
+        group(result.finding, decision=concept(result.decision, codebook), probability=None)
+        for c in result.classes:
+            group(c.name, decision=None, probability=c)
+    report = MeasurementReport(
+        observation_context=_observation_context(prov),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    return _sr(report, list(sources), prov, series_number, codebook)
+
+
+def _probability(value: float, algo: AlgorithmIdentification,
+                 derivation: Code | None, source: Dataset | None = None) -> Measurement:
+    """A DCM Probability (unit 1), derived (e.g. Mean) or measured on one image."""
+    return Measurement(
+        name=PROBABILITY, value=round(float(value), 6), unit=NO_UNITS, algorithm_id=algo,
+        derivation=derivation,
+        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)]
+        if source is not None else None)
 
 
 def _sr(report: MeasurementReport, evidence: Sequence[Dataset], prov: Provenance,
-        series_number: int) -> Dataset:
+        series_number: int, codebook: Codes | None = None) -> Dataset:
     sr = Comprehensive3DSR(
         evidence=list(evidence),
         content=report,
@@ -369,5 +524,5 @@ def _sr(report: MeasurementReport, evidence: Sequence[Dataset], prov: Provenance
         is_complete=True,
         series_description=f"AI {prov.pipeline} measurements"[:64],
     )
-    _private_scheme(sr)
+    _private_scheme(sr, codebook)
     return sr

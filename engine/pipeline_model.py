@@ -121,6 +121,72 @@ class OperatorSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class OutputDecl(_Strict):
+    """``model.output``: what the model's output *is*, declared, never guessed.
+
+    ``values``: ``logits`` (the engine applies ``activation``) or ``probabilities``
+    (used as they are, checked to lie in [0, 1]). ``activation``: ``softmax`` (classes
+    exclude each other: segmentation channel 0 is background, channel k label k) or
+    ``sigmoid`` (each channel on its own: segmentation channel k-1 is label k, one
+    channel is label 1; classification: one channel is P(second class), several are
+    independent labels). ``channels``: the number of output channels, checked against
+    the model at run time. ``thresholds``: per label or class name, the probability at
+    or above which it is decided (default: the most probable class for softmax, 0.5 for
+    sigmoid). ``otherwise``: the class decided when no class reaches its threshold."""
+
+    name: str | None = None  # which named output (default: the first)
+    values: Literal["logits", "probabilities"] = "logits"
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    channels: int | None = Field(None, ge=1)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    otherwise: str | None = None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, t in v.items() if not 0.0 < t < 1.0]
+        if bad:
+            raise ValueError(f"thresholds lie strictly between 0 and 1 ({', '.join(bad)})")
+        return v
+
+    @model_validator(mode="after")
+    def _channels(self) -> OutputDecl:
+        if self.activation == "softmax" and self.channels == 1:
+            raise ValueError("one output channel needs activation: sigmoid (a softmax over "
+                             "one channel is always 1)")
+        return self
+
+
+SCHEMES = ("SCT", "DCM", "LN", "UCUM", "FMA", "RADLEX", "NCIt", "UMLS", "SRT")
+
+
+class CodeSpec(_Strict):
+    """A coded concept (PS3.3 8.8; highdicom ``CodedConcept``): ``value``, ``scheme``
+    (a PS3.16 coding scheme designator: SCT, DCM, LN, ...; a private one starts with
+    ``99``), ``meaning``. For a segment: ``category`` (its segmented property category,
+    CID 7150) and ``site`` (its anatomic location, CID 4)."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+    scheme_version: str | None = None
+    category: CodeSpec | None = None
+    site: CodeSpec | None = None
+
+    @field_validator("scheme")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if v not in SCHEMES and not v.startswith("99"):
+            raise ValueError(f"coding scheme {v!r} is neither a standard one "
+                             f"({', '.join(SCHEMES)}) nor private (starting with 99, "
+                             "PS3.16 8)")
+        return v
+
+    @property
+    def private(self) -> bool:
+        return self.scheme.startswith("99")
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
@@ -128,6 +194,9 @@ class ModelSpec(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     card: Path | None = None
     labels: dict[int, str] = Field(default_factory=dict)  # segmentation label values
+    #: classification: class names in output channel order
+    classes: tuple[str, ...] = ()
+    output: OutputDecl = Field(default_factory=lambda: OutputDecl.model_validate({}))
 
     @field_validator("labels")
     @classmethod
@@ -135,6 +204,16 @@ class ModelSpec(_Strict):
         if any(k <= 0 for k in v):
             raise ValueError("label values start at 1 (0 is background)")
         return v
+
+    @model_validator(mode="after")
+    def _names(self) -> ModelSpec:
+        names = set(self.labels.values()) | set(self.classes)
+        unknown = [k for k in (*self.output.thresholds, *filter(None, [self.output.otherwise]))
+                   if k not in names]
+        if unknown:
+            raise ValueError(f"output names {', '.join(unknown)}, which are neither labels "
+                             "nor classes of this model")
+        return self
 
 
 class PublisherSpec(_Strict):
@@ -167,7 +246,7 @@ class PipelineSpec(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     version: str = Field(min_length=1, max_length=32)
     description: str = ""
-    task: Literal["segmentation3d", "detection2d"]
+    task: Literal["segmentation3d", "detection2d", "classification2d", "classification3d"]
     ae_title: str = Field(max_length=16, pattern=r"^[A-Z0-9_ ]+$")
     selection: SelectionSpec
     input: InputSpec = Field(default_factory=lambda: InputSpec.model_validate({}))
@@ -176,6 +255,8 @@ class PipelineSpec(_Strict):
     runtime: str = "auto"
     fp16: bool = False
     outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
+    #: what each label, class and finding name means (``engine.codes``)
+    codes: dict[str, CodeSpec] = Field(default_factory=dict)
     publishers: tuple[PublisherSpec, ...] = Field(
         default_factory=lambda: (PublisherSpec.model_validate({"kind": "store"}),))
 

@@ -3,7 +3,9 @@
 A pipeline file names everything a run needs and nothing else: series selection rules,
 the ordered operators with their parameters, the model (ONNX path + SHA-256 + model
 card), the runtime, outputs and publishers. A new ONNX model of a known task type
-(``segmentation3d``, ``detection2d``) deploys with a file alone.
+(``segmentation3d``, ``detection2d``, ``classification2d``, ``classification3d``) deploys
+with a file alone, its output declared (``model.output``) and its names coded
+(``codes``).
 
 ``load_pipeline(path)`` parses and validates; ``file_sha256`` (of the file's bytes) is
 what deployment events carry, so the log says exactly which file ran.
@@ -61,10 +63,35 @@ def _problems(path: Path, root: yaml.Node | None, errors: list[tuple[tuple[Any, 
     return SpecError("invalid pipeline file:\n  " + "\n  ".join(lines))
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def _resolve(base: Path, given: Path) -> Path:
+    """A model or card path: relative to the pipeline file's folder, absolute, or
+    ``package:NAME/inner/path`` inside an installed Python package (a model published
+    on PyPI: ``pip install`` it, name it; its SHA-256 is checked all the same)."""
+    text = str(given)
+    if not text.startswith(PACKAGE_PREFIX):
+        return (base / given).resolve()
+    from importlib import util
+
+    package, _, inner = text[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        found = util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise SpecError(f"package {package!r} is not installed (pip install it)")
+    return (Path(next(iter(found.submodule_search_locations))) / inner).resolve()
+
+
 def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> LoadedPipeline:
     """Validate pipeline YAML ``text`` (from ``path``; relative model paths resolve
     against its folder). Raises ``SpecError`` listing every problem with line and key."""
-    from engine.steps import OPERATORS  # the operator registry validates params
+    from engine.steps import (  # the operator registry validates params
+        OPERATORS,
+        consistency_problems,
+    )
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -96,9 +123,14 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
             for e in exc.errors():
                 msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
                 problems.append((("operators", i, "params", *e["loc"]), msg))
+    if not problems:
+        problems += consistency_problems(spec, params)
     base = path.parent
-    model_path = (base / spec.model.path).resolve()
-    card_path = (base / spec.model.card).resolve() if spec.model.card else None
+    try:
+        model_path = _resolve(base, spec.model.path)
+        card_path = _resolve(base, spec.model.card) if spec.model.card else None
+    except SpecError as exc:
+        raise _problems(path, root, [(("model", "path"), str(exc))]) from None
     if card_path is not None and not card_path.is_file():
         problems.append((("model", "card"), f"model card {card_path} does not exist"))
     if check_model:

@@ -21,7 +21,7 @@ references instead of segment references, and the reason is the step's detail.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -31,13 +31,13 @@ from pydicom.dataset import Dataset
 
 from engine import dicom_results, validation
 from engine.errors import EngineError, InputError, OperatorError, is_retryable, safe_reason
-from engine.ops import inference, longitudinal, postprocess, preprocess
+from engine.ops import inference, longitudinal, postprocess, preprocess, render
 from engine.ops.selection import Selection, describe_series, select_series
 from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume, voi_image
 from engine.result_sources import Repair, result_header
 
 if TYPE_CHECKING:
-    from engine.pipeline_model import LoadedPipeline
+    from engine.pipeline_model import LoadedPipeline, PipelineSpec
     from engine.runtimes import Runtime
 
 
@@ -82,6 +82,11 @@ class RunContext:
     measurements: list[MeasurementValue] = field(default_factory=list)
     comparison: longitudinal.Comparison | None = None
     detections: list[tuple[Dataset, postprocess.Detection]] = field(default_factory=list)
+    #: classification: per image (2D) its classifications, and the study's decisions
+    #: with the images or series they were made on
+    image_classes: list[tuple[Dataset, list[postprocess.Classification]]] = field(
+        default_factory=list)
+    classifications: list[postprocess.Classification] = field(default_factory=list)
     results: list[tuple[str, Dataset]] = field(default_factory=list)  # ("SEG"|"SR", object)
     inference_s: float = 0.0
     #: why no SEG was written (the SR then references the source images), or None
@@ -113,6 +118,11 @@ class Operator:
     doc: str = ""
 
 
+ALL_TASKS = ("segmentation3d", "detection2d", "classification2d", "classification3d")
+IMAGE_TASKS = ("detection2d", "classification2d")
+VOLUME_TASKS = ("segmentation3d", "classification3d")
+
+
 OPERATORS: dict[str, Operator] = {}
 
 
@@ -129,7 +139,7 @@ def operator(name: str, params: type[BaseModel] = NoParams,
 # --------------------------------------------------------------------------- selection
 
 
-@operator("select_series")
+@operator("select_series", tasks=ALL_TASKS)
 def _select(ctx: RunContext, _: BaseModel) -> str:
     """Choose the input series by the pipeline's selection rules; record why others lost."""
     rule = ctx.pipeline.spec.selection.rule()
@@ -140,7 +150,7 @@ def _select(ctx: RunContext, _: BaseModel) -> str:
     return f"{len(chosen)} chosen, {len(ctx.selection.rejected)} rejected"
 
 
-@operator("load_volume", tasks=("segmentation3d",))
+@operator("load_volume", tasks=VOLUME_TASKS)
 def _load_volume(ctx: RunContext, _: BaseModel) -> str:
     """Series -> volume with geometry and rescale (single-frame or enhanced multi-frame)."""
     if not ctx.series:
@@ -151,7 +161,7 @@ def _load_volume(ctx: RunContext, _: BaseModel) -> str:
     return f"{ctx.volume.array.shape} at {tuple(round(s, 3) for s in ctx.volume.spacing)} mm"
 
 
-@operator("load_images", tasks=("detection2d",))
+@operator("load_images", tasks=IMAGE_TASKS)
 def _load_images(ctx: RunContext, _: BaseModel) -> str:
     """Each selected radiograph as an image (MONOCHROME1 inverted, rescale applied)."""
     if not ctx.series:
@@ -173,7 +183,7 @@ class ResampleParams(Params):
     spacing: tuple[float, float, float] = Field(description="target (dz, dy, dx) mm")
 
 
-@operator("resample", ResampleParams, tasks=("segmentation3d",))
+@operator("resample", ResampleParams, tasks=VOLUME_TASKS)
 def _resample(ctx: RunContext, p: BaseModel) -> str:
     """Resample the working volume to a target spacing (restore_grid undoes it)."""
     assert isinstance(p, ResampleParams)
@@ -198,7 +208,7 @@ class NormalizeParams(Params):
     nonzero_only: bool = True
 
 
-@operator("normalize", NormalizeParams)
+@operator("normalize", NormalizeParams, tasks=ALL_TASKS)
 def _normalize(ctx: RunContext, p: BaseModel) -> str:
     """Intensity normalisation: z-score, window, fixed range, the image's own range or
     its own VOI LUT/window, to [0, 1]."""
@@ -242,25 +252,74 @@ def _normalize(ctx: RunContext, p: BaseModel) -> str:
 
 
 class Resize2dParams(Params):
+    """``size`` (rows, cols) in pixels; ``interpolation``: ``area`` (area averaging, the
+    default) or one of Pillow's filters (``nearest``, ``bilinear``, ``bicubic``,
+    ``lanczos``, ``box``, ``hamming``: as a package that resizes its picture with
+    ``PIL.Image.resize`` does; 8-bit images stay 8-bit, see ``render_8bit``)."""
+
     size: tuple[int, int]
+    interpolation: Literal["area", "nearest", "bilinear", "bicubic", "lanczos", "box",
+                           "hamming"] = "area"
 
 
-@operator("resize_2d", Resize2dParams, tasks=("detection2d",))
+@operator("resize_2d", Resize2dParams, tasks=IMAGE_TASKS)
 def _resize_2d(ctx: RunContext, p: BaseModel) -> str:
     """Resize each image to the model's input size; stack into (N, 1, H, W)."""
     assert isinstance(p, Resize2dParams)
     if not ctx.images:
         raise EngineError("no images: put load_images before resize_2d")
-    ctx.tensor = np.stack([preprocess.resize_2d(im.array, p.size) for im in ctx.images])[:, None]
-    return f"{ctx.tensor.shape}"
+    if p.interpolation == "area":
+        arrays = [preprocess.resize_2d(im.array, p.size) for im in ctx.images]
+    else:
+        arrays = [render.resize_pillow(im.array, p.size, p.interpolation) for im in ctx.images]
+    ctx.tensor = np.stack(arrays).astype(np.float32)[:, None]
+    return f"{ctx.tensor.shape} ({p.interpolation})"
+
+
+class Render8bitParams(Params):
+    """``method``: ``window`` (``center``/``width`` in the image's real-world values,
+    PS3.3 C.11.2.1.2.1) or ``voi`` (each image's own VOI LUT or window, PS3.3 C.11.2;
+    the image's own range where it has none). The result is 0..255 in whole numbers, as
+    a picture exported for a model trained on pictures."""
+
+    method: Literal["window", "voi"] = "window"
+    center: float | None = None
+    width: float | None = Field(None, ge=1)
+
+
+@operator("render_8bit", Render8bitParams, tasks=IMAGE_TASKS)
+def _render_8bit(ctx: RunContext, p: BaseModel) -> str:
+    """Each image rendered to 8 bits (0..255) through a window the file names or the
+    image's own VOI LUT/window: the picture a model trained on exported images saw."""
+    assert isinstance(p, Render8bitParams)
+    if not ctx.images or ctx.tensor is not None:
+        raise EngineError("render_8bit works on images: put it right after load_images")
+    if p.method == "window" and (p.center is None or p.width is None):
+        raise EngineError("render_8bit window needs center and width")
+    out = []
+    for im in ctx.images:
+        if p.method == "window":
+            assert p.center is not None and p.width is not None
+            u8 = render.window_8bit(im.array, center=p.center, width=p.width)
+        else:
+            voi = voi_image(im)
+            arr, lo, hi = voi if voi is not None else (im.array, im.low, im.high)
+            u8 = render.range_8bit(arr, low=lo, high=hi)
+        out.append(Image2D(u8, im.source, 0.0, 255.0, im.inverted))
+    ctx.images = out
+    return (f"window {p.center:g}/{p.width:g}" if p.method == "window"
+            and p.center is not None and p.width is not None else p.method)
 
 
 # --------------------------------------------------------------------------- inference
 
 
 class SlidingWindowParams(Params):
+    """``classes``: the model's output channels (one for a single sigmoid channel; what
+    they mean is the file's ``model.output``)."""
+
     roi: tuple[int, int, int]
-    classes: int = Field(ge=2)
+    classes: int = Field(ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     batch: int = Field(2, ge=1)
     output: str | None = None
@@ -279,25 +338,35 @@ def _sliding(ctx: RunContext, p: BaseModel) -> str:
             ctx.on_progress(f"window {done}/{total}")
 
     t0 = time.perf_counter()
+    declared = ctx.pipeline.spec.model.output
     ctx.probs = inference.sliding_window_3d(tensor, ctx.runtime.run, roi=p.roi,
                                             classes=p.classes, overlap=p.overlap,
-                                            batch=p.batch, output=p.output, on_window=progress)
+                                            batch=p.batch, output=p.output or declared.name,
+                                            on_window=progress, values=declared.values,
+                                            activation=declared.activation)
     ctx.inference_s += time.perf_counter() - t0
     return f"{windows[0]} windows on {ctx.runtime.name}"
 
 
 class Batch2dParams(Params):
+    """``layout``: ``nchw`` or ``nhwc`` (channels last); ``channels``: the channels the
+    model takes (a grey image is repeated into them, e.g. 3 for RGB); ``expect``: output
+    name -> per-image shape, checked."""
+
     batch: int = Field(8, ge=1)
     expect: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    channels: int | None = Field(None, ge=1)
 
 
-@operator("batch_2d", Batch2dParams, tasks=("detection2d",))
+@operator("batch_2d", Batch2dParams, tasks=IMAGE_TASKS)
 def _batch_2d(ctx: RunContext, p: BaseModel) -> str:
     """2D inference in batches; output shapes checked against ``expect``."""
     assert isinstance(p, Batch2dParams)
     tensor = ctx.require(ctx.tensor, "tensor", "resize_2d")
     t0 = time.perf_counter()
-    ctx.outputs = inference.batches_2d(tensor, ctx.runtime.run, batch=p.batch, expect=p.expect)
+    ctx.outputs = inference.batches_2d(tensor, ctx.runtime.run, batch=p.batch, expect=p.expect,
+                                       layout=p.layout, channels=p.channels)
     ctx.inference_s += time.perf_counter() - t0
     return f"{len(tensor)} images on {ctx.runtime.name}"
 
@@ -317,25 +386,42 @@ def _restore(ctx: RunContext, _: BaseModel) -> str:
     return f"{probs.shape[1:]}"
 
 
+def _label_thresholds(ctx: RunContext) -> dict[int, float]:
+    """``model.output.thresholds`` by label value (the file names labels)."""
+    spec = ctx.pipeline.spec.model
+    by_name = {name: value for value, name in spec.labels.items()}
+    return {by_name[n]: t for n, t in spec.output.thresholds.items() if n in by_name}
+
+
 @operator("argmax", tasks=("segmentation3d",))
 def _argmax(ctx: RunContext, _: BaseModel) -> str:
-    """Label map = most probable class per voxel."""
-    ctx.labels = postprocess.argmax_labels(ctx.require(ctx.probs, "probabilities",
-                                                       "sliding_window"))
+    """Label map = most probable class per voxel (softmax outputs; a label with a
+    threshold in ``model.output.thresholds`` only where it reaches it)."""
+    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
+    ctx.labels = postprocess.labels_from_probabilities(
+        probs, activation="softmax", thresholds=_label_thresholds(ctx))
     return "argmax"
 
 
 class ThresholdParams(Params):
+    """``threshold``: for labels without one in ``model.output.thresholds``."""
+
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
 @operator("threshold", ThresholdParams, tasks=("segmentation3d",))
 def _threshold(ctx: RunContext, p: BaseModel) -> str:
-    """Binary mask where P(class 1) exceeds the threshold."""
+    """Label map by thresholds per label (``model.output.thresholds``, else the
+    parameter): sigmoid channels each against its own, softmax P(label) against its."""
     assert isinstance(p, ThresholdParams)
-    ctx.labels = postprocess.threshold_labels(
-        ctx.require(ctx.probs, "probabilities", "sliding_window"), p.threshold)
-    return f"> {p.threshold}"
+    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
+    activation = ctx.pipeline.spec.model.output.activation
+    thresholds = _label_thresholds(ctx)
+    if activation == "softmax":  # every foreground label needs its probability
+        thresholds = {v: thresholds.get(v, p.threshold) for v in range(1, probs.shape[0])}
+    ctx.labels = postprocess.labels_from_probabilities(
+        probs, activation=activation, thresholds=thresholds, default=p.threshold)
+    return f">= {p.threshold} ({activation})"
 
 
 class ComponentsParams(Params):
@@ -390,8 +476,13 @@ def _longitudinal(ctx: RunContext, p: BaseModel) -> str:
 
 
 class DetectionsParams(Params):
+    """``regions``: the region names in output order; ``classes``: the class names in
+    output order; ``finding``: what each region is (its code, from the file's
+    ``codes``, is the SR's finding type)."""
+
     regions: tuple[str, ...]
     classes: tuple[str, ...]
+    finding: str | None = None
     boxes_output: str = "boxes"
     logits_output: str = "logits"
 
@@ -403,12 +494,88 @@ def _detections(ctx: RunContext, p: BaseModel) -> str:
     boxes, logits = ctx.outputs.get(p.boxes_output), ctx.outputs.get(p.logits_output)
     if boxes is None or logits is None:
         raise EngineError(f"model outputs {p.boxes_output!r}/{p.logits_output!r} missing")
+    declared = ctx.pipeline.spec.model.output
     for i, im in enumerate(ctx.images):
         for det in postprocess.detections(boxes[i], logits[i], region_labels=p.regions,
                                           classes=p.classes,
-                                          image_shape=im.array.shape):  # type: ignore[arg-type]
+                                          image_shape=im.array.shape,  # type: ignore[arg-type]
+                                          values=declared.values,
+                                          activation=declared.activation):
             ctx.detections.append((im.source, det))
     return f"{len(ctx.detections)} detections"
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class Resize3dParams(Params):
+    shape: tuple[int, int, int] = Field(description="(z, y, x) voxels the model takes")
+
+
+@operator("resize_3d", Resize3dParams, tasks=("classification3d",))
+def _resize_3d(ctx: RunContext, p: BaseModel) -> str:
+    """The working volume resized (linear) to the fixed shape a 3D classifier takes."""
+    assert isinstance(p, Resize3dParams)
+    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
+    ctx.tensor = preprocess.resize_to_shape(tensor[0], p.shape)[None].astype(np.float32)
+    return f"{ctx.tensor.shape}"
+
+
+class ClassifyParams(Params):
+    """``finding``: what is classified (a name; its code in the file's ``codes``).
+    ``output``: the model output to read (default ``model.output.name``, else the
+    first). ``aggregate`` (2D): how the images' probabilities make the study's:
+    ``mean`` or ``max`` per class (then renormalised for softmax outputs)."""
+
+    finding: str = Field(min_length=1, max_length=64)
+    output: str | None = None
+    aggregate: Literal["mean", "max"] = "mean"
+
+
+@operator("classify", ClassifyParams, tasks=("classification2d", "classification3d"))
+def _classify(ctx: RunContext, p: BaseModel) -> str:
+    """Class probabilities as ``model.output`` declares them (never a second softmax on
+    probabilities) and the decision by its thresholds: per image (2D) and for the study."""
+    assert isinstance(p, ClassifyParams)
+    model = ctx.pipeline.spec.model
+    declared = model.output
+    name = p.output or declared.name
+    if ctx.pipeline.spec.task == "classification3d":
+        tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
+        t0 = time.perf_counter()
+        raw_all = ctx.runtime.run(tensor[None].astype(np.float32))
+        ctx.inference_s += time.perf_counter() - t0
+    else:
+        raw_all = ctx.outputs
+    if not raw_all:
+        raise EngineError("no model outputs: put batch_2d before classify")
+    raw = raw_all.get(name) if name else next(iter(raw_all.values()))
+    if raw is None:
+        raise EngineError(f"model has no output {name!r} (has {sorted(raw_all)})")
+    raw = np.asarray(raw).reshape(len(raw), -1)
+    if declared.channels is not None and raw.shape[1] != declared.channels:
+        raise inference.ModelOutputError(f"model output has {raw.shape[1]} channels; the "
+                                         f"pipeline file declares {declared.channels}")
+    probs = inference.to_probabilities(raw, values=declared.values,
+                                       activation=declared.activation, axis=1)
+
+    def decide(row: np.ndarray) -> list[postprocess.Classification]:
+        return postprocess.classify(row, finding=p.finding, classes=model.classes,
+                                    activation=declared.activation,
+                                    thresholds=declared.thresholds,
+                                    otherwise=declared.otherwise)
+
+    if ctx.pipeline.spec.task == "classification2d":
+        ctx.image_classes = [(im.source, decide(row))
+                             for im, row in zip(ctx.images, probs, strict=True)]
+        study = probs.mean(axis=0) if p.aggregate == "mean" else probs.max(axis=0)
+        if declared.activation == "softmax" and p.aggregate == "max":
+            study = study / study.sum()
+    else:
+        study = probs[0]
+    ctx.classifications = decide(study)
+    return ", ".join(f"{c.finding}={c.decision} ({c.probability:.3f})"
+                     for c in ctx.classifications)[:500]
 
 
 # --------------------------------------------------------------------------- results
@@ -469,7 +636,8 @@ def _write_seg(ctx: RunContext, _: BaseModel) -> str:
         seg = dicom_results.build_seg(headers, labels, ctx.pipeline.spec.model.labels,
                                       ctx.provenance, series_description=desc,
                                       frames=vol.frames, spacing_mm=vol.spacing,
-                                      slice_thickness_mm=thickness)
+                                      slice_thickness_mm=thickness,
+                                      codebook=ctx.pipeline.spec.codes)
         note = _validated("SEG", seg)
     except Exception as exc:  # noqa: BLE001 - the taxonomy decides (engine.errors)
         if is_retryable(exc):
@@ -481,19 +649,57 @@ def _write_seg(ctx: RunContext, _: BaseModel) -> str:
     return f"{seg.SOPInstanceUID} ({note}{repaired})"[:500]
 
 
-@operator("write_sr")
+def _classification_sr(ctx: RunContext) -> Dataset:
+    """The classifications as a TID 1500 SR over the images (2D) or the series (3D)."""
+    if not ctx.classifications:
+        raise EngineError("write_sr needs classify before it")
+    two_d = ctx.pipeline.spec.task == "classification2d"
+    if two_d:
+        sources = [src for src, _ in ctx.image_classes]
+        headers = _headers(ctx, sources, None)
+    else:
+        vol = ctx.require_volume()
+        headers = _headers(ctx, vol.sources, None if vol.frames else vol.spacing[0])
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    aggregate = next((pr.aggregate for pr in ctx.pipeline.operator_params
+                      if isinstance(pr, ClassifyParams)), "mean")
+    results = []
+    for i, c in enumerate(ctx.classifications):
+        classes = []
+        for name, prob in c.probabilities.items():
+            per_image = tuple(
+                (by_uid[str(src.SOPInstanceUID)], cls[i].probabilities[name])
+                for src, cls in ctx.image_classes) if two_d else ()
+            classes.append(dicom_results.ClassProbability(name, prob, per_image))
+        results.append(dicom_results.ClassificationResult(c.finding, c.decision,
+                                                          tuple(classes)))
+    derivation = {"mean": dicom_results.codes.SCT.Mean,
+                  "max": dicom_results.codes.SCT.Maximum}[aggregate] if two_d else None
+    return dicom_results.build_classification_sr(results, headers, ctx.provenance,
+                                                 aggregate=derivation,
+                                                 codebook=ctx.pipeline.spec.codes)
+
+
+@operator("write_sr", tasks=ALL_TASKS)
 def _write_sr(ctx: RunContext, _: BaseModel) -> str:
-    """TID 1500 SR: segment volumes (+ change, progression) or detections; dciodvfy-
-    valid. Without a SEG (``write_seg`` could not write one) the volumes reference the
-    source images (TID 300 image references) instead of segments."""
-    if ctx.pipeline.spec.task == "detection2d":
+    """TID 1500 SR: segment volumes (+ change, progression), detections or
+    classifications, coded by the file's ``codes``; dciodvfy-valid. Without a SEG
+    (``write_seg`` could not write one) the volumes reference the source images (TID
+    300 image references) instead of segments."""
+    codebook = ctx.pipeline.spec.codes
+    if ctx.pipeline.spec.task in ("classification2d", "classification3d"):
+        sr = _classification_sr(ctx)
+    elif ctx.pipeline.spec.task == "detection2d":
         unique = {str(src.SOPInstanceUID): src for src, _ in ctx.detections}
         headers = _headers(ctx, list(unique.values()), None)
         by_uid = {str(h.SOPInstanceUID): h for h in headers}
         findings = [dicom_results.HipFinding(by_uid[str(src.SOPInstanceUID)], d.label,
                                              d.classification, d.probability, d.box)
                     for src, d in ctx.detections]
-        sr = dicom_results.build_findings_sr(findings, ctx.provenance)
+        finding = next((pr.finding for pr in ctx.pipeline.operator_params
+                        if isinstance(pr, DetectionsParams)), None)
+        sr = dicom_results.build_findings_sr(findings, ctx.provenance, finding=finding,
+                                             codebook=codebook)
     else:
         seg = next((ds for kind, ds in ctx.results if kind == "SEG"), None)
         if seg is None and ctx.seg_refused is None:
@@ -517,13 +723,53 @@ def _write_sr(ctx: RunContext, _: BaseModel) -> str:
         vol = ctx.require_volume()
         headers = _headers(ctx, vol.sources, None if vol.frames else vol.spacing[0])
         if seg is not None:
-            sr = dicom_results.build_volume_sr(seg, headers, items, ctx.provenance)
+            sr = dicom_results.build_volume_sr(seg, headers, items, ctx.provenance,
+                                               codebook=codebook)
         else:
-            sr = dicom_results.build_volume_sr_on_images(headers, items, ctx.provenance)
+            sr = dicom_results.build_volume_sr_on_images(headers, items, ctx.provenance,
+                                                         codebook=codebook)
     note = _validated("SR", sr)
     ctx.results.append(("SR", sr))
     refs = " (image references: no SEG)" if ctx.seg_refused else ""
     return f"{sr.SOPInstanceUID}{refs} ({note})"
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def consistency_problems(spec: PipelineSpec, params: Sequence[BaseModel]
+                         ) -> list[tuple[tuple[object, ...], str]]:
+    """What in a pipeline file contradicts itself, as (location, message) pairs for
+    ``engine.spec`` to report with line numbers: the declared model output against the
+    operators that read it, class names against codes and tasks."""
+    problems: list[tuple[tuple[object, ...], str]] = []
+    model, out = spec.model, spec.model.output
+    ops = [op.op for op in spec.operators]
+    classification = spec.task in ("classification2d", "classification3d")
+    if classification and not model.classes:
+        problems.append((("model", "classes"), f"a {spec.task} model needs its class names "
+                         "in output channel order"))
+    if classification and "classify" not in ops:
+        problems.append((("operators",), f"a {spec.task} pipeline needs a classify operator"))
+    if classification and out.activation == "softmax" and len(model.classes) == 1:
+        problems.append((("model", "classes"), "one class with softmax: give both classes "
+                         "(and activation: sigmoid for a one-channel model)"))
+    if out.otherwise is not None and out.activation == "sigmoid":
+        problems.append((("model", "output", "otherwise"), "otherwise applies to softmax "
+                         "outputs (a sigmoid class is present or absent)"))
+    for i, (op, pr) in enumerate(zip(ops, params, strict=False)):
+        if isinstance(pr, SlidingWindowParams):
+            if out.activation == "softmax" and pr.classes < 2:
+                problems.append((("operators", i, "params", "classes"),
+                                 "one channel needs model.output.activation: sigmoid"))
+            if out.channels is not None and out.channels != pr.classes:
+                problems.append((("operators", i, "params", "classes"),
+                                 f"{pr.classes} channels, but model.output.channels is "
+                                 f"{out.channels}"))
+        if op == "argmax" and out.activation == "sigmoid":
+            problems.append((("operators", i, "op"), "argmax needs softmax outputs; sigmoid "
+                             "channels are decided by threshold"))
+    return problems
 
 
 # --------------------------------------------------------------------------- running

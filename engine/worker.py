@@ -465,6 +465,14 @@ class EngineWorker:
                                  box=tuple(round(float(v), 2) for v in d.box),  # type: ignore[arg-type]
                                  sop_instance_uid=str(src.SOPInstanceUID))
                          for src, d in ctx.detections)
+        # classification: the study's decisions, and each class's probability
+        findings += tuple(Finding(label=c.finding, classification=c.decision,
+                                  probability=round(c.probability, 6))
+                          for c in ctx.classifications)
+        measurements += tuple(Measurement(name=f"probability_{cls}", value=round(p, 6),
+                                          unit="1", label=c.finding)
+                              for c in ctx.classifications
+                              for cls, p in c.probabilities.items() if cls != "absent")
         await bus.publish(caused(
             InferenceCompleted, deterministic_id("completed", key), run_key=key,
             model_name=spec.model.name, model_version=spec.model.version,

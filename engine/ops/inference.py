@@ -44,6 +44,47 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Logistic function, element-wise, without overflow for large negative logits."""
+    out = np.empty_like(logits)
+    pos = logits >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-logits[pos]))
+    e = np.exp(logits[~pos])
+    out[~pos] = e / (1.0 + e)
+    return out
+
+
+#: how far declared probabilities may stray outside [0, 1] (float rounding in the model)
+PROBABILITY_TOL = 1e-3
+
+
+def to_probabilities(raw: np.ndarray, *, values: str = "logits", activation: str = "softmax",
+                     axis: int = 1) -> np.ndarray:
+    """Probabilities from a model's raw output as the pipeline file declares it
+    (``model.output``): ``values="logits"`` applies ``activation`` (``softmax`` over
+    ``axis``, or ``sigmoid`` element-wise); ``values="probabilities"`` returns them as
+    they are (clipped to [0, 1]), never a second activation. Raises ``ModelOutputError``
+    when declared probabilities lie outside [0, 1] (beyond ``PROBABILITY_TOL``) or are
+    not finite: the declaration does not fit the model."""
+    arr = raw.astype(np.float32 if raw.dtype != np.float64 else np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ModelOutputError("model output has values that are not finite (NaN or inf)")
+    if values == "probabilities":
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        if lo < -PROBABILITY_TOL or hi > 1.0 + PROBABILITY_TOL:
+            raise ModelOutputError(
+                f"model output ranges {lo:.4g}..{hi:.4g}, but the pipeline file declares "
+                "probabilities (model.output.values); are they logits?")
+        return np.clip(arr, 0.0, 1.0)
+    if values != "logits":
+        raise ValueError(f"values is logits or probabilities, not {values!r}")
+    if activation == "softmax":
+        return softmax(arr, axis=axis)
+    if activation == "sigmoid":
+        return sigmoid(arr)
+    raise ValueError(f"activation is softmax or sigmoid, not {activation!r}")
+
+
 def sliding_window_3d(
     volume: np.ndarray,
     model: ModelFn,
@@ -54,11 +95,15 @@ def sliding_window_3d(
     batch: int = 2,
     output: str | None = None,
     on_window: Callable[[int, int], None] | None = None,
+    values: str = "logits",
+    activation: str = "softmax",
 ) -> np.ndarray:
-    """Class probabilities ``(classes, Z, Y, X)`` for ``volume`` ``(C, Z, Y, X)``.
+    """Channel probabilities ``(classes, Z, Y, X)`` for ``volume`` ``(C, Z, Y, X)``.
 
     The volume is padded up to the ROI where smaller; windows overlap by ``overlap``
-    and their softmax outputs are blended with Gaussian weights. Raises
+    and their probabilities (``to_probabilities`` of the output as ``values`` and
+    ``activation`` declare it) are blended with Gaussian weights. ``classes`` is the
+    number of output channels (one for a single sigmoid channel). Raises
     ``ModelOutputError`` when the model's output is not ``(n, classes, *roi)``.
     """
     if volume.ndim != 4:
@@ -83,9 +128,9 @@ def sliding_window_3d(
         if tuple(logits.shape) != want:
             raise ModelOutputError(
                 f"model output has shape {tuple(logits.shape)}, expected {want} "
-                f"(batch, classes, *roi) for roi {roi} and {classes} classes"
+                f"(batch, channels, *roi) for roi {roi} and {classes} channels"
             )
-        probs = softmax(logits.astype(np.float32), axis=1)
+        probs = to_probabilities(logits, values=values, activation=activation, axis=1)
         for (z, y, x_), p in zip(chunk, probs, strict=True):
             acc[:, z : z + roi[0], y : y + roi[1], x_ : x_ + roi[2]] += p * weight
             norm[z : z + roi[0], y : y + roi[1], x_ : x_ + roi[2]] += weight
@@ -101,15 +146,28 @@ def batches_2d(
     *,
     batch: int = 8,
     expect: Mapping[str, Sequence[int]] | None = None,
+    layout: str = "nchw",
+    channels: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``images`` ``(N, C, H, W)`` in batches; concatenate each named output.
 
-    ``expect`` maps output names to their per-image shape; a mismatch raises
-    ``ModelOutputError`` naming the output.
+    ``channels``: the channels the model takes; a one-channel image is repeated into
+    them (grey as RGB). ``layout``: ``nchw`` or ``nhwc`` (channels last, as Keras and
+    many exported models take them). ``expect`` maps output names to their per-image
+    shape; a mismatch raises ``ModelOutputError`` naming the output.
     """
+    if channels is not None and images.shape[1] != channels:
+        if images.shape[1] != 1:
+            raise ValueError(f"images have {images.shape[1]} channels; the model takes "
+                             f"{channels}")
+        images = np.repeat(images, channels, axis=1)
+    if layout == "nhwc":
+        images = np.moveaxis(images, 1, -1)
+    elif layout != "nchw":
+        raise ValueError(f"layout is nchw or nhwc, not {layout!r}")
     collected: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(images), batch):
-        x = images[i : i + batch].astype(np.float32)
+        x = np.ascontiguousarray(images[i : i + batch], dtype=np.float32)
         outputs = model(x)
         for name, shape in (expect or {}).items():
             if name not in outputs:
