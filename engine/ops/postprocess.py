@@ -168,10 +168,11 @@ def classify(probs: np.ndarray, *, finding: str, classes: Sequence[str], activat
     p = np.asarray(probs, np.float64).reshape(-1)
     k = len(classes)
     if activation == "sigmoid" and p.size == 1 and k == 2:
-        p = np.array([1.0 - p[0], p[0]])
-        thresholds = {classes[1]: thresholds.get(classes[1], default)}
-        otherwise = classes[0]
-    elif activation == "sigmoid":
+        positive = float(p[0])
+        return [Classification(finding, {classes[0]: 1.0 - positive, classes[1]: positive},
+                               classes[1] if positive >= thresholds.get(classes[1], default)
+                               else classes[0])]
+    if activation == "sigmoid":
         if p.size != k:
             raise ModelOutputError(f"model output has {p.size} channels for {k} classes")
         return [Classification(c, {PRESENT: float(p[i]), ABSENT: float(1.0 - p[i])},

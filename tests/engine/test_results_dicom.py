@@ -18,6 +18,7 @@ from engine.dicom_results import (
     build_volume_sr,
 )
 from engine.ops.volume import series_to_volume
+from engine.spec import REFERENCE_DIR, load_pipeline
 from tests.engine.conftest import dciodvfy_errors
 
 PROV = Provenance("unit-model", "2.1", "ab" * 32, "bts", "1.0.0", "run-unit")
@@ -74,11 +75,13 @@ def test_findings_sr_for_dx_images(tmp_path: Path) -> None:
     study = pelvis_study(14, images=2, size=256, modality="DX")
     findings = [HipFinding(study.datasets[i], side, cls, 0.9, (10.0, 20.0, 60.0, 90.0))
                 for i in range(2) for side, cls in (("right", "normal"), ("left", "hardware"))]
-    sr = build_findings_sr(findings, PROV)
+    hfd = load_pipeline(REFERENCE_DIR / "hfd.yaml", check_model=False)
+    sr = build_findings_sr(findings, PROV, finding="hip", codebook=hfd.spec.codes)
     path = _save(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     text = str(pydicom.dcmread(path).ContentSequence)
-    assert "Orthopedic hardware" in text
+    assert "Orthopedic device" in text and "16349000" in text  # SNOMED CT, from hfd.yaml
+    assert "Hip joint" in text and "122157" in text  # finding type; DCM Probability
     assert ("model_sha256=" + "ab" * 32).encode() in path.read_bytes()
 
 
