@@ -412,15 +412,15 @@ class ThresholdParams(Params):
 @operator("threshold", ThresholdParams, tasks=("segmentation3d",))
 def _threshold(ctx: RunContext, p: BaseModel) -> str:
     """Label map by thresholds per label (``model.output.thresholds``, else the
-    parameter): sigmoid channels each against its own, softmax P(label) against its."""
+    parameter): each label's probability (a sigmoid channel, or a softmax class's)
+    against its own; the most probable of those that reach theirs, else background."""
     assert isinstance(p, ThresholdParams)
     probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
     activation = ctx.pipeline.spec.model.output.activation
-    thresholds = _label_thresholds(ctx)
-    if activation == "softmax":  # every foreground label needs its probability
-        thresholds = {v: thresholds.get(v, p.threshold) for v in range(1, probs.shape[0])}
+    if activation == "softmax":  # the foreground channels, each against its threshold
+        probs = probs[1:]
     ctx.labels = postprocess.labels_from_probabilities(
-        probs, activation=activation, thresholds=thresholds, default=p.threshold)
+        probs, activation="sigmoid", thresholds=_label_thresholds(ctx), default=p.threshold)
     return f">= {p.threshold} ({activation})"
 
 

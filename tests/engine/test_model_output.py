@@ -352,3 +352,16 @@ def test_segment_codes_come_from_the_file_not_a_table() -> None:
     bare = build_seg(vol.sources, study.labels, {1: "lesion"}, PROV, series_description="x")
     code = bare.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
     assert (code.CodingSchemeDesignator, code.CodeMeaning) == ("99LM", "lesion")
+
+
+def test_threshold_operator_on_softmax_can_be_more_sensitive_than_argmax() -> None:
+    """A softmax label's threshold below 0.5 takes voxels argmax gives to background."""
+    from engine.steps import OPERATORS, ThresholdParams
+
+    bts = load_pipeline(REFERENCE_DIR / "bts.yaml", check_model=False)
+    ctx = RunContext(pipeline=bts, runtime=None, datasets=[], provenance=PROV)  # type: ignore[arg-type]
+    ctx.probs = np.array([[0.9, 0.65, 0.4], [0.1, 0.35, 0.6]], np.float32)
+    OPERATORS["threshold"].fn(ctx, ThresholdParams(threshold=0.3))
+    assert ctx.labels is not None and ctx.labels.tolist() == [0, 1, 1]
+    OPERATORS["argmax"].fn(ctx, ThresholdParams())
+    assert ctx.labels.tolist() == [0, 0, 1]
