@@ -64,6 +64,15 @@ from events.catalogue import (
 
 PIPELINES = ("bts", "lts", "hfd")
 AE = {"bts": "LM_BTS", "lts": "LM_LTS", "hfd": "LM_HFD"}
+
+
+def runtime_target_s(pipeline: str) -> float | None:
+    """The reference pipeline file's ``targets.runtime_s`` (seconds): the synthetic
+    deployments carry what a real ``lastmile pipelines deploy`` of that file would."""
+    from engine.spec import REFERENCE_DIR, load_pipeline
+
+    return load_pipeline(REFERENCE_DIR / f"{pipeline}.yaml",
+                         check_model=False).spec.targets.runtime_s
 OPERATORS = {
     "bts": ("load", "register", "preprocess", "infer", "postprocess", "write_seg"),
     "lts": ("load", "preprocess", "infer", "postprocess", "write_seg"),
@@ -155,7 +164,8 @@ class SyntheticSite:
             yield self._ev(PipelineDeployed, t, actor="admin", study=None, pipeline=p, name=p,
                            version="1.0.0", file_sha256=hashlib.sha256(p.encode()).hexdigest(),
                            model_sha256=hashlib.sha256(b"model" + p.encode()).hexdigest(),
-                           stage=Stage.STAGING, ae_title=AE[p], reason="initial deployment")
+                           stage=Stage.STAGING, ae_title=AE[p], reason="initial deployment",
+                           runtime_target_s=runtime_target_s(p))
             prev = Stage.STAGING
             for i, to in enumerate((Stage.SILENT, Stage.VALIDATION)):
                 yield self._ev(PipelineStageChanged, t + timedelta(days=3 + 5 * i),

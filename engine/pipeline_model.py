@@ -241,6 +241,15 @@ class OutputSpec(_Strict):
     blinding_hash: bool = False  # LTS: salted hash in the SEG series description
 
 
+class TargetsSpec(_Strict):
+    """``targets:``: what the governance board holds this pipeline to. ``runtime_s``: the
+    runtime (seconds, study completed -> result) that the share of runs is measured
+    against, shown by ``lastmile metrics``, the pages and the governance report; it
+    travels in ``PipelineDeployed.runtime_target_s`` so every reader gets it from here."""
+
+    runtime_s: float | None = Field(None, gt=0)
+
+
 class PipelineSpec(_Strict):
     spec_version: Literal[1] = 1
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
@@ -257,6 +266,7 @@ class PipelineSpec(_Strict):
     outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     #: what each label, class and finding name means (``engine.codes``)
     codes: dict[str, CodeSpec] = Field(default_factory=dict)
+    targets: TargetsSpec = Field(default_factory=lambda: TargetsSpec.model_validate({}))
     publishers: tuple[PublisherSpec, ...] = Field(
         default_factory=lambda: (PublisherSpec.model_validate({"kind": "store"}),))
 

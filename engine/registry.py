@@ -38,6 +38,7 @@ def deployed_event(loaded: LoadedPipeline, *, actor: str, reason: str | None = N
         reason=reason,
         file_text=loaded.text,
         file_path=str(loaded.path),
+        runtime_target_s=spec.targets.runtime_s,
     )
 
 

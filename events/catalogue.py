@@ -313,6 +313,9 @@ class PipelineDeployed(Event, frozen=True, kw_only=True, tag="engine.pipeline.de
     # have neither and run only from a worker's pipeline folders
     file_text: str | None = None
     file_path: str | None = None
+    # the pipeline file's ``targets.runtime_s`` (seconds); optional, added without a
+    # version change (older deployments carry none: readers say "no target")
+    runtime_target_s: float | None = None
 
 
 class PipelineStageChanged(Event, frozen=True, kw_only=True, tag="engine.pipeline.stage_changed"):

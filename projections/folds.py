@@ -177,18 +177,18 @@ def _unmatched(seq: int, ev: RouteUnmatched) -> list[Change]:
 def _deployed(seq: int, ev: PipelineDeployed) -> list[Change]:
     return [("pipeline_changes", (*_env(seq, ev), "deployed", ev.name, ev.version,
                                   str(ev.stage), None, ev.reason, ev.file_sha256,
-                                  ev.model_sha256, ev.ae_title))]
+                                  ev.model_sha256, ev.ae_title, ev.runtime_target_s))]
 
 
 def _staged(seq: int, ev: PipelineStageChanged) -> list[Change]:
     return [("pipeline_changes", (*_env(seq, ev), "stage_changed", ev.name, ev.version,
                                   str(ev.to_stage), str(ev.from_stage), ev.reason, None,
-                                  None, None))]
+                                  None, None, None))]
 
 
 def _retired(seq: int, ev: PipelineRetired) -> list[Change]:
     return [("pipeline_changes", (*_env(seq, ev), "retired", ev.name, ev.version, None, None,
-                                  ev.reason, None, None, None))]
+                                  ev.reason, None, None, None, None))]
 
 
 _NO_RUN = (None,) * 8  # model_name .. progression when not a completion

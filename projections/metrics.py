@@ -126,6 +126,9 @@ def turnaround(con: Con, pipeline: str | None = None) -> list[TurnaroundRow]:
 # --------------------------------------------------------------------------- runtime
 
 
+NO_RUNTIME_TARGET = "no runtime target: the pipeline file has no targets.runtime_s"
+
+
 @dataclass(frozen=True)
 class RuntimeRow:
     pipeline: str
@@ -136,22 +139,43 @@ class RuntimeRow:
     p90_s: float
     inference_mean_s: float
     under_threshold: Stat  # share of runs with duration <= threshold_s
-    threshold_s: float
+    threshold_s: float | None  # the pipeline's target (s); None when its file names none
 
 
-def runtime(con: Con, pipeline: str | None = None, threshold_s: float = 270.0,
+def runtime_targets(con: Con) -> dict[str, float]:
+    """Each pipeline's runtime target (seconds) from its latest deployment: the
+    pipeline file's ``targets.runtime_s``, carried by ``PipelineDeployed``. Pipelines
+    whose latest deployment names no target are absent."""
+    rows = con.execute("""
+        SELECT name, arg_max(runtime_target_s, seq) FROM pipeline_changes
+        WHERE kind = 'deployed' GROUP BY name
+    """).fetchall()
+    return {str(n): float(t) for n, t in rows if t is not None}
+
+
+def runtime(con: Con, pipeline: str | None = None, threshold_s: float | None = None,
             ) -> list[RuntimeRow]:
+    """Runtime (seconds, per completed run) per pipeline and model version, with the
+    share of runs at or under the target: ``threshold_s`` when given, else each
+    pipeline's own target (``runtime_targets``); without one the share is a Stat
+    saying why there is none."""
     where, params = _where(pipeline)
+    targets = runtime_targets(con)
     rows = con.execute(f"""
         SELECT pipeline, model_version, count(*), avg(duration_s),
                quantile_cont(duration_s, 0.5), quantile_cont(duration_s, 0.9),
-               avg(inference_s), count(*) FILTER (duration_s <= ?)
+               avg(inference_s), list(duration_s)
         FROM inference WHERE kind = 'completed' {where}
         GROUP BY ALL ORDER BY ALL
-    """, [threshold_s, *params]).fetchall()
-    return [RuntimeRow(p, v, int(n), float(m), float(a), float(b), float(i or 0.0),
-                       wilson(int(k), int(n)), threshold_s)
-            for p, v, n, m, a, b, i, k in rows]
+    """, params).fetchall()
+    out = []
+    for p, v, n, m, a, b, i, durations in rows:
+        target = threshold_s if threshold_s is not None else targets.get(p)
+        share = (wilson(sum(1 for d in durations if d is not None and d <= target), int(n))
+                 if target is not None else Stat(None, n=int(n), reason=NO_RUNTIME_TARGET))
+        out.append(RuntimeRow(p, v, int(n), float(m), float(a), float(b), float(i or 0.0),
+                              share, target))
+    return out
 
 
 @dataclass(frozen=True)

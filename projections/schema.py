@@ -125,6 +125,7 @@ TABLES: tuple[Table, ...] = (
         ("file_sha256", S),
         ("model_sha256", S),
         ("ae_title", S),
+        ("runtime_target_s", F64),  # deployed: the pipeline file's targets.runtime_s
     )),
     Table("inference", "one row per inference requested, started, completed, skipped, failed", (
         ("run_key", S),

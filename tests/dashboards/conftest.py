@@ -21,7 +21,7 @@ import pytest
 
 from bench.dashboards import browser
 from dashboards.process import DashboardProcess
-from demo.synthetic import SyntheticConfig, SyntheticSite
+from demo.synthetic import SyntheticConfig, SyntheticSite, runtime_target_s
 from events.base import Event
 from events.catalogue import (
     InferenceCompleted,
@@ -66,7 +66,8 @@ def known_site_events() -> tuple[list[Event], SyntheticConfig, dict[str, str]]:
     upgrade = PipelineDeployed.new(
         actor="dr.governance", pipeline="hfd", name="hfd", version=NEW_VERSION,
         file_sha256="f" * 64, model_sha256="a" * 64, stage=Stage.VALIDATION, ae_title="LM_HFD",
-        model_card=str(CARD), reason="retrained on more hips")
+        model_card=str(CARD), reason="retrained on more hips",
+        runtime_target_s=runtime_target_s("hfd"))
     upgrade = msgspec.structs.replace(upgrade, occurred_at=switch - timedelta(days=1),
                                       recorded_at=switch - timedelta(days=1))
     out: list[Event] = []

@@ -65,6 +65,45 @@ def test_runtime_matches_numpy(folded: ProjectionStore, site_events: list) -> No
         assert r.under_threshold.value == pytest.approx(np.mean(d <= 270.0))
 
 
+def test_runtime_uses_each_pipelines_own_target_from_its_file(
+        folded: ProjectionStore, site_events: list) -> None:
+    """No threshold given: each pipeline's share is against its file's targets.runtime_s
+    (BTS 270 s, LTS 600 s, HFD 20 s), not one figure for all."""
+    from engine.spec import REFERENCE_DIR, load_pipeline
+
+    with folded.connection() as con:
+        rows = {r.pipeline: r for r in M.runtime(con)}
+        assert M.runtime_targets(con) == {p: r.threshold_s for p, r in rows.items()}
+    for p in ("bts", "lts", "hfd"):
+        target = load_pipeline(REFERENCE_DIR / f"{p}.yaml", check_model=False
+                               ).spec.targets.runtime_s
+        d = np.array([e.duration_s for e in site_events
+                      if isinstance(e, InferenceCompleted) and e.pipeline == p])
+        assert rows[p].threshold_s == target
+        assert rows[p].under_threshold.value == pytest.approx(np.mean(d <= target))
+
+
+def test_runtime_without_a_target_says_so(site_events: list) -> None:
+    """A deployment whose file names no target: no share, and the reason."""
+    import msgspec
+
+    from events.catalogue import PipelineDeployed
+
+    events = [msgspec.structs.replace(e, runtime_target_s=None)
+              if isinstance(e, PipelineDeployed) and e.name == "lts" else e
+              for e in site_events]
+    store = ProjectionStore(":memory:")
+    try:
+        store.apply(RowBatch().extend(enumerate(events, 1)))
+        with store.connection() as con:
+            rows = {r.pipeline: r for r in M.runtime(con)}
+    finally:
+        store.close()
+    assert rows["lts"].threshold_s is None and rows["lts"].under_threshold.value is None
+    assert rows["lts"].under_threshold.reason == M.NO_RUNTIME_TARGET
+    assert rows["bts"].threshold_s == 270.0
+
+
 def test_turnaround_matches_the_event_times(folded: ProjectionStore, site_events: list
                                             ) -> None:
     completed: dict[tuple[str, str], datetime] = {}

@@ -121,6 +121,9 @@ async def test_service_follows_rebuild_matches_and_metrics_print(
     assert {o["pipeline"] for o in data["outcomes"]} == {"bts", "lts", "hfd"}
     assert {b["source"] for b in data["blinded_reads"]["lts"]} == {"ai", "expert", "novice"}
     assert data["agreement"]["hfd"]["overall"]["readers"] == ["msk_a", "msk_b", "msk_c"]
+    # runtime is checked against each pipeline's own target, from its pipeline file
+    targets = {r["pipeline"]: r["threshold_s"] for r in data["runtime"]}
+    assert targets == {"bts": 270.0, "lts": 600.0, "hfd": 20.0}
     result = await asyncio.to_thread(runner.invoke, app, ["metrics", "--pipeline", "hfd"])
     assert result.exit_code == 0, result.output
     assert "agreement" in result.output and "hfd" in result.output
