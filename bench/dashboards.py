@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dashboards.process import PAGES, DashboardError, DashboardProcess, page_url
+from dashboards.report_pdf import CHROMIUM, CHROMIUM_ARGS  # one Chromium for tests and PDF
 from events.base import Event
 from events.jetstream import BusSettings, EventBus
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 
 
 async def publish_and_fold(bus: EventBus, events: Iterable[Event], duckdb_path: Path,

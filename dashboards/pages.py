@@ -14,7 +14,8 @@ from dashboards import ui
 from dashboards.curves import thin
 from dashboards.event_log import history_json, pipeline_events, study_history
 from dashboards.queries import Filters
-from dashboards.report import governance_report
+from dashboards.report import governance_report, report_scope
+from dashboards.report_pdf import report_pdf
 from events.errors import ConfigError, EventsError
 from projections import metrics as M
 from projections.config import ProjectionsConfig
@@ -87,9 +88,9 @@ def overview() -> None:
                 v = f" · v{h['runtime_version']}" if h["runtime_versions"] > 1 else ""
                 a.metric(f"runtime p50{v}", f"{h['runtime_p50_s']:.1f} s")
                 b.metric(f"runtime p90{v}", f"{h['runtime_p90_s']:.1f} s",
-                         delta=f"target {tgt:.0f} s",
-                         delta_color="normal" if h["runtime_p90_s"] <= tgt else "inverse",
-                         delta_arrow="off")
+                         delta=f"target {tgt:.0f} s" if tgt is not None else "no target",
+                         delta_color="normal" if tgt is None or h["runtime_p90_s"] <= tgt
+                         else "inverse", delta_arrow="off")
             st.caption(f"{h['finished']:,} runs finished · success "
                        f"{ui.stat_text(sr, pct=True)}")
 
@@ -105,8 +106,7 @@ def overview() -> None:
         st.subheader("Runtime against target")
         rt = o.runtime.copy()
         if not rt.empty:
-            rt["target_s"] = [D.RUNTIME_TARGET_S.get(p, D.DEFAULT_RUNTIME_TARGET_S)
-                              for p in rt["pipeline"]]
+            rt["target_s"] = rt["threshold_s"]
             rt["label"] = rt["pipeline"] + " " + rt["model_version"]
             long = rt.rename(columns={"p50_s": "p50", "p90_s": "p90"}).melt(
                 id_vars=["label", "pipeline"], value_vars=["p50", "p90"], var_name="quantile",
@@ -115,8 +115,8 @@ def overview() -> None:
             ui.chart(c, rt[["pipeline", "model_version", "n", "mean_s", "p50_s", "p90_s",
                             "target_s", "under_threshold", "under_threshold_low",
                             "under_threshold_high"]], "runtime",
-                     "Red line: the study's target (BTS 4.5 min for 90% of exams, LTS 10 min, "
-                     "HFD 20 s).")
+                     "Red line: the pipeline's runtime target (its pipeline file's "
+                     "targets.runtime_s).")
         else:
             st.info("runtime: no completed inference for the current filters.")
 
@@ -171,25 +171,36 @@ def overview() -> None:
         positive = _positive()
         agr = ui.load(D.agreement_data, f, pipeline=p, positive=positive[p]) \
             if p in positive else None
-        html = governance_report(p, o, agr, f, _ctx()["seq"])
-        st.caption(f"Report of pipeline {p}: headline figures and plots for {f.describe()}, "
-                   f"as of event #{_ctx()['seq']}.")
-        st.download_button("Download the one-page governance report (HTML)", html.encode(),
-                           file_name=f"governance-{p}-event{_ctx()['seq']}.html",
-                           mime="text/html", key="report-download", on_click="ignore",
-                           icon=":material/description:")
+        dice = ui.load(D.dice_data, f, pipeline=p)
+        html = governance_report(p, o, agr, f, _ctx()["seq"], dice=dice)
+        st.caption(f"Report of {report_scope(p, f)}: headline figures and plots as of "
+                   f"event #{_ctx()['seq']}.")
+        name = f"governance-{p}-event{_ctx()['seq']}"
+        a, b = st.columns(2)
+        a.download_button("Download the governance report (HTML)", html.encode(),
+                          file_name=f"{name}.html", mime="text/html", key="report-download",
+                          on_click="ignore", icon=":material/description:")
+        # printed by Chromium only when asked for (a deferred download)
+        b.download_button("Download the governance report (PDF)",
+                          lambda: report_pdf(html), file_name=f"{name}.pdf",
+                          mime="application/pdf", key="report-pdf-download",
+                          on_click="ignore", icon=":material/picture_as_pdf:")
 
 
 def _runtime_chart(long: pd.DataFrame, rt: pd.DataFrame) -> alt.VConcatChart:
     rows = []
     for label, part in long.groupby("label", sort=True):
-        target = float(rt.loc[rt["label"] == label, "target_s"].iloc[0])
+        t = rt.loc[rt["label"] == label, "target_s"].iloc[0]
+        target = None if pd.isna(t) else float(t)
         bars = alt.Chart(part).mark_bar().encode(
             y=alt.Y("quantile:N", title=None),
-            x=alt.X("seconds:Q", title=None,
-                    scale=alt.Scale(domain=[0, max(target, part["seconds"].max()) * 1.1])),
+            x=alt.X("seconds:Q", title="seconds", scale=alt.Scale(
+                domain=[0, max(target or 0.0, part["seconds"].max()) * 1.1])),
             color=alt.Color("quantile:N", legend=None),
             tooltip=[alt.Tooltip("seconds:Q", format=".1f"), "quantile:N"])
+        if target is None:
+            rows.append(bars.properties(title=f"{label} (no runtime target)", height=50))
+            continue
         rule = alt.Chart(pd.DataFrame({"t": [target]})).mark_rule(
             color="#d62728", strokeWidth=2).encode(x="t:Q")
         rows.append((bars + rule).properties(title=str(label), height=50))
