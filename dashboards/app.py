@@ -104,11 +104,18 @@ def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
         default = "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
             else "overview"
     out: dict[str, st.Page] = {}
+    # Streamlit serves the default page at the root and answers its own path ("/overview")
+    # with "Page not found": the root is a page of its own that opens the Overview there
+    home = default == "overview"
     for fn, title, path, icon in GOVERNANCE_PAGES:
         out[path] = st.Page(_governance(fn, title), title=title, url_path=path, icon=icon,
-                            default=path == default)
+                            default=path == default and not home)
     for fn, title, path, icon in REVIEW_PAGES:
         out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=path == default)
+    if home:
+        overview = out["overview"]
+        out["home"] = st.Page(lambda: st.switch_page(overview), title="Lastmile",
+                              url_path="home", default=True)
     if user is None:
         return out, []
     allowed = [p for p, role in PAGE_ROLES.items() if user.has(role)]

@@ -126,6 +126,15 @@ class AgreementData:
     dice: pd.DataFrame  # pipeline, label, dice
     bland_altman: pd.DataFrame  # pipeline, measurement, unit, mean, difference
     bland_altman_stats: pd.DataFrame
+    draws_masks: bool = True  # False: no AI volume (a detection pipeline): Dice does not apply
+
+
+def draws_masks(con: M.Con, pipeline: str) -> bool:
+    """Whether the pipeline's AI results carry a volume (mL), i.e. it draws masks, so the
+    Dice and Bland–Altman of corrected masks apply to it (detection pipelines: no)."""
+    row = con.execute("SELECT count(*) FROM measurements WHERE pipeline = ? AND source = 'ai' "
+                      "AND unit = 'mL'", [pipeline]).fetchone()
+    return bool(row and row[0])
 
 
 def agreement_data(con: M.Con, f: Filters, pipeline: str, positive: str,
@@ -183,7 +192,8 @@ def agreement_data(con: M.Con, f: Filters, pipeline: str, positive: str,
                              "upper": b.upper.value, "note": None})
     return AgreementData(pipeline, positive, a, pd.DataFrame(kap), pd.DataFrame(acc_rows),
                          pd.DataFrame(conf_rows), roc_of_cases(cases.cases(), positive, reference),
-                         pd.DataFrame(sub_rows), dice, ba, pd.DataFrame(ba_stats))
+                         pd.DataFrame(sub_rows), dice, ba, pd.DataFrame(ba_stats),
+                         draws_masks(con, pipeline))
 
 
 def _ba(edited: float, ai: float) -> list[BlandAltmanPoint]:
@@ -212,6 +222,13 @@ def longitudinal_data(con: M.Con, f: Filters, pipeline: str = "bts",
                                      "exam"])
     df["exam"] = df.groupby("patient_pseudonym").cumcount() + 1
     return df
+
+
+def measurement_unit(con: M.Con, f: Filters, pipeline: str, measurement: str) -> str | None:
+    """The unit (UCUM, as the AI result carries it: mL, %) of a pipeline's measurement."""
+    row = con.execute("SELECT any_value(unit) FROM measurements WHERE pipeline = ? AND "
+                      "name = ? AND source = 'ai'", [pipeline, measurement]).fetchone()
+    return str(row[0]) if row and row[0] else None
 
 
 def measurement_names(con: M.Con) -> list[tuple[str, str]]:

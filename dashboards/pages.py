@@ -56,7 +56,13 @@ def _positive() -> dict[str, str]:
     return cfg.positive if cfg else dict(DEFAULT_POSITIVE)
 
 
-def _pick_pipeline(choices: list[str], key: str, label: str = "Pipeline") -> str | None:
+NOT_APPLICABLE_MASKS = "Not applicable: {p} draws no masks (its results are findings), " \
+    "so there is no mask to correct."
+
+
+def _pick_pipeline(choices: list[str], key: str, label: str) -> str | None:
+    """The sidebar's pipeline, or (sidebar on "All") the page's own choice, labelled for
+    what it picks ("Agreement of pipeline") so a page never shows two "Pipeline" boxes."""
     f = _filters()
     if f.pipeline is not None:
         return f.pipeline if f.pipeline in choices else None
@@ -215,7 +221,7 @@ def agreement() -> None:
     st.title("Agreement")
     positive = _positive()
     choices = ui.load(_agreement_choices, f, positive=tuple(sorted(positive.items())))
-    p = _pick_pipeline(choices, "agr_pipeline")
+    p = _pick_pipeline(choices, "agr_pipeline", "Agreement of pipeline")
     if p is None:
         st.info("No pipeline with findings and a positive class for the current filters "
                 f"(positive classes: {positive}).")
@@ -331,7 +337,8 @@ def agreement() -> None:
             c = alt.Chart(a.dice).mark_bar().encode(
                 x=alt.X("dice:Q", bin=alt.Bin(step=0.025), title="Dice (edited vs AI mask)"),
                 y=alt.Y("count():Q", title="edits"), color="label:N").properties(height=260)
-        ui.chart(c, a.dice, f"dice_{p}")
+        ui.chart(c, a.dice, f"dice_{p}", empty=NOT_APPLICABLE_MASKS.format(p=p.upper())
+                 if not a.draws_masks else "No clinician has corrected an AI mask yet.")
     with right:
         st.subheader("Bland–Altman: edited − AI volume")
         ba = a.bland_altman
@@ -354,7 +361,9 @@ def agreement() -> None:
                         f"{r.lower:.2f} to {r.upper:.2f} (n={r.pairs})"
                         for r in a.bland_altman_stats.dropna(subset=["bias"]).itertuples()) \
             if not a.bland_altman_stats.empty else None
-        ui.chart(c, ba, f"bland_altman_{p}", cap)
+        ui.chart(c, ba, f"bland_altman_{p}", cap,
+                 empty=NOT_APPLICABLE_MASKS.format(p=p.upper()) if not a.draws_masks
+                 else "No clinician has corrected an AI mask yet.")
     _blinded(f)
 
 
@@ -429,6 +438,8 @@ def longitudinal() -> None:
                                 min_value=1.0, max_value=500.0, value=25.0, step=5.0,
                                 key="lon_threshold")
     df = ui.load(D.longitudinal_data, f, pipeline=pipe, measurement=meas)
+    unit = ui.load(D.measurement_unit, f, pipeline=pipe, measurement=meas)
+    axis = f"{meas.replace('_', ' ')} ({unit})" if unit else meas.replace("_", " ")
     if df.empty:
         st.info("No patient has this measurement for the current filters.")
         return
@@ -449,7 +460,8 @@ def longitudinal() -> None:
             base = sel.groupby("patient", as_index=False).first()[["patient", "value"]]
             base["threshold_value"] = base["value"] * (1 + threshold / 100)
             lines = alt.Chart(sel).mark_line(point=True).encode(
-                x=alt.X("at:T", title="exam date"), y=alt.Y("value:Q", title=meas),
+                x=alt.X("at:T", title="exam date (UTC)", axis=alt.Axis(format="%d %b %Y")),
+                y=alt.Y("value:Q", title=axis),
                 color=alt.Color("patient:N", legend=alt.Legend(orient="bottom")),
                 tooltip=["patient:N", "at:T", "value:Q", "from_baseline_pct:Q",
                          "from_prior_pct:Q", "progression:N"])
@@ -494,7 +506,7 @@ def drift() -> None:
     f = _filters()
     st.title("Drift")
     opts = _ctx()["options"]
-    p = _pick_pipeline(list(opts.pipelines), "drift_pipeline")
+    p = _pick_pipeline(list(opts.pipelines), "drift_pipeline", "Drift of pipeline")
     if p is None:
         st.info("No pipeline for the current filters.")
         return
@@ -527,8 +539,10 @@ def drift() -> None:
                          color="#d62728", strokeDash=[5, 3]).encode(x="t:Q")
                      ).properties(height=260)
         missing = psi[psi["psi"].isna()] if not psi.empty else psi
-        ui.chart(c, psi, f"psi_{p}", "; ".join(f"{r.feature}: {r.reason}"
-                                               for r in missing.itertuples()) or None)
+        why = "; ".join(f"{r.feature}: {r.reason}" for r in missing.itertuples())
+        ui.chart(c, psi, f"psi_{p}", why or None,
+                 empty=f"No PSI could be computed for {p.upper()}: {why}." if why else
+                 f"No PSI could be computed for {p.upper()}: no exams in the window.")
     with right:
         st.subheader(f"Input: {feature} per week")
         c = None

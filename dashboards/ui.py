@@ -100,12 +100,23 @@ def stat_text(s: Stat | None, pct: bool = False) -> str:
     return f"{f(s.value)} [{f(s.low)}, {f(s.high)}] (n={s.n})"
 
 
+TIME_AXIS_FORMAT = {"milliseconds": "%H:%M:%S.%L", "seconds": "%H:%M:%S", "minutes": "%H:%M",
+                    "hours": "%H:%M", "date": "%d %b", "week": "%d %b", "month": "%b %Y",
+                    "quarter": "%b %Y", "year": "%Y"}
+NOT_ENOUGH = "Not enough data for the current filters to draw this."
+
+
 def chart(c: AltairChart | None, df: pd.DataFrame, name: str,
-          caption: str | None = None) -> None:
-    """A chart, and the data behind it as a CSV download (every chart has one)."""
+          caption: str | None = None, empty: str = NOT_ENOUGH) -> None:
+    """A chart, and the data behind it as a CSV download (every chart has one). ``name``
+    is the CSV's file name, never shown; ``empty`` is the sentence shown instead of a
+    chart without data (under the chart's own heading)."""
     if df is None or df.empty or c is None:
-        st.info(f"{name.replace('_', ' ')}: not enough data for the current filters.")
+        st.info(empty)
         return
+    # Vega's default labels a minute axis "03:15" on a 12-hour clock without am/pm: every
+    # time axis reads on the 24-hour clock, days as "27 Jan"
+    c = c.configure_axisTemporal(format=TIME_AXIS_FORMAT)
     st.altair_chart(c, width="stretch")
     cols = st.columns([1, 4])
     cols[0].download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{name}.csv",
@@ -116,11 +127,22 @@ def chart(c: AltairChart | None, df: pd.DataFrame, name: str,
         cols[1].caption(caption)
 
 
+def readable(df: pd.DataFrame) -> Any:
+    """The table as a reader sees it: decimals to two places, missing values as "—"
+    (never "None" or "nan"), times as 2026-01-27 14:05 (24-hour, UTC); the CSV keeps
+    full precision."""
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_datetime64_any_dtype(out[col]):
+            out[col] = out[col].dt.strftime("%Y-%m-%d %H:%M")
+    return out.style.format(precision=2, na_rep="—")
+
+
 def table(df: pd.DataFrame, name: str) -> None:
     if df is None or df.empty:
-        st.info(f"{name.replace('_', ' ')}: no rows for the current filters.")
+        st.info("No rows for the current filters.")
         return
-    st.dataframe(df, hide_index=True)
+    st.dataframe(readable(df), hide_index=True)
     st.download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{name}.csv",
                        mime="text/csv", key=f"csv-{name}", on_click="ignore",
                        icon=":material/download:")

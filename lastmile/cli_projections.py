@@ -93,7 +93,7 @@ def _print_metrics(r: dict[str, Any]) -> None:
     t = Table(title="outcomes per pipeline")
     for col in ("pipeline", "finished", "in flight", "success", "failure", "skip",
                 "redeliveries", "dead letters"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for o in r["outcomes"]:
         t.add_row(o.pipeline, str(o.finished), str(o.in_flight), _stat(o.success_rate),
                   _stat(o.failure_rate), _stat(o.skip_rate), str(o.redeliveries),
@@ -124,7 +124,7 @@ def _print_metrics(r: dict[str, Any]) -> None:
     for p, rows in r["blinded_reads"].items():
         t = Table(title=f"blinded reads ({p})")
         for col in ("source", "reads", "accepted", "confidence"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for b in rows:
             t.add_row(b.source, str(b.reads), _stat(b.accepted), _stat(b.confidence))
         out.print(t)

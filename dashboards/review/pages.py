@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from dashboards import fmt
 from dashboards.config import ReviewConfig
 from dashboards.review import dicom_files, render
 from dashboards.review import event_log as log
@@ -188,11 +189,12 @@ def _legend(labels: dict[int, str] | Any) -> list[tuple[str, str]]:
 
 def draw_measurements(case: Case, events: Sequence[Event]) -> None:
     res = case.result
-    rows = [{"measurement": m.name, "label": m.label or "", "value": round(m.value, 2),
-             "unit": m.unit} for m in res.measurements]
+    d = fmt.decimals_to_distinguish(m.value for m in res.measurements)
+    rows = [{"measurement": m.name.replace("_", " "), "label": m.label or "",
+             "value": fmt.quantity(m.value, m.unit, d)} for m in res.measurements]
     if res.findings:
         rows += [{"measurement": f"{f.label}", "label": f.classification,
-                  "value": round(f.probability or 0.0, 3), "unit": "probability"}
+                  "value": fmt.quantity(f.probability, "probability", 3)}
                  for f in sorted(res.findings, key=lambda f: (f.label, -(f.probability or 0)))]
     if rows:
         st.table(pd.DataFrame(rows))
@@ -215,12 +217,13 @@ def draw_priors(case: Case) -> None:
     if len(rows) < 2 and not any(r.run_key != case.run_key for r in rows):
         return
     st.subheader("Priors")
+    d = fmt.decimals_to_distinguish(r.value for r in rows)
     st.table(pd.DataFrame([{
-        "study date": r.study_date or "", "measurement": r.measurement,
-        "value": round(r.value, 2), "unit": r.unit,
-        "% vs baseline": "" if r.change_from_baseline_pct is None
+        "study date": fmt.dicom_date(r.study_date), "measurement":
+        r.measurement.replace("_", " "), "value": fmt.quantity(r.value, r.unit, d),
+        "% vs baseline": fmt.MISSING if r.change_from_baseline_pct is None
         else f"{r.change_from_baseline_pct:+.1f}",
-        "% vs previous": "" if r.change_from_previous_pct is None
+        "% vs previous": fmt.MISSING if r.change_from_previous_pct is None
         else f"{r.change_from_previous_pct:+.1f}",
         "this exam": "◀" if r.run_key == case.run_key else ""} for r in rows]))
 
@@ -358,7 +361,7 @@ def worklist_page() -> None:
     for r in rows:
         flags = "".join((" · PARTIAL study (completed at its maximum wait)" if r.partial
                          else "", " · STALE (pixels changed since)" if r.stale else ""))
-        st.page_link(_case_page(), label=f"{r.pipeline.upper()} · {r.study_date or ''} · "
+        st.page_link(_case_page(), label=f"{r.pipeline.upper()} · {fmt.dicom_date(r.study_date)} · "
                      f"study …{r.study_uid[-12:]} · model {r.model_version or '?'}{flags}",
                      query_params={"study": r.study_uid, "run": r.run_key})
     done = _read_model(RQ.reviewed_runs, user.name)
@@ -409,7 +412,7 @@ def case_page() -> None:
     _opened(case.run_key)
     res: InferenceCompleted = case.result
     st.caption(f"{case.pipeline.upper()} · model {res.model_name} {res.model_version} · "
-               f"study date {res.study_date or '?'} · study {study}")
+               f"study date {fmt.dicom_date(res.study_date)} · study {study}")
     _flash()
     if case.superseded_by:
         st.warning("A newer result of this study exists.")

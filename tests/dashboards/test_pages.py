@@ -75,6 +75,14 @@ def test_every_page_renders_with_freshness(known_site: KnownSite, page: Any) -> 
         shot(page, name)  # test-artifacts/dashboards/; `make screenshots` copies to docs/
 
 
+def test_overview_opens_at_its_own_address(known_site: KnownSite, page: Any) -> None:
+    """/overview (the README, bookmarks) opens the Overview, not "Page not found"."""
+    page.goto(f"{known_site.url}/overview")
+    wait_for_page(page)
+    expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+    assert page.get_by_text("Page not found").count() == 0
+
+
 def test_overview_figures_equal_the_event_set(known_site: KnownSite, page: Any) -> None:
     open_page(page, known_site, "overview")
     exams = oracle.exams(known_site.events)
@@ -136,14 +144,28 @@ def test_governance_report_downloads_as_html(known_site: KnownSite, page: Any,
     assert html.count("<svg") >= 3
     sens, _ = oracle.sensitivity(known_site.events, "hfd", "fracture")
     assert f"{100 * sens:.1f}%" in html
+    assert "all pipelines" not in html  # the report is of hfd, whatever the sidebar says
+    with page.expect_download() as dl:
+        page.locator(".st-key-report-pdf-download button").first.click()
+    pdf = tmp_path / "report.pdf"
+    dl.value.save_as(pdf)
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    assert dl.value.suggested_filename.endswith(".pdf")
 
 
 def test_agreement_sensitivity_equals_the_event_set(known_site: KnownSite, page: Any) -> None:
     open_page(page, known_site, "agreement")
-    pick(page, "Pipeline", "hfd", sidebar=False)
+    pick(page, "Agreement of pipeline", "hfd", sidebar=False)
+    # one "Pipeline" box on the page (the sidebar's filter), not two
+    assert page.get_by_role("combobox", name="Pipeline", exact=True).count() == 1
     sens, n = oracle.sensitivity(known_site.events, "hfd", "fracture")
     expect(metric(page, "sensitivity")).to_have_text(f"{100 * sens:.1f}%")
     expect(page.get_by_text(f"n={n}").first).to_be_visible()
+    # HFD draws no masks: Dice says so rather than "not enough data"
+    expect(page.get_by_text("Not applicable: HFD draws no masks").first).to_be_visible()
+    # empty states are sentences, never a raw key ("dice hfd:", "psi bts:")
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "dice hfd" not in main and "bland altman" not in main
     assert page.locator(EXCEPTION).count() == 0
     shot(page, "agreement-hfd")
 

@@ -127,6 +127,8 @@ async def test_service_follows_rebuild_matches_and_metrics_print(
     result = await asyncio.to_thread(runner.invoke, app, ["metrics", "--pipeline", "hfd"])
     assert result.exit_code == 0, result.output
     assert "agreement" in result.output and "hfd" in result.output
+    # at 80 columns (the runner's width) every CI is whole: folded, never cut with "…"
+    assert "…" not in result.output and "20 s" in result.output
 
 
 def test_metrics_without_a_read_model_says_what_to_do(tmp_path: Path) -> None:

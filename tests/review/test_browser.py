@@ -88,7 +88,7 @@ def test_reader_signs_in_from_deep_link_agrees_in_one_click_and_uploads_an_edit(
     expect(page.get_by_text(f"study {study}")).to_be_visible()
     expect(page.get_by_role("heading", name="Priors")).to_be_visible()
     expect(page.locator('[data-testid="stTable"]').filter(has_text="% vs baseline")
-           ).to_contain_text("20260110")
+           ).to_contain_text("2026-01-10")  # an ISO day, never the raw DICOM DA
     page.evaluate(CLICKS)
     page.get_by_role("button", name="Agree with AI and submit").click()
     expect(page.get_by_text("Review recorded")).to_be_visible(timeout=30_000)
