@@ -105,17 +105,16 @@ def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
             else "overview"
     out: dict[str, st.Page] = {}
     # Streamlit serves the default page at the root and answers its own path ("/overview")
-    # with "Page not found": the root is a page of its own that opens the Overview there
+    # with "Page not found": the root is a page of its own that draws the Overview too
     home = default == "overview"
     for fn, title, path, icon in GOVERNANCE_PAGES:
         out[path] = st.Page(_governance(fn, title), title=title, url_path=path, icon=icon,
                             default=path == default and not home)
+        if home and path == "overview":
+            out["home"] = st.Page(_governance(fn, title), title=title, url_path="home",
+                                  icon=icon, default=True)
     for fn, title, path, icon in REVIEW_PAGES:
         out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=path == default)
-    if home:
-        overview = out["overview"]
-        out["home"] = st.Page(lambda: st.switch_page(overview), title="Lastmile",
-                              url_path="home", default=True)
     if user is None:
         return out, []
     allowed = [p for p, role in PAGE_ROLES.items() if user.has(role)]
@@ -138,7 +137,8 @@ def main() -> None:
         st.error(f"The read model cannot be read: {exc}")
         st.stop()
     opts, fresh = _options(str(cfg.duckdb_path), seq)
-    governance_page = any(nav is all_pages[p] for _, _, p, _ in GOVERNANCE_PAGES)
+    governance_page = any(nav is all_pages[p] for _, _, p, _ in GOVERNANCE_PAGES) or \
+        nav is all_pages.get("home")
     sb = st.sidebar
     sb.markdown(f"Signed in as **{user.name}** ({', '.join(sorted(r.value for r in user.roles))})")
     for path in allowed:

@@ -127,6 +127,9 @@ def chart(c: AltairChart | None, df: pd.DataFrame, name: str,
         cols[1].caption(caption)
 
 
+_MISSING = "—"
+
+
 def readable(df: pd.DataFrame) -> Any:
     """The table as a reader sees it: decimals to two places, missing values as "—"
     (never "None" or "nan"), times as 2026-01-27 14:05 (24-hour, UTC); the CSV keeps
@@ -135,7 +138,12 @@ def readable(df: pd.DataFrame) -> Any:
     for col in out.columns:
         if pd.api.types.is_datetime64_any_dtype(out[col]):
             out[col] = out[col].dt.strftime("%Y-%m-%d %H:%M")
-    return out.style.format(precision=2, na_rep="—")
+        # Streamlit's grid draws a missing cell as "None" whatever the Styler says: a
+        # column with gaps is shown as text
+        if out[col].isna().any():
+            out[col] = [_MISSING if pd.isna(v) else f"{v:,.2f}" if isinstance(v, float)
+                        else v for v in out[col]]
+    return out.style.format(precision=2, na_rep=_MISSING)
 
 
 def table(df: pd.DataFrame, name: str) -> None:

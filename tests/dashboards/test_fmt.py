@@ -26,3 +26,18 @@ def test_quantities_carry_their_unit() -> None:
     assert quantity(12.5, "%", 1) == "12.5%"
     assert quantity(1234.5, "mm2", 1) == "1,234.5 mm2"
     assert quantity(None, "mL") == MISSING and quantity(float("nan"), "mL") == MISSING
+
+
+def test_tables_show_two_decimals_and_a_dash_for_missing() -> None:
+    """No "None" and no four decimals in the pages' tables (the CSV keeps everything)."""
+    import pandas as pd
+
+    from dashboards.ui import readable
+
+    df = pd.DataFrame({"pct": [12.345678, None], "name": ["a", None],
+                       "at": pd.to_datetime(["2026-01-27 14:05:09", "2026-01-28 09:00:00"])})
+    shown = readable(df)
+    assert list(shown.data["pct"]) == ["12.35", "—"]
+    assert list(shown.data["name"]) == ["a", "—"]
+    assert list(shown.data["at"]) == ["2026-01-27 14:05", "2026-01-28 09:00"]
+    assert "None" not in shown.to_html() and "12.3457" not in shown.to_html()

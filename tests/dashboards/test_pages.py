@@ -81,6 +81,10 @@ def test_overview_opens_at_its_own_address(known_site: KnownSite, page: Any) -> 
     wait_for_page(page)
     expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
     assert page.get_by_text("Page not found").count() == 0
+    # HFD's stages (seconds) are drawn on their own scale, not as slivers of a 10-minute axis
+    pick(page, "Pipeline", "hfd")
+    wait_for_page(page)
+    expect(page.get_by_text("so the axis shows the stages, not the target")).to_be_visible()
 
 
 def test_overview_figures_equal_the_event_set(known_site: KnownSite, page: Any) -> None:
