@@ -1,6 +1,7 @@
 """The Streamlit entry point: ``streamlit run dashboards/app.py`` (``lastmile up`` does it).
 
-Every page needs a signed-in user (``dashboards.review.session``): governance pages the
+Every page needs a user signed in at the pages' front (``dashboards.front``; checked in
+``dashboards.review.session``): governance pages the
 governance role, the worklist, case and blinded pages the reader role, the QC gate the
 qc role. All pages are routed (so a PACS deep link such as ``/case?study=UID`` survives
 sign-in); the sidebar lists only the pages the user's roles open.
@@ -24,6 +25,7 @@ from dashboards.queries import Filters
 from dashboards.review import blinded_page, session
 from dashboards.review import pages as review
 from dashboards.review.auth import Role, User
+from dashboards.text import plain
 from projections.errors import ProjectionsError
 
 ALL = "(all)"
@@ -118,13 +120,9 @@ def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
 def main() -> None:
     cfg = ui.config()
     rcfg = session.review_config()
-    user = session.current_user(rcfg)
+    user = session.current_user(rcfg)  # the front signed them in; stops the page otherwise
     all_pages, allowed = _pages(user)
     nav = st.navigation(list(all_pages.values()), position="hidden")
-    session.write_cookie()
-    if user is None:
-        session.sign_in_form(rcfg)
-        st.stop()
     try:
         seq = ui.checkpoint(cfg.duckdb_path)
     except ProjectionsError as exc:
@@ -133,12 +131,13 @@ def main() -> None:
     opts, fresh = _options(str(cfg.duckdb_path), seq)
     governance_page = any(nav is all_pages[p] for _, _, p, _ in GOVERNANCE_PAGES)
     sb = st.sidebar
-    sb.markdown(f"Signed in as **{user.name}** ({', '.join(sorted(r.value for r in user.roles))})")
+    sb.markdown(f"Signed in as **{plain(user.name)}** "
+                f"({', '.join(sorted(r.value for r in user.roles))})")
     for path in allowed:
         sb.page_link(all_pages[path])
-    if user is not session.DEMO_VIEWER and not rcfg.proxy_header and sb.button("Sign out"):
-        session.sign_out()
-        st.rerun()
+    if user is not session.DEMO_VIEWER and not rcfg.proxy_header:  # the front's own pages
+        sb.markdown(f"[Sign out]({session.SIGNOUT_URL}) · "
+                    f"[Change password]({session.PASSWORD_URL})")
     filters = _filters(opts) if governance_page else Filters()
     st.session_state["lm_ctx"] = {"db": cfg.duckdb_path, "seq": seq, "filters": filters,
                                   "options": opts, "bus": cfg.bus, "user": user,
