@@ -98,19 +98,30 @@ def _governance(fn: Callable[[], None], title: str) -> Callable[[], None]:
     return page
 
 
+def home(user: User | None) -> str:
+    """The page a user lands on at the root URL: the Overview for governance, else the
+    worklist (readers) or the QC gate (qc)."""
+    if user is not None and not user.has(Role.GOVERNANCE):
+        return "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
+            else "overview"
+    return "overview"
+
+
 def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
     """Every page (so any URL resolves and a wrong role gets a clear message) and, in
-    order, the ones this user's roles open (the navigation shown)."""
-    default = "overview"
-    if user is not None and not user.has(Role.GOVERNANCE):
-        default = "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
-            else "overview"
+    order, the ones this user's roles open (the navigation shown).
+
+    The default page is always the Overview, whoever signs in: Streamlit serves its
+    default page at the root only (its ``url_path`` is ""), so a user-dependent default
+    made ``/qc`` or ``/worklist`` "Page not found" for the very user whose home it is (a
+    modal dialog that left the page's buttons inert). ``main`` sends a user without the
+    governance role from the root to ``home(user)`` instead."""
     out: dict[str, st.Page] = {}
     for fn, title, path, icon in GOVERNANCE_PAGES:
         out[path] = st.Page(_governance(fn, title), title=title, url_path=path, icon=icon,
-                            default=path == default)
+                            default=path == "overview")
     for fn, title, path, icon in REVIEW_PAGES:
-        out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=path == default)
+        out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=False)
     if user is None:
         return out, []
     allowed = [p for p, role in PAGE_ROLES.items() if user.has(role)]
@@ -123,6 +134,8 @@ def main() -> None:
     user = session.current_user(rcfg)  # the front signed them in; stops the page otherwise
     all_pages, allowed = _pages(user)
     nav = st.navigation(list(all_pages.values()), position="hidden")
+    if nav is all_pages["overview"] and home(user) != "overview":
+        st.switch_page(all_pages[home(user)], query_params=dict(st.query_params))
     try:
         seq = ui.checkpoint(cfg.duckdb_path)
     except ProjectionsError as exc:

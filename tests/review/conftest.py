@@ -189,8 +189,9 @@ def review_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewSite
     db = tmp / "read.duckdb"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with EmbeddedNats(tmp / "nats", port=free_port(), sync="2m") as server:
-        bus_settings = BusSettings(servers=(server.url,), stream="REVIEWTEST",
-                                   publish_retry_s=5.0)
+        # the default stream name: `lastmile users ...` run by the tests (a CLI has no
+        # stream option) records its access.user.changed facts on this site's stream
+        bus_settings = BusSettings(servers=(server.url,), publish_retry_s=5.0)
         services = Services(bus_settings, tmp, users, db).start()
         try:
             seeded = asyncio.run(_seed(bus_settings, tmp))

@@ -382,8 +382,14 @@ def test_comments_and_url_parameters_render_as_text(
     site.publish(bts.caused(ReviewSubmitted, actor="reader.c", run_key=bts.run_key,
                             reader="reader.c", agree={"lesion": True}, comment=ATTACK))
     page = open_case(context, site, f"/case?study={study}&run={bts.run_key}", "reader.b")
-    if page.get_by_role("button", name="Agree with AI and submit").count():
-        page.get_by_role("button", name="Agree with AI and submit").click()
+    # wait_case returns once the image is drawn; the review column may come a moment
+    # later, so wait for one of its two states (reader.b's own read may exist already
+    # when the module's other tests ran first) before deciding to click
+    agree = page.get_by_role("button", name="Agree with AI and submit")
+    expect(agree.or_(page.get_by_role("heading", name="Reads of this case"))).to_be_visible(
+        timeout=30_000)
+    if agree.count():
+        agree.click()
     expect(page.get_by_role("heading", name="Reads of this case")).to_be_visible(
         timeout=30_000)
     expect(page.get_by_text(ATTACK)).to_be_visible()  # the comment, literally
