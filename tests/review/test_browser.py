@@ -214,6 +214,28 @@ def test_wrong_role_is_denied(review_site: ReviewSite, context: Any) -> None:
     assert page.get_by_text("needs the governance role").count() == 0
 
 
+def test_each_role_lands_on_its_page_and_its_own_page_url_resolves(
+        review_site: ReviewSite, context: Any) -> None:
+    """The root opens a reader's worklist and a QC reviewer's gate, and their pages' own
+    URLs resolve for them too (a role-dependent default page made ``/worklist`` and
+    ``/qc`` "Page not found" for their own users: a modal over an inert page)."""
+    site = review_site
+    reader = open_signed_in(context, site, "/", "reader.a")
+    expect(reader.get_by_role("heading", name="Worklist")).to_be_visible()
+    reader.goto(f"{site.url}/worklist")
+    wait_for_page(reader)
+    expect(reader.get_by_role("heading", name="Worklist")).to_be_visible()
+    qc_ctx = context.browser.new_context()
+    qc = open_signed_in(qc_ctx, site, "/qc", "qc.one")
+    expect(qc.get_by_role("heading", name="QC gate")).to_be_visible()
+    qc.goto(f"{site.url}/")
+    wait_for_page(qc)
+    expect(qc.get_by_role("heading", name="QC gate")).to_be_visible()
+    for page in (reader, qc):
+        assert page.get_by_text("Page not found").count() == 0
+    qc_ctx.close()
+
+
 def test_wrong_password_is_refused(review_site: ReviewSite, context: Any) -> None:
     page = context.new_page()
     page.goto(f"{review_site.url}/worklist")
