@@ -33,7 +33,7 @@ from events.codec import encode
 from events.jetstream import BusSettings, EventBus
 from events.nats_server import EmbeddedNats, free_port
 from tests.drills.procs import LASTMILE, clean_env, lastmile_up, storescu
-from tests.engine.test_worker_real_world import KEEP, MARKER, TEXT_VRS
+from tests.malformed import KEEP, MARKER, TEXT_VRS
 
 pytestmark = [
     pytest.mark.server, pytest.mark.slow,
@@ -43,16 +43,17 @@ pytestmark = [
 SOURCES = ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "SC_rgb.dcm")
 PASSWORD = "correct horse battery"
 MARKS = (MARKER, MARKER.lower())
-#: header values ``ingest.instance.stored`` copies on purpose (device and site metadata for
-#: routing and drift, events/catalogue.py), never patient data: left valid, not damaged
-DESCRIPTIVE = {"Modality", "SeriesDescription", "Manufacturer", "ManufacturerModelName",
-               "StationName", "InstitutionName"}
+#: header values ``ingest.instance.stored`` copies on purpose for routing (events/
+#: catalogue.py): left valid in both copies (other descriptive values are damaged: the
+#: receiver keeps them only when well formed)
+DESCRIPTIVE = {"Modality", "SeriesDescription"}
 LEAKS = Path(__file__).resolve().parents[2] / "test-artifacts" / "value-leaks.json"
 
 
 def _damage(ds: pydicom.Dataset, keep: set[str]) -> None:
-    """Every text attribute but ``keep``: damaged around MARKER as the worker test's
-    ``_malformed`` does, written as raw bytes (pydicom will not hold a DS of "ZQX7.5")."""
+    """Every text attribute but ``keep``: damaged around MARKER as
+    ``tests.malformed.malformed`` does, written as raw bytes (pydicom will not hold a DS
+    of "ZQX7.5")."""
     for elem in list(ds):  # DataElements (read from the file, values still valid)
         if elem.VR not in TEXT_VRS or elem.keyword in keep or elem.tag.group == 0x0002:
             continue
