@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dashboards.process import PAGES, DashboardError, DashboardProcess, page_url
+from dashboards.process import PAGES, DashboardError, PagesProcess, page_url
 from dashboards.report_pdf import CHROMIUM, CHROMIUM_ARGS  # one Chromium for tests and PDF
 from events.base import Event
 from events.jetstream import BusSettings, EventBus
@@ -140,9 +140,9 @@ def run_dashboards_bench(count: int = 1_000_000, repeats: int = 3,
         with EmbeddedNats(tmp / "nats", port=free_port(), sync="2m") as server:
             n, fold_s, bus_settings, study = asyncio.run(_bench_data(server.url, db, count))
             # demo mode: the governance pages without a sign-in (what is measured here)
-            with DashboardProcess(db, bus_settings, free_port(),
-                                  log_path=tmp / "streamlit.log", state_dir=tmp,
-                                  extra_env={"LASTMILE_DEMO": "1"}) as proc:
+            with PagesProcess(db, bus_settings, free_port(),
+                              log_path=tmp / "streamlit.log", state_dir=tmp,
+                              extra_env={"LASTMILE_DEMO": "1"}) as proc:
                 cold, warm = measure_pages(proc.url, repeats=repeats, study_uid=study,
                                            screenshots=screenshots)
         medians = {k: sorted(v)[len(v) // 2] for k, v in warm.items()}

@@ -140,7 +140,7 @@ def wait_case(page: Any, timeout_ms: float = 60_000) -> None:
 
     wait_for_page(page, timeout_ms)
     page.wait_for_function(
-        """() => { const i = document.querySelector('[data-testid="stImage"] img');
+        """() => { const i = document.querySelector('.lm-case-image img');
                    return i && i.complete && i.naturalWidth > 0; }""",
         timeout=timeout_ms, polling=50)
 
@@ -149,11 +149,11 @@ def wait_case(page: Any, timeout_ms: float = 60_000) -> None:
 def review_dashboard(db: Path, bus: BusSettings, state_dir: Path, users_file: Path,
                      port: int, log_path: Path | None = None,
                      extra_env: dict[str, str] | None = None) -> Iterator[Any]:
-    from dashboards.process import DashboardProcess
+    from dashboards.process import PagesProcess
 
     env = {ENV_STATE_DIR: str(state_dir), ENV_USERS: str(users_file), ENV_DEMO: "0",
            **(extra_env or {})}
-    with DashboardProcess(db, bus, port, log_path=log_path, extra_env=env) as proc:
+    with PagesProcess(db, bus, port, log_path=log_path, extra_env=env) as proc:
         yield proc
 
 
@@ -204,10 +204,7 @@ def run_review_bench(opens: int = 20) -> ReviewBench:
                 page = b.new_page(viewport={"width": 1500, "height": 1100})
                 url = f"{proc.url}/case?study={bts.study_uid}"
                 t0 = time.perf_counter()
-                page.goto(url)
-                from bench.dashboards import wait_for_page
-
-                wait_for_page(page)
+                page.goto(url)  # the front's sign-in page, then the case
                 sign_in(page, "bench.reader", "bench-password")
                 wait_case(page)
                 cold = (time.perf_counter() - t0) * 1000

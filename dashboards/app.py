@@ -1,6 +1,7 @@
 """The Streamlit entry point: ``streamlit run dashboards/app.py`` (``lastmile up`` does it).
 
-Every page needs a signed-in user (``dashboards.review.session``): governance pages the
+Every page needs a user signed in at the pages' front (``dashboards.front``; checked in
+``dashboards.review.session``): governance pages the
 governance role, the worklist, case and blinded pages the reader role, the QC gate the
 qc role. All pages are routed (so a PACS deep link such as ``/case?study=UID`` survives
 sign-in); the sidebar lists only the pages the user's roles open.
@@ -24,6 +25,7 @@ from dashboards.queries import Filters
 from dashboards.review import blinded_page, session
 from dashboards.review import pages as review
 from dashboards.review.auth import Role, User
+from dashboards.text import plain
 from projections.errors import ProjectionsError
 
 ALL = "(all)"
@@ -96,25 +98,35 @@ def _governance(fn: Callable[[], None], title: str) -> Callable[[], None]:
     return page
 
 
+def home(user: User | None) -> str:
+    """The page a user lands on at the root URL: the Overview for governance, else the
+    worklist (readers) or the QC gate (qc)."""
+    if user is not None and not user.has(Role.GOVERNANCE):
+        return "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
+            else "overview"
+    return "overview"
+
+
 def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
     """Every page (so any URL resolves and a wrong role gets a clear message) and, in
-    order, the ones this user's roles open (the navigation shown)."""
-    default = "overview"
-    if user is not None and not user.has(Role.GOVERNANCE):
-        default = "worklist" if user.has(Role.READER) else "qc" if user.has(Role.QC) \
-            else "overview"
+    order, the ones this user's roles open (the navigation shown).
+
+    The default page is always the Overview, whoever signs in: Streamlit serves its
+    default page at the root only (its ``url_path`` is ""), so a user-dependent default
+    made ``/qc`` or ``/worklist`` "Page not found" for the very user whose home it is (a
+    modal dialog that left the page's buttons inert). ``main`` sends a user without the
+    governance role from the root to ``home(user)`` instead."""
     out: dict[str, st.Page] = {}
     # Streamlit serves the default page at the root and answers its own path ("/overview")
-    # with "Page not found": the root is a page of its own that draws the Overview too
-    home = default == "overview"
+    # with "Page not found": the root is a page of its own ("home") that draws the Overview
     for fn, title, path, icon in GOVERNANCE_PAGES:
         out[path] = st.Page(_governance(fn, title), title=title, url_path=path, icon=icon,
-                            default=path == default and not home)
-        if home and path == "overview":
+                            default=False)
+        if path == "overview":
             out["home"] = st.Page(_governance(fn, title), title=title, url_path="home",
                                   icon=icon, default=True)
     for fn, title, path, icon in REVIEW_PAGES:
-        out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=path == default)
+        out[path] = st.Page(fn, title=title, url_path=path, icon=icon, default=False)
     if user is None:
         return out, []
     allowed = [p for p, role in PAGE_ROLES.items() if user.has(role)]
@@ -124,13 +136,11 @@ def _pages(user: User | None) -> tuple[dict[str, st.Page], list[str]]:
 def main() -> None:
     cfg = ui.config()
     rcfg = session.review_config()
-    user = session.current_user(rcfg)
+    user = session.current_user(rcfg)  # the front signed them in; stops the page otherwise
     all_pages, allowed = _pages(user)
     nav = st.navigation(list(all_pages.values()), position="hidden")
-    session.write_cookie()
-    if user is None:
-        session.sign_in_form(rcfg)
-        st.stop()
+    if nav is all_pages["home"] and home(user) != "overview":
+        st.switch_page(all_pages[home(user)], query_params=dict(st.query_params))
     try:
         seq = ui.checkpoint(cfg.duckdb_path)
     except ProjectionsError as exc:
@@ -140,12 +150,13 @@ def main() -> None:
     governance_page = any(nav is all_pages[p] for _, _, p, _ in GOVERNANCE_PAGES) or \
         nav is all_pages.get("home")
     sb = st.sidebar
-    sb.markdown(f"Signed in as **{user.name}** ({', '.join(sorted(r.value for r in user.roles))})")
+    sb.markdown(f"Signed in as **{plain(user.name)}** "
+                f"({', '.join(sorted(r.value for r in user.roles))})")
     for path in allowed:
         sb.page_link(all_pages[path])
-    if user is not session.DEMO_VIEWER and not rcfg.proxy_header and sb.button("Sign out"):
-        session.sign_out()
-        st.rerun()
+    if user is not session.DEMO_VIEWER and not rcfg.proxy_header:  # the front's own pages
+        sb.markdown(f"[Sign out]({session.SIGNOUT_URL}) · "
+                    f"[Change password]({session.PASSWORD_URL})")
     filters = _filters(opts) if governance_page else Filters()
     st.session_state["lm_ctx"] = {"db": cfg.duckdb_path, "seq": seq, "filters": filters,
                                   "options": opts, "bus": cfg.bus, "user": user,

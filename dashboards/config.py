@@ -68,6 +68,14 @@ ENV_DEMO = "LASTMILE_DEMO"
 ENV_BLINDED = "LASTMILE_BLINDED_STUDY"
 ENV_QC_PIPELINES = "LASTMILE_QC_PIPELINES"
 ENV_PUBLIC_URL = "LASTMILE_PUBLIC_URL"
+# The pages' front (dashboards.front) and the Streamlit process behind it: the front puts
+# the signed-in user's name in HEADER_USER and a secret made at each start in HEADER_FRONT;
+# Streamlit believes HEADER_USER only next to that secret (given to both in ENV_FRONT_SECRET).
+ENV_FRONT_SECRET = "LASTMILE_FRONT_SECRET"
+HEADER_USER = "X-Lastmile-User"
+HEADER_FRONT = "X-Lastmile-Front"
+ENV_FRONT_UPSTREAM = "LASTMILE_FRONT_UPSTREAM"  # Streamlit's loopback URL, for the front
+MAX_UPLOAD_MB = 128  # an upload (a corrected SEG), as sent and once inflated
 
 
 def _truthy(value: str | None) -> bool:
@@ -81,7 +89,8 @@ class ReviewConfig:
     ``state_dir`` locates the instance store (``instances``) and the AI results
     (``results``); ``users_file`` the sign-in users; ``proxy_header`` (only when set)
     names a header a trusted reverse proxy fills with the signed-in user's name;
-    ``demo`` lets an unconfigured demo be used without sign-in (as ``demo.viewer``).
+    ``demo`` lets an unconfigured demo be used without sign-in (as ``demo.viewer``);
+    ``front_secret`` is what the pages' front proves itself with (None: nobody can).
     """
 
     state_dir: Path
@@ -93,6 +102,7 @@ class ReviewConfig:
     xnat_url: str | None = None
     xnat_project: str = "LASTMILE"
     public_url: str | None = None
+    front_secret: str | None = None
 
     @property
     def instances_dir(self) -> Path:
@@ -118,4 +128,5 @@ class ReviewConfig:
                    blinded_study=Path(blinded) if blinded else None, qc_pipelines=qc,
                    xnat_url=(env.get("LASTMILE_XNAT_URL") or "").strip().rstrip("/") or None,
                    xnat_project=(env.get("LASTMILE_XNAT_PROJECT") or "").strip() or "LASTMILE",
-                   public_url=(env.get(ENV_PUBLIC_URL) or "").strip().rstrip("/") or None)
+                   public_url=(env.get(ENV_PUBLIC_URL) or "").strip().rstrip("/") or None,
+                   front_secret=env.get(ENV_FRONT_SECRET) or None)

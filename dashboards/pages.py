@@ -16,6 +16,7 @@ from dashboards.event_log import history_json, pipeline_events, study_history
 from dashboards.queries import Filters
 from dashboards.report import governance_report, report_scope
 from dashboards.report_pdf import report_pdf
+from dashboards.text import plain
 from events.errors import ConfigError, EventsError
 from projections import metrics as M
 from projections.config import ProjectionsConfig
@@ -704,7 +705,7 @@ def audit() -> None:
         return
     known = ui.load(_study_summary, Filters(), study_uid=uid)
     if known:
-        st.caption(" · ".join(f"{k.replace('_', ' ')}: {v}" for k, v in known.items()
+        st.caption(" · ".join(f"{k.replace('_', ' ')}: {plain(v)}" for k, v in known.items()
                               if v is not None))
     bus = ctx["bus"]
     if bus is None:
@@ -716,7 +717,7 @@ def audit() -> None:
         st.error(f"The event log cannot be read: {exc}")
         return
     if not events:
-        st.warning(f"No events for study {uid} in the log.")
+        st.warning(f"No events for study {plain(uid)} in the log.")
         return
     st.subheader(f"{len(events)} events")
     tl = pd.DataFrame([{"sequence": e.sequence, "occurred_at": e.occurred_at, "type": e.type,
@@ -734,7 +735,8 @@ def audit() -> None:
                        mime="application/json", key="audit-json", on_click="ignore",
                        icon=":material/download:")
     for e in events:
-        with st.expander(f"#{e.sequence} · {e.occurred_at} · {e.type} · {e.actor}"):
+        with st.expander(f"#{e.sequence} · {plain(e.occurred_at)} · {plain(e.type)} · "
+                         f"{plain(e.actor)}"):
             st.json(e.body)
 
 
@@ -807,15 +809,17 @@ def models() -> None:
     if not cards:
         st.info("No deployment for the current filters.")
     for e in cards:
-        title = f"{e.name} {e.version} · deployed {e.occurred_at[:19]} by {e.actor}"
+        title = (f"{plain(e.name)} {plain(e.version)} · deployed {plain(e.occurred_at[:19])} "
+                 f"by {plain(e.actor)}")
         with st.expander(title, expanded=len(cards) == 1):
             if e.model_card:
-                st.markdown(e.model_card)
+                st.text(e.model_card)  # as written: text from the log is never rendered
             elif e.model_card_path:
-                st.caption(f"model card {e.model_card_path} is not readable from this host")
+                st.caption(f"model card {plain(e.model_card_path)} is not readable from this "
+                           "host")
             else:
                 st.caption("this deployment names no model card")
-            st.caption(f"model sha256 {e.model_sha256 or '—'}")
+            st.caption(f"model sha256 {plain(e.model_sha256 or '—')}")
 
 
 @st.cache_data(ttl=30, show_spinner=False, max_entries=16)

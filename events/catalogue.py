@@ -557,6 +557,65 @@ class EditSubmitted(Event, frozen=True, kw_only=True, tag="review.edit.submitted
     source: str = "lastmile"
 
 
+# --------------------------------------------------------------------------- review: sign-in
+# Who signed in to the pages, who failed to, who signed out, and which cases a reader
+# opened (issue 18, the pages). The authenticating front (``dashboards.front``) records the
+# sign-in facts; the case page records ``CaseViewed``. A password never appears, and a name
+# that is not a user is never recorded (people type passwords into the name field): such an
+# attempt has ``user = None``. ``address`` is the client's IP address as the front saw it.
+
+
+class SigninFailure(StrEnum):
+    """Why a sign-in was refused."""
+
+    WRONG_PASSWORD = "wrong_password"
+    UNKNOWN_USER = "unknown_user"
+    DISABLED = "disabled"
+    USER_LIMITED = "user_limited"  # too many failures for this user name: locked for a while
+    ADDRESS_LIMITED = "address_limited"  # too many failures from this address
+
+
+class SessionEnd(StrEnum):
+    """Why a pages session ended before its idle timeout."""
+
+    SIGNED_OUT = "signed_out"
+    PASSWORD_CHANGED = "password_changed"
+
+
+class SigninSucceeded(Event, frozen=True, kw_only=True, tag="review.signin.succeeded"):
+    user: str
+    address: str
+    method: str = "password"  # or "proxy": the site's trusted sign-in proxy named the user
+
+
+class SigninFailed(Event, frozen=True, kw_only=True, tag="review.signin.failed"):
+    user: str | None  # None: the name given is not a user (never recorded)
+    address: str
+    reason: SigninFailure
+    failures: int = 1  # failures in the current window (per user, or per address when limited)
+    retry_after_s: float | None = None  # when limited: how long sign-in stays refused
+
+
+class SessionEnded(Event, frozen=True, kw_only=True, tag="review.session.ended"):
+    user: str
+    address: str
+    reason: SessionEnd
+    sessions: int = 1  # how many of the user's sessions this ended
+
+
+class PasswordChanged(Event, frozen=True, kw_only=True, tag="review.password.changed"):
+    user: str
+    address: str
+
+
+class CaseViewed(Event, frozen=True, kw_only=True, tag="review.case.viewed"):
+    """A reader (or QC reviewer) opened a case: once per run per page session."""
+
+    run_key: str
+    reader: str
+    page: str = "case"  # or "qc", "blinded"
+
+
 # --------------------------------------------------------------------------- projections
 
 
@@ -735,6 +794,12 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     CaseAssigned,
     ReviewSubmitted,
     EditSubmitted,
+    # review: sign-in (issue 18)
+    SigninSucceeded,
+    SigninFailed,
+    SessionEnded,
+    PasswordChanged,
+    CaseViewed,
     DriftAlertRaised,
     DeliveryFailed,
     SignedIn,

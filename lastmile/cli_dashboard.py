@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from dashboards.process import DashboardError, DashboardProcess
+from dashboards.process import DashboardError, PagesProcess
 from lastmile.cli_common import err, out, settings_of
 
 
@@ -17,8 +17,8 @@ def dashboard_command(ctx: typer.Context) -> None:
         err.print(f"no read model at {settings.duckdb_path}: run `lastmile up` or "
                   "`lastmile projections rebuild` first")
         raise typer.Exit(5)
-    proc = DashboardProcess(settings.duckdb_path, settings.bus("pages"), settings.dashboard_port,
-                            state_dir=settings.state_dir)
+    proc = PagesProcess(settings.duckdb_path, settings.bus("pages"), settings.dashboard_port,
+                        state_dir=settings.state_dir)  # the front, Streamlit behind it
     try:
         proc.start()
     except DashboardError as exc:
@@ -26,7 +26,7 @@ def dashboard_command(ctx: typer.Context) -> None:
         raise typer.Exit(1) from None
     out.print(f"dashboard on {proc.url} (Ctrl-C stops)")
     try:
-        while proc.proc is not None and proc.proc.poll() is None:
+        while proc.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

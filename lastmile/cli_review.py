@@ -19,11 +19,13 @@ from dashboards.review.auth import (
     AuthError,
     User,
     Users,
+    check_strength,
     hash_password,
     load_users,
     parse_roles,
     save_users,
     with_user,
+    without_user,
 )
 from dashboards.review.blinded import BlindedStudyError, load_blinded_study, unblinding
 from dashboards.review.policy import ReviewRefused
@@ -67,8 +69,9 @@ def users_add(
         help="File with the --as user's password.")] = None,
 ) -> None:
     """Add a user (or replace their roles, pipelines and password). The password is
-    prompted for and stored only as an scrypt hash, in a file of mode 0600. Recorded as
-    an ``access.user.changed`` event with who did it."""
+    prompted for, must be strong (12+ characters, not a common pattern), and is stored
+    only as an scrypt hash, in a file of mode 0600. A new password ends the user's open
+    sessions. Recorded as an ``access.user.changed`` event with who did it."""
     from lastmile.cli_identity import record_user_change, signed_in_or_exit
 
     who = signed_in_or_exit(settings_of(ctx), as_user, password_file)
@@ -83,6 +86,7 @@ def users_add(
             password = sys.stdin.readline().rstrip("\n")
         else:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        check_strength(password, name)
         user = User(name, roles, tuple(pipeline or ()), hash_password(password))
     except AuthError as exc:
         err.print(f"[red]users:[/] {exc}")
@@ -97,18 +101,82 @@ def users_add(
               f"(in {cfg.users_file})")
 
 
+AS_USER = typer.Option("--as", help="Act as this users-file user (governance role). "
+                       "Default: the OS user (os:NAME).")
+PASSWORD_FILE = typer.Option(help="File with the --as user's password.")
+
+
+@users_app.command("remove")
+def users_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user to remove.")],
+    as_user: Annotated[str | None, AS_USER] = None,
+    password_file: Annotated[Path | None, PASSWORD_FILE] = None,
+) -> None:
+    """Remove a user: they can no longer sign in, and their open sessions end (the pages'
+    front re-reads the users file on every request). Recorded as ``access.user.changed``."""
+    _change(ctx, name, None, as_user, password_file)
+
+
+def _change(ctx: typer.Context, name: str, disabled: bool | None, as_user: str | None,
+            password_file: Path | None) -> None:
+    """Remove (``disabled`` None), disable or enable ``name``; record who did it."""
+    from lastmile.cli_identity import record_user_change, signed_in_or_exit
+
+    who = signed_in_or_exit(settings_of(ctx), as_user, password_file)
+    cfg = review_config(settings_of(ctx))
+    users = _load(cfg.users_file)
+    user = users.get(name)
+    if user is None:
+        err.print(f"[red]users:[/] no user {name!r} in {cfg.users_file}")
+        raise typer.Exit(5)
+    if disabled is None:
+        save_users(cfg.users_file, without_user(users, name))
+        change, said = "removed", "removed; their sessions are ended"
+    else:
+        save_users(cfg.users_file, with_user(users, User(
+            user.name, user.roles, user.pipelines, user.password_hash, disabled)))
+        change = "disabled" if disabled else "updated"
+        said = "disabled: their sessions are ended" if disabled else "enabled"
+    record_user_change(settings_of(ctx), who, name, change,
+                       sorted(r.value for r in user.roles), user.pipelines)
+    out.print(f"user {name} {said} (in {cfg.users_file})")
+
+
+@users_app.command("disable")
+def users_disable(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user to disable.")],
+    as_user: Annotated[str | None, AS_USER] = None,
+    password_file: Annotated[Path | None, PASSWORD_FILE] = None,
+) -> None:
+    """Keep a user (and their history) but refuse their sign-ins and end their sessions."""
+    _change(ctx, name, True, as_user, password_file)
+
+
+@users_app.command("enable")
+def users_enable(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user to enable again.")],
+    as_user: Annotated[str | None, AS_USER] = None,
+    password_file: Annotated[Path | None, PASSWORD_FILE] = None,
+) -> None:
+    """Let a disabled user sign in again (with their old password)."""
+    _change(ctx, name, False, as_user, password_file)
+
+
 @users_app.command("list")
 def users_list(ctx: typer.Context) -> None:
     """The users, their roles and pipelines (never their password hashes)."""
     cfg = review_config(settings_of(ctx))
     users = _load(cfg.users_file)
     t = Table(title=str(cfg.users_file))
-    for col in ("user", "roles", "pipelines"):
+    for col in ("user", "roles", "pipelines", "state"):
         t.add_column(col)
     for name in sorted(users.by_name):
         u = users.by_name[name]
         t.add_row(name, ", ".join(sorted(r.value for r in u.roles)),
-                  ", ".join(u.pipelines) or "(all)")
+                  ", ".join(u.pipelines) or "(all)", "disabled" if u.disabled else "active")
     out.print(t)
 
 

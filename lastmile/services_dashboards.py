@@ -1,7 +1,7 @@
-"""The dashboard service of ``lastmile up``: the Streamlit process
-(``dashboards.process.DashboardProcess``) beside the other services, bound to 127.0.0.1 on
-``settings.dashboard_port``; it reads the DuckDB file read-only between the projector's
-batches and the event log for audits."""
+"""The dashboard service of ``lastmile up``: the Streamlit pages behind their
+authenticating front (``dashboards.process.PagesProcess``) beside the other services, the
+front bound to 127.0.0.1 on ``settings.dashboard_port``; the pages read the DuckDB file
+read-only between the projector's batches and the event log for audits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import contextlib
 import logging
 import socket
 
-from dashboards.process import DashboardError, DashboardProcess
+from dashboards.process import DashboardError, PagesProcess
 from events.jetstream import EventBus
 from lastmile.runtime import Service
 from lastmile.settings import Settings
@@ -37,15 +37,14 @@ class DashboardService(Service):
         if not _port_free("127.0.0.1", s.dashboard_port):
             raise DashboardError(f"port {s.dashboard_port} is in use: set "
                                  "LASTMILE_DASHBOARD_PORT to a free one")
-        process = DashboardProcess(s.duckdb_path, bus.settings, s.dashboard_port,
-                                   log_path=s.state_dir / "dashboard.log",
-                                   state_dir=s.state_dir)
+        process = PagesProcess(s.duckdb_path, bus.settings, s.dashboard_port,
+                               log_path=s.state_dir / "dashboard.log", state_dir=s.state_dir)
         await asyncio.to_thread(process.start)
         log.info("dashboard on %s (log %s)", process.url, process.log_path)
         try:
             while not stop.is_set():
-                if process.proc is not None and process.proc.poll() is not None:
-                    raise DashboardError(f"streamlit exited with {process.proc.returncode}; "
+                if process.poll() is not None:
+                    raise DashboardError(f"the pages exited with {process.poll()}; "
                                          f"see {process.log_path}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)

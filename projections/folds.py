@@ -19,6 +19,7 @@ from events.catalogue import (
     AssociationOpened,
     AssociationReleased,
     CaseAssigned,
+    CaseViewed,
     ConnectionRefused,
     DeliveryFailed,
     DriftAlertRaised,
@@ -34,6 +35,7 @@ from events.catalogue import (
     LogRedacted,
     MeasurementRecomputed,
     OperatorFinished,
+    PasswordChanged,
     PipelineDeployed,
     PipelineRetired,
     PipelineStageChanged,
@@ -51,8 +53,11 @@ from events.catalogue import (
     RouteUnmatched,
     SeriesCompleted,
     SeriesSelected,
+    SessionEnded,
     SignedIn,
     SignInFailed,
+    SigninFailed,
+    SigninSucceeded,
     StudyAmended,
     StudyCompleted,
     StudyNotRun,
@@ -308,6 +313,30 @@ def _not_projected(seq: int, ev: Event) -> list[Change]:
     return []
 
 
+# issue 18: sign-in and case views (the "access" table)
+def _signin(seq: int, ev: SigninSucceeded) -> list[Change]:
+    return [("access", (*_env(seq, ev), "signin", ev.user, ev.address, ev.method, None))]
+
+
+def _signin_failed(seq: int, ev: SigninFailed) -> list[Change]:
+    return [("access", (*_env(seq, ev), "signin_failed", ev.user, ev.address,
+                        str(ev.reason), None))]
+
+
+def _session_ended(seq: int, ev: SessionEnded) -> list[Change]:
+    return [("access", (*_env(seq, ev), "session_ended", ev.user, ev.address,
+                        str(ev.reason), None))]
+
+
+def _password_changed(seq: int, ev: PasswordChanged) -> list[Change]:
+    return [("access", (*_env(seq, ev), "password_changed", ev.user, ev.address, None,
+                        None))]
+
+
+def _viewed(seq: int, ev: CaseViewed) -> list[Change]:
+    return [("access", (*_env(seq, ev), "viewed", ev.reader, None, ev.page, ev.run_key))]
+
+
 FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     InstanceStored: _stored,
     InstanceRejected: _rejected,
@@ -348,6 +377,11 @@ FOLDS: dict[type[Event], Callable[[int, Any], list[Change]]] = {
     CaseAssigned: _assigned,
     ReviewSubmitted: _review,
     EditSubmitted: _edit,
+    SigninSucceeded: _signin,
+    SigninFailed: _signin_failed,
+    SessionEnded: _session_ended,
+    PasswordChanged: _password_changed,
+    CaseViewed: _viewed,
     DriftAlertRaised: _drift,
     DeliveryFailed: _dead,
     # access and redaction facts (issue 18): in the log for audit, no read-model rows yet

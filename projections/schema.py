@@ -270,6 +270,15 @@ TABLES: tuple[Table, ...] = (
               ("reason", S),  # not_run: why; rerun_requested: the why given
               ("actor", S),
           )),
+    # issue 18: who signed in to the pages, who failed to, and which cases readers opened
+    Table("access", "one row per sign-in, failed sign-in, session ended, password change "
+          "or case viewed", (
+              ("kind", S),  # signin | signin_failed | session_ended | password_changed | viewed
+              ("user", S),  # null for a failed sign-in under a name that is not a user
+              ("address", S),
+              ("reason", S),  # the failure or end reason; the sign-in method; the page viewed
+              ("run_key", S),
+          )),
     Table("undecodable", "one row per message in the log that is not a valid event", (
         ("seq", I64),
         ("reason", S),

@@ -7,10 +7,15 @@ written with mode 0600)::
     roles = ["reader"]
     pipelines = ["hfd", "bts"]
     password = "scrypt$16384$8$1$<salt hex>$<hash hex>"
+    disabled = false    # true: may not sign in; their open sessions end
 
 Passwords are stored only as scrypt hashes (stdlib ``hashlib.scrypt``, a random 16-byte
 salt per user) and compared in constant time (``hmac.compare_digest``). A reader's
 ``pipelines`` decide which cases reach their worklist; an empty list means every pipeline.
+A new password must pass ``check_strength`` (length and the zxcvbn estimate of how long it
+takes to guess, as NIST SP 800-63B recommends instead of composition rules).
+Sessions are kept by the pages' front (``dashboards.review.sessions``), never in a token
+the browser could replay.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class User:
     roles: frozenset[Role]
     pipelines: tuple[str, ...] = ()  # empty: every pipeline
     password_hash: str | None = None  # None: only via the trusted proxy header
+    disabled: bool = False  # may not sign in (``lastmile users disable``)
 
     def has(self, role: Role) -> bool:
         return role in self.roles or Role.ADMIN in self.roles
@@ -107,9 +113,36 @@ def authenticate(users: Users, name: str, password: str) -> User | None:
     known one, so timing does not tell which names exist."""
     user = users.get(name.strip())
     if user is None:
-        verify_password(password, hash_password("x", salt=b"\0" * 16))
+        verify_password(password, _DUMMY_HASH)
         return None
-    return user if verify_password(password, user.password_hash) else None
+    ok = verify_password(password, user.password_hash)
+    return user if ok and not user.disabled else None
+
+
+_DUMMY_HASH = "scrypt$16384$8$1$" + "00" * 16 + "$" + "00" * 32
+
+MIN_PASSWORD_LENGTH = 12
+MIN_PASSWORD_SCORE = 3  # zxcvbn: 3 = "safely unguessable: moderate protection from offline
+# slow-hash scenario" (about 10^8 guesses and more)
+
+
+def check_strength(password: str, name: str = "") -> None:
+    """Refuse a weak password with the reason and a hint: shorter than
+    ``MIN_PASSWORD_LENGTH`` characters, or a zxcvbn score below ``MIN_PASSWORD_SCORE``
+    (dictionary words, names, keyboard patterns, the user's own name).
+
+    Raises ``AuthError``."""
+    from zxcvbn import zxcvbn
+
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AuthError(f"the password is too short: use at least {MIN_PASSWORD_LENGTH} "
+                        "characters (a few unrelated words work well)")
+    result = zxcvbn(password[:100], user_inputs=[name, *name.replace(".", " ").split(),
+                                                  "lastmile"])
+    if int(result["score"]) < MIN_PASSWORD_SCORE:
+        hint = (result.get("feedback") or {}).get("warning") or "it is easy to guess"
+        raise AuthError(f"the password is too weak ({str(hint).rstrip('.')}): add words or "
+                        "characters that are not a common pattern")
 
 
 def parse_roles(values: Iterable[str]) -> frozenset[Role]:
@@ -138,7 +171,7 @@ def parse_users(text: str, source: str = "users file") -> Users:
     for name, entry in table.items():
         if not NAME.match(name) or not isinstance(entry, dict):
             raise AuthError(f"{source}: user {name!r} is not a valid entry")
-        unknown = set(entry) - {"roles", "pipelines", "password"}
+        unknown = set(entry) - {"roles", "pipelines", "password", "disabled"}
         if unknown:
             raise AuthError(f"{source}: user {name!r} has unknown keys {sorted(unknown)}")
         roles = entry.get("roles", [])
@@ -148,7 +181,11 @@ def parse_users(text: str, source: str = "users file") -> Users:
                 (pw is not None and not isinstance(pw, str)):
             raise AuthError(f"{source}: user {name!r}: roles and pipelines are lists, "
                             "password a string")
-        out[name] = User(name, parse_roles(roles), tuple(str(p) for p in pipelines), pw)
+        disabled = entry.get("disabled", False)
+        if not isinstance(disabled, bool):
+            raise AuthError(f"{source}: user {name!r}: disabled is true or false")
+        out[name] = User(name, parse_roles(roles), tuple(str(p) for p in pipelines), pw,
+                         disabled)
     return Users(out)
 
 
@@ -175,6 +212,8 @@ def dump_users(users: Users) -> str:
         lines.append(f"pipelines = [{', '.join(_toml_str(p) for p in u.pipelines)}]")
         if u.password_hash:
             lines.append(f"password = {_toml_str(u.password_hash)}")
+        if u.disabled:
+            lines.append("disabled = true")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,46 +234,5 @@ def with_user(users: Users, user: User) -> Users:
     return Users({**users.by_name, user.name: user})
 
 
-# --------------------------------------------------------------------------- sessions
-
-
-def make_token(key: bytes, name: str, expires_at: int) -> str:
-    """A signed sign-in token ``name.expiry.hmac`` kept in a browser cookie, so a PACS
-    deep link opened in a new tab does not ask for the password again until it expires."""
-    body = f"{name}.{expires_at}"
-    mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-    return f"{body}.{mac}"
-
-
-def check_token(key: bytes, token: str | None, now: float) -> str | None:
-    """The user name of a valid, unexpired token; None for anything else."""
-    if not token or token.count(".") < 2:
-        return None
-    body, _, mac = token.rpartition(".")
-    name, _, expiry = body.rpartition(".")
-    want = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(want, mac):
-        return None
-    try:
-        if int(expiry) < now:
-            return None
-    except ValueError:
-        return None
-    return name if NAME.match(name) else None
-
-
-def session_key(path: Path) -> bytes:
-    """The key that signs sign-in tokens: 32 random bytes written once (0600)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+def without_user(users: Users, name: str) -> Users:
+    return Users({k: v for k, v in users.by_name.items() if k != name})

@@ -66,10 +66,21 @@ def parse_blinded_study(text: str, source: str = "blinded study file") -> Blinde
 
 
 def load_blinded_study(path: Path) -> BlindedStudy:
+    """The study file; refused when others may read it (it holds the salt, which unblinds
+    every label), as the users file is."""
     try:
+        if path.stat().st_mode & 0o077:
+            raise BlindedStudyError(f"{path} is readable by other users and holds the "
+                                    f"blinding salt; run chmod 600 {path}")
         return parse_blinded_study(path.read_text(encoding="utf-8"), str(path))
     except OSError as exc:
         raise BlindedStudyError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def complete(study: BlindedStudy, masks: list[BlindedMask]) -> bool:
+    """True when every configured source's mask exists: only a complete set is shown, so
+    how many masks exist can never tell which one is the AI's."""
+    return {m.source for m in masks} == set(study.sources)
 
 
 @dataclass(frozen=True)

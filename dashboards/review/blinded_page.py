@@ -18,6 +18,7 @@ from dashboards.review import pages as P
 from dashboards.review.auth import Role
 from dashboards.review.blinded import (
     BlindedMask,
+    complete,
     masks_of_run,
     ordered_for,
 )
@@ -28,6 +29,7 @@ from dashboards.review.policy import (
     cases_of_study,
 )
 from dashboards.review.session import blinded_study, require, review_config
+from dashboards.text import plain
 from projections import review_queries as RQ
 
 
@@ -71,15 +73,20 @@ def blinded_page() -> None:
     if case is None:
         st.warning("This exam is not in the event log yet.")
         return
-    masks = ordered_for(masks_of_run(study, case.result, events), user.name, case.run_key)
+    found = masks_of_run(study, case.result, events)
+    if not complete(study, found):  # never a partial set: its size would tell the source
+        st.info("The masks of this exam are not all ready yet; it opens here once they are.")
+        return
+    masks = ordered_for(found, user.name, case.run_key)
     todo = [m for m in masks if not case.reviewed_by(user.name, m.label)]
-    st.markdown(f"Exam …{case.study_uid[-12:]}: {len(masks) - len(todo)} of {len(masks)} "
-                "masks rated.")
+    st.markdown(f"Exam …{plain(case.study_uid[-12:])}: {len(masks) - len(todo)} of "
+                f"{len(masks)} masks rated.")
     if not todo:
         st.success("All masks of this exam are rated.")
         return
     mask = todo[0]
     P._opened(f"{case.run_key}:{mask.label}")
+    P.viewed(case, user, "blinded")
     files = P.files_of(case, events, review_config())
     key = tuple(sorted((u, str(p)) for u, p in files.image_paths.items()))
     seg = str(_seg_path(mask))
@@ -94,7 +101,7 @@ def blinded_page() -> None:
         and n else 0  # the slice where the mask is largest
     index = st.slider("Slice", 1, n, start + 1, key=f"bslice:{case.run_key}:{mask.label}") - 1 \
         if n > 1 else 0
-    st.image(_mask_png(case.run_key, key, seg, index), caption=f"slice {index + 1} of {n}")
+    P.show_png(_mask_png(case.run_key, key, seg, index), f"slice {index + 1} of {n}")
     with st.form(f"blind:{mask.label}"):
         read = st.radio("Is this segmentation clinically acceptable?", MASK_CLASSES, index=None,
                         horizontal=True)

@@ -4,12 +4,17 @@ SEG from the results folder, and the check of an uploaded corrected SEG.
 Files are read with pydicom (images) and highdicom (segmentations, PS3.3 A.51). A
 corrected SEG is accepted only if it is a Segmentation of the same study that references
 the AI result's source series and has the AI SEG's frame geometry (rows, columns, and
-source images covered), so the engine can compute Dice voxel by voxel.
+source images covered), so the engine can compute Dice voxel by voxel. An upload is
+bounded as sent (the pages' front, ``MAX_EDIT_MB``) and once inflated: a deflated dataset
+(PS3.5 A.5, Deflated Explicit VR Little Endian) is inflated chunk by chunk, without
+keeping the output, and refused as soon as it passes the same limit (``check_inflation``),
+before pydicom reads it.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +24,13 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dashboards.config import MAX_UPLOAD_MB
 from events.errors import EditRejected
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
+MAX_EDIT_MB = MAX_UPLOAD_MB  # a corrected SEG as uploaded, and once inflated
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -130,11 +139,58 @@ def load_volume(image_paths: Mapping[str, Path], seg_path: Path | None) -> Volum
                                   enumerate(sorted(set(seg_labels(seg).values()))))})
 
 
+def _transfer_syntax(data: bytes) -> tuple[str | None, int]:
+    """The Part 10 file's Transfer Syntax UID and where its dataset starts (PS3.10 7.1);
+    (None, 0) when it has no file meta information (pydicom then decides)."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None, 0
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = pydicom.filereader._read_file_meta_info(fp)
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError):
+        return None, 0
+    return str(getattr(meta, "TransferSyntaxUID", "") or "") or None, fp.tell()
+
+
+def check_inflation(data: bytes, limit_mb: int = MAX_EDIT_MB) -> None:
+    """Refuse a deflated Part 10 file whose dataset inflates to more than ``limit_mb``
+    MB (a 1 MB "zip bomb" can inflate to gigabytes). Memory stays at one 64 KiB chunk
+    whatever the file says. Raises ``EditRejected``; other transfer syntaxes pass."""
+    syntax, start = _transfer_syntax(data)
+    if syntax != DEFLATED:
+        return
+    limit = limit_mb * 1024 * 1024
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    too_big = EditRejected(f"the file inflates to more than {limit_mb} MB, the limit for a "
+                           "corrected segmentation; nothing recorded")
+    view = memoryview(data)[start:]
+    try:
+        for i in range(0, len(view), _CHUNK):
+            pending = bytes(view[i:i + _CHUNK])
+            while pending:
+                size += len(inflater.decompress(pending, _CHUNK))
+                if size > limit:
+                    raise too_big
+                pending = inflater.unconsumed_tail
+        size += len(inflater.flush())
+    except zlib.error:
+        raise EditRejected("the deflated dataset is corrupt (it cannot be inflated)") from None
+    if size > limit:
+        raise too_big
+
+
 def validate_edit(data: bytes, *, ai_seg_path: Path, study_uid: str,
                   source_series: Sequence[str]) -> hd.seg.Segmentation:
-    """The uploaded corrected SEG, or ``EditRejected`` saying what is wrong."""
+    """The uploaded corrected SEG, or ``EditRejected`` saying what is wrong (size first:
+    at most ``MAX_EDIT_MB`` as sent and once inflated)."""
     if not data:
         raise EditRejected("the uploaded file is empty")
+    if len(data) > MAX_EDIT_MB * 1024 * 1024:
+        raise EditRejected(f"the file is larger than {MAX_EDIT_MB} MB, the limit for a "
+                           "corrected segmentation; nothing recorded")
+    check_inflation(data)
     seg = read_seg(data)
     if str(seg.StudyInstanceUID) != study_uid:
         raise EditRejected("this Segmentation belongs to another study (StudyInstanceUID "

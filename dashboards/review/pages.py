@@ -9,6 +9,9 @@ priors) come from the read model through ``projections.review_queries``.
 
 from __future__ import annotations
 
+import base64
+import html
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,8 +40,14 @@ from dashboards.review.policy import (
     questions,
 )
 from dashboards.review.session import blinded_study, require, review_config
+from dashboards.text import html_table, plain
 from events.base import Event
-from events.catalogue import InferenceCompleted, InstanceStored, MeasurementRecomputed
+from events.catalogue import (
+    CaseViewed,
+    InferenceCompleted,
+    InstanceStored,
+    MeasurementRecomputed,
+)
 from events.errors import EditRejected, EventsError, StoreError
 from events.instance_store import InstanceStore
 from events.jetstream import BusSettings
@@ -46,7 +55,8 @@ from projections import review_queries as RQ
 from projections.duckdb_store import read_only
 from projections.errors import ProjectionsError
 
-MAX_UPLOAD_MB = 512
+MAX_UPLOAD_MB = dicom_files.MAX_EDIT_MB
+logger = logging.getLogger("lastmile.review.pages")
 
 
 def _ctx() -> dict[str, Any]:
@@ -148,6 +158,16 @@ def _read_model(fn: Any, *args: Any, **kwargs: Any) -> Any:
 # --------------------------------------------------------------------------- drawing
 
 
+def show_png(png: bytes, caption: str) -> None:
+    """A case image sent inside the signed-in page connection (a ``data:`` URI), never as
+    a Streamlit ``/media`` file: a patient's image has no URL anyone else could fetch."""
+    b64 = base64.b64encode(png).decode("ascii")
+    text = html.escape(caption)
+    st.html(f'<figure class="lm-case-image" style="margin:0"><img alt="{text}" '
+            f'style="max-width:100%;height:auto" src="data:image/png;base64,{b64}">'
+            f'<figcaption style="font-size:0.85rem;color:#6b6f76">{text}</figcaption></figure>')
+
+
 def draw_result(case: Case, files: StudyFiles) -> None:
     """The AI result on the source images: boxes on radiographs, a mask over slices."""
     if not files.image_paths:
@@ -166,8 +186,8 @@ def draw_result(case: Case, files: StudyFiles) -> None:
         cols = st.columns(min(3, max(1, len(uids))))
         for i, uid in enumerate(uids):
             with cols[i % len(cols)]:
-                st.image(_boxes_png(case.run_key, key, seg, uid, tuple(per_image[uid])),
-                         caption=f"image {i + 1} of {len(uids)}", width="stretch")
+                show_png(_boxes_png(case.run_key, key, seg, uid, tuple(per_image[uid])),
+                         f"image {i + 1} of {len(uids)}")
         return
     vol = volume_of(case, files)
     n = len(vol.images)
@@ -177,9 +197,9 @@ def draw_result(case: Case, files: StudyFiles) -> None:
         and n else 0
     index = st.slider("Slice", 1, n, default + 1, key=f"slice:{case.run_key}") - 1 if n > 1 \
         else 0
-    st.image(_slice_png(case.run_key, key, seg, index),
-             caption=f"slice {index + 1} of {n}; "
-                     + ", ".join(f"{lbl} ({c})" for lbl, c in _legend(vol.segment_labels)))
+    show_png(_slice_png(case.run_key, key, seg, index),
+             f"slice {index + 1} of {n}; "
+             + ", ".join(f"{lbl} ({c})" for lbl, c in _legend(vol.segment_labels)))
 
 
 def _legend(labels: dict[int, str] | Any) -> list[tuple[str, str]]:
@@ -190,10 +210,10 @@ def _legend(labels: dict[int, str] | Any) -> list[tuple[str, str]]:
 def draw_measurements(case: Case, events: Sequence[Event]) -> None:
     res = case.result
     d = fmt.decimals_to_distinguish(m.value for m in res.measurements)
-    rows = [{"measurement": m.name.replace("_", " "), "label": m.label or "",
+    rows = [{"measurement": plain(m.name.replace("_", " ")), "label": plain(m.label or ""),
              "value": fmt.quantity(m.value, m.unit, d)} for m in res.measurements]
     if res.findings:
-        rows += [{"measurement": f"{f.label}", "label": f.classification,
+        rows += [{"measurement": plain(f.label), "label": plain(f.classification),
                   "value": fmt.quantity(f.probability, "probability", 3)}
                  for f in sorted(res.findings, key=lambda f: (f.label, -(f.probability or 0)))]
     if rows:
@@ -202,8 +222,8 @@ def draw_measurements(case: Case, events: Sequence[Event]) -> None:
                   and e.run_key == case.run_key]
     for ev in recomputed:
         st.markdown("**Recomputed after an edit:** " + ", ".join(
-            f"{m.label or m.name} {m.value:.1f} {m.unit}" for m in ev.measurements)
-            + ("; Dice against the AI: " + ", ".join(f"{k} {v:.3f}" for k, v in
+            f"{plain(m.label or m.name)} {m.value:.1f} {plain(m.unit)}" for m in ev.measurements)
+            + ("; Dice against the AI: " + ", ".join(f"{plain(k)} {v:.3f}" for k, v in
                                                      sorted(ev.dice.items()))
                if ev.dice else ""))
 
@@ -234,8 +254,9 @@ def draw_reads(case: Case, user: User) -> None:
     if not visible:
         return
     st.subheader("Reads of this case")
-    st.table(pd.DataFrame([{
-        "reader": r.reader, "reads": ", ".join(f"{k}: {v}" for k, v in sorted(r.reads.items())),
+    st.html(html_table([{  # typed text: escaped HTML, never markdown
+        "reader": r.reader,
+        "reads": ", ".join(f"{k}: {v}" for k, v in sorted(r.reads.items())),
         "agrees with AI": ", ".join(f"{k}: {'yes' if v else 'no'}"
                                     for k, v in sorted(r.agree.items())),
         "confidence": "" if r.confidence is None else str(r.confidence),
@@ -251,6 +272,21 @@ def _opened(run_key: str) -> float:
     if key not in st.session_state:
         st.session_state[key] = time.monotonic()
     return float(st.session_state[key])
+
+
+def viewed(case: Case, user: User, page: str, key: str | None = None) -> None:
+    """Record once per page session that ``user`` opened this case (``review.case.viewed``);
+    a log that does not answer costs a log line, not the page."""
+    marker = f"viewed:{key or case.run_key}"
+    if marker in st.session_state:
+        return
+    st.session_state[marker] = True
+    ev = case.result.caused(CaseViewed, actor=user.name, run_key=case.run_key,
+                            reader=user.name, page=page)
+    try:
+        log.publish(_bus(), ev)
+    except EventsError as exc:
+        logger.warning("case view not recorded: %s", type(exc).__name__)
 
 
 def _seconds(run_key: str) -> float:
@@ -282,7 +318,7 @@ def review_form(case: Case, user: User) -> None:
         st.info(str(exc))
         return
     st.subheader("Your review")
-    st.markdown("AI: " + "; ".join(f"**{q.label}**: {q.ai}" for q in qs))
+    st.markdown("AI: " + "; ".join(f"**{plain(q.label)}**: {plain(q.ai)}" for q in qs))
     feedback = st.empty()  # refusals show here, above the form, whichever button was used
     if st.button("Agree with AI and submit", type="primary", key="quick_agree"):
         _submit_review(case, user, ReviewForm(quick_agree=True), feedback)
@@ -361,14 +397,16 @@ def worklist_page() -> None:
     for r in rows:
         flags = "".join((" · PARTIAL study (completed at its maximum wait)" if r.partial
                          else "", " · STALE (pixels changed since)" if r.stale else ""))
-        st.page_link(_case_page(), label=f"{r.pipeline.upper()} · {fmt.dicom_date(r.study_date)} · "
-                     f"study …{r.study_uid[-12:]} · model {r.model_version or '?'}{flags}",
+        st.page_link(_case_page(), label=f"{plain(r.pipeline.upper())} · "
+                     f"{fmt.dicom_date(r.study_date)} · study …{plain(r.study_uid[-12:])} · "
+                     f"model {plain(r.model_version or '?')}{flags}",
                      query_params={"study": r.study_uid, "run": r.run_key})
     done = _read_model(RQ.reviewed_runs, user.name)
     if done:
         with st.expander(f"Reviewed by you ({len(done)})"):
             for run_key, study, when in done[:20]:
-                st.page_link(_case_page(), label=f"{when:%Y-%m-%d %H:%M} · study …{study[-12:]}",
+                st.page_link(_case_page(),
+                             label=f"{when:%Y-%m-%d %H:%M} · study …{plain(study[-12:])}",
                              query_params={"study": study, "run": run_key})
 
 
@@ -390,29 +428,31 @@ def case_page() -> None:
     elif len(current) == 1:
         case = current[0]
     elif current:
-        st.caption(f"Study …{study[-16:]}: several pipelines ran; choose one.")
+        st.caption(f"Study …{plain(study[-16:])}: several pipelines ran; choose one.")
         for c in current:
-            st.page_link(_case_page(), label=f"{c.pipeline.upper()} · model "
-                         f"{c.result.model_version}",
+            st.page_link(_case_page(), label=f"{plain(c.pipeline.upper())} · model "
+                         f"{plain(c.result.model_version)}",
                          query_params={"study": study, "run": c.run_key})
         return
     else:
-        st.caption(f"Study {study}")
+        st.caption(f"Study {plain(study)}")
         st.warning("No AI result of this study for your pipelines (yet).")
         return
     blinded = blinded_study()
     if blinded is not None and case.pipeline == blinded.pipeline and \
             user.name in blinded.readers:
-        st.caption(f"Study {study}")
+        st.caption(f"Study {plain(study)}")
         st.info("This exam is part of a blinded reading study: rate its masks on the "
                 "Blinded reading page, where their sources are not shown.")
         st.page_link(_ctx()["pages"]["blinded"], label="Open blinded reading",
                      query_params={"run": case.run_key})
         return
     _opened(case.run_key)
+    viewed(case, user, "case")
     res: InferenceCompleted = case.result
-    st.caption(f"{case.pipeline.upper()} · model {res.model_name} {res.model_version} · "
-               f"study date {fmt.dicom_date(res.study_date)} · study {study}")
+    st.caption(f"{plain(case.pipeline.upper())} · model {plain(res.model_name)} "
+               f"{plain(res.model_version)} · study date {fmt.dicom_date(res.study_date)} · "
+               f"study {plain(study)}")
     _flash()
     if case.superseded_by:
         st.warning("A newer result of this study exists.")
@@ -450,8 +490,9 @@ def qc_page() -> None:
         st.warning("This result is not in the event log yet; reload in a moment.")
         return
     _opened(case.run_key)
-    st.markdown(f"**{case.pipeline.upper()}** · study {case.study_uid} · model "
-                f"{case.result.model_version}")
+    viewed(case, user, "qc")
+    st.markdown(f"**{plain(case.pipeline.upper())}** · study {plain(case.study_uid)} · model "
+                f"{plain(case.result.model_version)}")
     if row.partial:
         st.warning("Partial study: it completed at its maximum wait with instances missing "
                    "(an aborted association or missing declared instances).")

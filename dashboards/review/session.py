@@ -1,43 +1,29 @@
-"""Sign-in for every page (Streamlit edge): who the user is, and the sign-in form.
+"""Who the user is, for every page (Streamlit edge).
 
-Identity comes, in this order, from: the trusted reverse-proxy header (only when
-``LASTMILE_AUTH_PROXY_HEADER`` is set, and only for a user in the users file), the
-session (after the sign-in form), or, in demo mode with no users configured, the demo
-viewer. Otherwise the page shows the sign-in form and stops; the URL (a PACS deep link
-with its ``?study=``) is kept, so after sign-in the same page opens.
+The pages are served only through their authenticating front (``dashboards.front``),
+which signs people in, keeps their sessions and rate limits, and passes the signed-in
+user's name to this process in ``X-Lastmile-User`` next to a secret made at each start
+(``X-Lastmile-Front``). Streamlit binds to 127.0.0.1 on an internal port; a request
+without the secret (another local process, a browser that found the port) gets nothing
+but a message. The front also decides the demo viewer (demo mode, no users yet) and the
+site's trusted sign-in proxy header; this module checks the name against the users file
+again, so a removed or disabled user is refused even on an open page.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import hmac
 from pathlib import Path
 
 import streamlit as st
 
-from dashboards.config import ReviewConfig
-from dashboards.review.auth import (
-    AuthError,
-    Role,
-    User,
-    Users,
-    authenticate,
-    check_token,
-    load_users,
-    make_token,
-    session_key,
-)
-from dashboards.review.blinded import (
-    BlindedStudy,
-    BlindedStudyError,
-    load_blinded_study,
-)
+from dashboards.config import HEADER_FRONT, HEADER_USER, ReviewConfig
+from dashboards.review.auth import AuthError, Role, User, Users, load_users
+from dashboards.review.blinded import BlindedStudy, BlindedStudyError, load_blinded_study
 
 DEMO_VIEWER = User("demo.viewer", frozenset({Role.READER, Role.QC, Role.GOVERNANCE}))
-SESSION_KEY = "lm_user"
-FAILED_KEY = "lm_failed_signins"
-COOKIE = "lm_session"
-TOKEN_TTL_S = 12 * 3600
+SIGNOUT_URL = "/_lm/signout"
+PASSWORD_URL = "/_lm/password"
 
 
 @st.cache_resource
@@ -47,8 +33,6 @@ def review_config() -> ReviewConfig:
 
 @st.cache_data(ttl=5, show_spinner=False)
 def _users(path: str, mtime: float) -> Users:
-    from pathlib import Path
-
     return load_users(Path(path))
 
 
@@ -59,86 +43,36 @@ def users(cfg: ReviewConfig) -> Users:
     return _users(str(path), mtime)
 
 
-def current_user(cfg: ReviewConfig) -> User | None:
+def from_front(cfg: ReviewConfig, headers: dict[str, str] | object) -> bool:
+    """True when the request carries the front's secret (constant-time comparison)."""
+    got = getattr(headers, "get", lambda _k: None)(HEADER_FRONT)
+    return bool(cfg.front_secret) and isinstance(got, str) and \
+        hmac.compare_digest(got.encode(), (cfg.front_secret or "").encode())
+
+
+def current_user(cfg: ReviewConfig) -> User:
+    """The signed-in user as the front named them; stops the page with a message for
+    anything else (no front, unknown, disabled or removed user)."""
+    headers = st.context.headers
+    if not from_front(cfg, headers):
+        st.error("Open Lastmile's pages at the dashboard address (the sign-in front), "
+                 "not at Streamlit's internal port.")
+        st.stop()
+    name = (headers.get(HEADER_USER) or "").strip()
     try:
         known = users(cfg)
     except AuthError as exc:
-        st.error(f"Sign-in is unavailable: {exc}")
+        st.error("Sign-in is unavailable: the users file cannot be read.")
+        st.text(str(exc))
         st.stop()
-    if cfg.proxy_header:
-        name = st.context.headers.get(cfg.proxy_header)
-        if name:
-            user = known.get(name.strip())
-            if user is None:
-                st.error(f"{name} (from the sign-in proxy) is not a Lastmile user; ask an "
-                         "admin to run `lastmile users add`")
-                st.stop()
-            return user
-    name = st.session_state.get(SESSION_KEY)
-    token = st.context.cookies.get(COOKIE)
-    if not name and token and not st.session_state.get("lm_signed_out"):
-        name = check_token(_token_key(cfg), token, time.time())
-        if name:
-            st.session_state[SESSION_KEY] = name
-    if name:
-        user = known.get(name)
-        if user is not None:
-            return user
-        del st.session_state[SESSION_KEY]  # removed from the users file meanwhile
-    if cfg.demo and len(known) == 0:
+    if name == DEMO_VIEWER.name and cfg.demo and len(known) == 0:
         return DEMO_VIEWER
-    return None
-
-
-def sign_in_form(cfg: ReviewConfig) -> None:
-    """The form shown instead of any page until the user signs in."""
-    st.title("Sign in to Lastmile")
-    st.caption("Reviews, QC decisions and edits are recorded under your name.")
-    failures = int(st.session_state.get(FAILED_KEY, 0))
-    with st.form("signin"):
-        name = st.text_input("User name", key="signin_name")
-        password = st.text_input("Password", type="password", key="signin_password")
-        go = st.form_submit_button("Sign in", type="primary")
-    if go:
-        if failures >= 5:
-            time.sleep(min(2.0 ** (failures - 4), 10.0))  # slow down guessing
-        user = authenticate(users(cfg), name or "", password or "")
-        if user is None:
-            st.session_state[FAILED_KEY] = failures + 1
-            st.error("Unknown user name or wrong password.")
-        else:
-            st.session_state[SESSION_KEY] = user.name
-            st.session_state[FAILED_KEY] = 0
-            st.session_state.pop("lm_signed_out", None)
-            token = make_token(_token_key(cfg), user.name, int(time.time()) + TOKEN_TTL_S)
-            st.session_state["lm_cookie"] = (token, TOKEN_TTL_S)
-            st.rerun()
-    if len(users(cfg)) == 0:
-        st.info(f"No users yet: create one with `lastmile users add NAME --role reader` "
-                f"(users file: {cfg.users_file}).")
-
-
-def _token_key(cfg: ReviewConfig) -> bytes:
-    return session_key(cfg.state_dir / "review_session_key")
-
-
-def write_cookie() -> None:
-    """Set (after sign-in) or clear (after sign-out) the sign-in cookie in the browser."""
-    pending = st.session_state.pop("lm_cookie", None)
-    if pending is None:
-        return
-    token, max_age = pending
-    st.html(f"<script>document.cookie = {json.dumps(COOKIE)} + '=' + {json.dumps(token)} + "
-            f"'; path=/; max-age={int(max_age)}; SameSite=Lax';</script>",
-            unsafe_allow_javascript=True)
-
-
-def sign_out() -> None:
-    st.session_state["lm_signed_out"] = True
-    st.session_state["lm_cookie"] = ("", 0)
-    st.session_state.pop(SESSION_KEY, None)
-    for key in [k for k in st.session_state if str(k).startswith("opened:")]:
-        del st.session_state[key]
+    user = known.get(name)
+    if user is None or user.disabled:
+        st.error("You are not signed in as a Lastmile user (any more): reload the page to "
+                 "sign in.")
+        st.stop()
+    return user
 
 
 def require(user: User, role: Role, what: str) -> None:
@@ -162,5 +96,6 @@ def blinded_study() -> BlindedStudy | None:
     try:
         return _study(str(cfg.blinded_study), cfg.blinded_study.stat().st_mtime)
     except (OSError, BlindedStudyError) as exc:
-        st.error(f"The blinded study configuration cannot be read: {exc}")
+        st.error("The blinded study configuration cannot be used:")
+        st.text(str(exc))
         st.stop()

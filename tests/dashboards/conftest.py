@@ -1,5 +1,6 @@
 """A known event set, published to a real nats-server, folded into a DuckDB file, and the
-dashboard started on it with ``streamlit run`` on a free port; Debian's Chromium drives it.
+dashboard started on it (the front, Streamlit behind it) on a free port; Debian's Chromium
+drives it.
 
 The event set is the synthetic site (deterministic for its seed) plus two facts the
 pages must show: a second HFD model version (1.1.0, deployed by ``dr.governance`` with
@@ -20,7 +21,7 @@ import msgspec
 import pytest
 
 from bench.dashboards import browser
-from dashboards.process import DashboardProcess
+from dashboards.process import PagesProcess
 from demo.synthetic import SyntheticConfig, SyntheticSite, runtime_target_s
 from events.base import Event
 from events.catalogue import (
@@ -106,9 +107,9 @@ def known_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnownSite]:
         asyncio.run(_publish_fold(settings, events, db))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         # demo mode (no users file): signed in as the demo viewer, who may see governance
-        with DashboardProcess(db, settings, free_port(), log_path=ARTIFACTS / "streamlit.log",
-                              state_dir=tmp, extra_env={"LASTMILE_UNBLINDING_KEY": str(key),
-                                                        "LASTMILE_DEMO": "1"}) as proc:
+        with PagesProcess(db, settings, free_port(), log_path=ARTIFACTS / "streamlit.log",
+                          state_dir=tmp, extra_env={"LASTMILE_UNBLINDING_KEY": str(key),
+                                                    "LASTMILE_DEMO": "1"}) as proc:
             yield KnownSite(events, cfg, db, settings, proc.url, unblinding)
 
 

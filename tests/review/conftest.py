@@ -12,12 +12,17 @@ import json
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from playwright.sync_api import expect
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 
 from bench.review import SeededSite, review_dashboard, seed_review_site, write_user
 from dashboards.config import ReviewConfig
@@ -26,6 +31,7 @@ from events.nats_server import EmbeddedNats, free_port
 from lastmile.services_review import CaseAssignmentService
 
 ROOT = Path(__file__).resolve().parents[2]
+expect.set_options(timeout=15_000)  # the machine is shared: elements may take a while
 ARTIFACTS = ROOT / "test-artifacts" / "review"
 SECRET = b"review-test-secret-0123456789abcdef"
 PASSWORD = "correct horse battery"
@@ -172,8 +178,10 @@ async def _seed(bus_settings: BusSettings, state: Path) -> SeededSite:
         await bus.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def review_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewSite]:
+    """One seeded site for the browser tests and the front's tests (seeding runs the
+    engine: it is the slow part)."""
     tmp = tmp_path_factory.mktemp("review")
     users = tmp / "users.toml"
     for name, (roles, pipelines) in USERS.items():
@@ -181,8 +189,9 @@ def review_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewSite
     db = tmp / "read.duckdb"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with EmbeddedNats(tmp / "nats", port=free_port(), sync="2m") as server:
-        bus_settings = BusSettings(servers=(server.url,), stream="REVIEWTEST",
-                                   publish_retry_s=5.0)
+        # the default stream name: `lastmile users ...` run by the tests (a CLI has no
+        # stream option) records its access.user.changed facts on this site's stream
+        bus_settings = BusSettings(servers=(server.url,), publish_retry_s=5.0)
         services = Services(bus_settings, tmp, users, db).start()
         try:
             seeded = asyncio.run(_seed(bus_settings, tmp))
@@ -192,11 +201,13 @@ def review_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewSite
             blinded = tmp / "blinded.toml"
             blinded.write_text(f'pipeline = "lts"\nsalt = "{BLINDED_SALT}"\n'
                                'readers = ["reader.c"]\nsources = ["ai", "expert", "novice"]\n')
+            blinded.chmod(0o600)  # it holds the salt: a readable file is refused
             site.extra["blinded"] = blinded
             with review_dashboard(db, bus_settings, tmp, users, free_port(),
                                   log_path=ARTIFACTS / "streamlit.log",
                                   extra_env={"LASTMILE_BLINDED_STUDY": str(blinded)}) as proc:
                 site.url = proc.url
+                site.extra["pages"] = proc  # the front and, behind it, Streamlit
                 yield site
         finally:
             services.stop()
@@ -237,3 +248,25 @@ def context(chromium: Any) -> Iterator[Any]:
         yield ctx
     finally:
         ctx.close()
+
+
+def deflate_bomb(seg: pydicom.Dataset, out: Path, inflated_mib: int = 1024) -> Path:
+    """A real SEG in Deflated Explicit VR Little Endian whose dataset ends with 1 GiB of
+    Data Set Trailing Padding (FFFC,FFFC): about 1 MB on disk."""
+    meta = pydicom.dataset.FileMetaDataset(seg.file_meta)
+    meta.TransferSyntaxUID = pydicom.uid.UID("1.2.840.10008.1.2.1.99")
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, seg)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = inflated_mib * 1024 * 1024
+    parts = [z.compress(body.getvalue()),
+             z.compress(b"\xfc\xff\xfc\xffOB\x00\x00" + size.to_bytes(4, "little"))]
+    zeros = bytes(1024 * 1024)
+    parts += [z.compress(zeros) for _ in range(inflated_mib)]
+    parts.append(z.flush())
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    out.write_bytes(head.getvalue() + b"".join(parts))
+    return out

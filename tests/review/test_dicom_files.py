@@ -143,3 +143,27 @@ def test_colours_follow_label_names_not_segment_numbers(tmp_path: Path) -> None:
     assert a.segment_labels == b.segment_labels
     assert a.mask is not None and b.mask is not None and a.mask.any()
     assert np.array_equal(a.mask, b.mask)
+
+
+def test_a_deflate_bomb_is_refused_with_memory_bounded(tmp_path: Path) -> None:
+    """1 MB on disk, 1 GiB once inflated (issue 18, item 13): refused after inflating
+    just past the limit, with a few hundred KiB of memory, before pydicom reads it."""
+    import tracemalloc
+
+    from dashboards.review.dicom_files import MAX_EDIT_MB, check_inflation
+    from tests.review.conftest import deflate_bomb
+
+    bomb = deflate_bomb(pydicom.dcmread(get_testdata_file("SC_rgb_small_odd.dcm")),
+                        tmp_path / "bomb.dcm").read_bytes()
+    assert len(bomb) < 2 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(EditRejected, match=f"inflates to more than {MAX_EDIT_MB} MB"):
+            check_inflation(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+    small = deflate_bomb(pydicom.dcmread(get_testdata_file("SC_rgb_small_odd.dcm")),
+                         tmp_path / "small.dcm", inflated_mib=1).read_bytes()
+    check_inflation(small)  # a deflated file under the limit passes

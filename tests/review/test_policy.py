@@ -18,10 +18,9 @@ from dashboards.review.auth import (
     User,
     Users,
     authenticate,
-    check_token,
+    check_strength,
     hash_password,
     load_users,
-    make_token,
     parse_users,
     save_users,
     verify_password,
@@ -131,15 +130,81 @@ def test_malformed_users_are_refused_with_the_reason(text: str, why: str) -> Non
         parse_users(text)
 
 
-def test_session_token_signed_and_expiring() -> None:
-    key = b"k" * 32
-    token = make_token(key, "dr.a", expires_at=2000)
-    assert check_token(key, token, now=1000) == "dr.a"
-    assert check_token(key, token, now=2001) is None
-    assert check_token(b"x" * 32, token, now=1000) is None
-    forged = token.replace("dr.a", "boss")
-    assert check_token(key, forged, now=1000) is None
-    assert check_token(key, None, now=0) is None and check_token(key, "junk", now=0) is None
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_sessions_end_on_sign_out_idle_age_and_a_changed_users_file() -> None:
+    from dashboards.review.sessions import SessionStore, still_valid
+
+    clock = Clock()
+    store = SessionStore(idle_s=60, absolute_s=600, clock=clock)
+    user = User("dr.a", frozenset({Role.READER}), (), hash_password("a long pass phrase"))
+    token, s = store.create(user, "10.0.0.1")
+    other, _ = store.create(user, "10.0.0.2")
+    assert store.get(token) is s and still_valid(s, user)
+    assert store.get("forged-" + token) is None and store.get(None) is None
+    clock.t += 59  # activity keeps it alive...
+    assert store.get(token) is s
+    clock.t += 61  # ...idleness ends it
+    assert store.get(token) is None and store.get(other) is None
+    token, s = store.create(user, "10.0.0.1")
+    for _ in range(12):  # active all along, but older than absolute_s
+        clock.t += 55
+        store.get(token)
+    assert store.get(token) is None
+    token, s = store.create(user, "10.0.0.1")
+    assert store.end(token) is s and store.get(token) is None  # sign-out
+    token, s = store.create(user, "10.0.0.1")
+    keep, _ = store.create(user, "10.0.0.3")
+    assert store.end_user("dr.a", keep=keep) == 1 and store.get(token) is None
+    assert store.get(keep) is not None
+    # the users file decides too: a new password, disabled, removed
+    assert not still_valid(s, User("dr.a", user.roles, (), hash_password("another phrase")))
+    assert not still_valid(s, User("dr.a", user.roles, (), user.password_hash, disabled=True))
+    assert not still_valid(s, None)
+
+
+def test_signin_limits_per_user_and_per_address_slide_with_the_window() -> None:
+    from dashboards.review.sessions import SigninLimiter
+
+    clock = Clock()
+    lim = SigninLimiter(per_user=3, per_address=5, window_s=100, clock=clock)
+    for i in range(3):
+        assert lim.check("Dr.A", "1.1.1.1") is None
+        lim.failed("dr.a", f"1.1.1.{i}")
+        clock.t += 10
+    limited = lim.check("dr.a", "9.9.9.9")  # any address: the name is locked
+    assert limited is not None and limited.scope == "user" and limited.failures == 3
+    assert limited.retry_after_s == pytest.approx(70)
+    assert lim.check("dr.b", "9.9.9.9") is None
+    for name in ("u1", "u2", "u3", "u4", "u5"):  # one address, many names
+        lim.failed(name, "6.6.6.6")
+    limited = lim.check("someone.else", "6.6.6.6")
+    assert limited is not None and limited.scope == "address"
+    clock.t += 71  # the oldest failure left the window: one more try for dr.a
+    assert lim.check("dr.a", "9.9.9.9") is None
+    lim.succeeded("dr.a")
+    assert lim.check("dr.a", "9.9.9.9") is None
+
+
+@pytest.mark.parametrize("password, why", [
+    ("short1!", "too short"),
+    ("password1234", "too weak"),
+    ("qwertyuiop123", "too weak"),
+    ("house house house", "too weak"),
+])
+def test_weak_passwords_are_refused_with_the_reason(password: str, why: str) -> None:
+    with pytest.raises(AuthError, match=why):
+        check_strength(password, "dr.house")
+
+
+def test_a_strong_password_passes() -> None:
+    check_strength("cobalt lantern ferry quartz", "dr.house")
 
 
 # --------------------------------------------------------------------------- cases
@@ -332,3 +397,26 @@ def test_bad_blinded_study_is_refused(text: str) -> None:
 def test_blinded_study_defaults() -> None:
     s = parse_blinded_study('salt = "long-enough-salt-123"')
     assert s == BlindedStudy("lts", b"long-enough-salt-123", (), ("ai", "expert", "novice"))
+
+
+def test_a_blinded_study_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    from dashboards.review.blinded import BlindedStudyError, load_blinded_study
+
+    path = tmp_path / "blinded.toml"
+    path.write_text('pipeline = "lts"\nsalt = "a-salt-of-sixteen-chars"\nreaders = ["r"]\n')
+    path.chmod(0o644)
+    with pytest.raises(BlindedStudyError, match="readable by other users.*chmod 600"):
+        load_blinded_study(path)
+    path.chmod(0o600)
+    assert load_blinded_study(path).readers == ("r",)
+
+
+def test_only_a_complete_mask_set_is_offered() -> None:
+    from dashboards.review.blinded import BlindedMask, BlindedStudy, complete
+
+    study = BlindedStudy("lts", b"salt-0123456789abcdef", ("r",))
+    ai = BlindedMask("L1", "ai", "seg-1.dcm", None)
+    expert = BlindedMask("L2", "expert", None, "k2")
+    novice = BlindedMask("L3", "novice", None, "k3")
+    assert not complete(study, [ai]) and not complete(study, [ai, expert])
+    assert complete(study, [novice, ai, expert])

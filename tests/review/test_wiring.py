@@ -51,13 +51,14 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
     runner = CliRunner()
     app = cli(tmp_path, fresh_server.url)
     r = runner.invoke(app, ["users", "add", "dr.a", "--role", "reader", "--role", "qc",
-                            "--pipeline", "hfd", "--password-stdin"], input="pw one two\n")
+                            "--pipeline", "hfd", "--password-stdin"],
+                      input="pw one two three four\n")
     assert r.exit_code == 0, r.output
     path = tmp_path / "users.toml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert "pw one two" not in path.read_text()
+    assert "pw one two three four" not in path.read_text()
     users = load_users(path)
-    user = authenticate(users, "dr.a", "pw one two")
+    user = authenticate(users, "dr.a", "pw one two three four")
     assert user is not None and user.roles == {Role.READER, Role.QC}
     assert user.pipelines == ("hfd",)
     r = runner.invoke(app, ["users", "list"])
@@ -67,7 +68,7 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
     assert bad.exit_code == 2 and "unknown role" in bad.output
     # who changed it is recorded (the OS account running the command), not the password
     pw = tmp_path / "dr.a.pw"
-    pw.write_text("pw one two\n")
+    pw.write_text("pw one two three four\n")
     pw.chmod(0o600)
     r = runner.invoke(app, ["users", "add", "dr.b", "--role", "reader", "--as", "dr.a",
                             "--password-file", str(pw), "--password-stdin"], input="pw\n")
@@ -85,6 +86,35 @@ def test_users_add_stores_a_hash_in_a_private_file_and_list_hides_it(
         ("access.user.changed", "os"), ("access.sign_in.failed", "os")]
     assert isinstance(events[0], UserChanged) and events[0].user == "dr.a"
     assert events[0].change == "added" and events[0].roles == ("qc", "reader")
+
+
+def test_users_add_refuses_a_weak_password_and_remove_disable_change_the_file(
+        tmp_path: Path, clean_env: None, fresh_server: EmbeddedNats) -> None:
+    fresh_server.start()
+    runner = CliRunner()
+    app = cli(tmp_path, fresh_server.url)
+    path = tmp_path / "users.toml"
+    for weak, why in (("secret", "too short"), ("password1234", "too weak")):
+        r = runner.invoke(app, ["users", "add", "dr.b", "--role", "reader", "--password-stdin"],
+                          input=f"{weak}\n")
+        assert r.exit_code == 2 and why in r.output, r.output
+    assert not path.exists()  # nothing written
+    for name in ("dr.b", "dr.c"):
+        r = runner.invoke(app, ["users", "add", name, "--role", "reader", "--password-stdin"],
+                          input="cobalt lantern ferry quartz\n")
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["users", "disable", "dr.b"])
+    assert r.exit_code == 0
+    users = load_users(path)
+    assert users.get("dr.b").disabled  # type: ignore[union-attr]
+    assert authenticate(users, "dr.b", "cobalt lantern ferry quartz") is None
+    assert "disabled" in runner.invoke(app, ["users", "list"]).output
+    assert runner.invoke(app, ["users", "enable", "dr.b"]).exit_code == 0
+    assert authenticate(load_users(path), "dr.b", "cobalt lantern ferry quartz") is not None
+    r = runner.invoke(app, ["users", "remove", "dr.c"])
+    assert r.exit_code == 0 and load_users(path).get("dr.c") is None
+    assert runner.invoke(app, ["users", "remove", "nobody"]).exit_code == 5
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 @pytest.mark.server
@@ -186,6 +216,7 @@ def test_unblinding_key_is_written_from_the_log_with_the_study_salt(
     salt = "the-study-office-salt-1"
     study_file = tmp_path / "blinded.toml"
     study_file.write_text(f'salt = "{salt}"\nsources = ["ai", "expert"]\n')
+    study_file.chmod(0o600)  # it holds the salt: a readable file is refused
     out = tmp_path / "key.json"
     runner = CliRunner()
     app = cli(tmp_path / "state", fresh_server.url)
