@@ -36,12 +36,25 @@ STAGE_OF_OPERATOR = {
     "select_series": "selection",
     "load_volume": "load", "load_images": "load",
     "resample": "preprocess", "normalize": "preprocess", "resize_2d": "preprocess",
+    "crop_to_labels": "preprocess",
     "sliding_window": "inference", "batch_2d": "inference",
-    "restore_grid": "postprocess", "argmax": "postprocess", "threshold": "postprocess",
-    "largest_component": "postprocess", "volumes": "postprocess",
+    "restore_grid": "postprocess", "Invert": "postprocess", "argmax": "postprocess",
+    "threshold": "postprocess", "largest_component": "postprocess", "volumes": "postprocess",
     "longitudinal": "postprocess", "detections": "postprocess",
     "write_seg": "seg_sr_write", "write_sr": "seg_sr_write",
 }
+
+
+def _monai_stages() -> dict[str, str]:
+    """MONAI's operators by stage (engine.ops.transforms; names only, no MONAI import)."""
+    from engine.ops import transforms
+
+    return {**{n: "preprocess" for n in transforms.IMAGE_TRANSFORMS},
+            **{n: "inference" for n in transforms.INFERERS},
+            **{n: "postprocess" for n in transforms.LABEL_TRANSFORMS}}
+
+
+STAGE_OF_OPERATOR.update(_monai_stages())
 
 
 STAGES = ("transfer", "completion", "queue", "load", "selection", "preprocess", "inference",

@@ -35,7 +35,6 @@ CHECK_SCRIPT = Path(__file__).with_name("gpu_check.py")
 def _inputs(seed: int) -> dict[str, np.ndarray]:
     from demo.phantoms import abdomen_ct_arrays, brain_mr_arrays, pelvis_radiograph
     from demo.training.train import bts_prep, hfd_prep, lts_prep
-    from engine.ops import preprocess
 
     rng = np.random.default_rng(seed)
     mr, _ = brain_mr_arrays(rng)
@@ -46,7 +45,7 @@ def _inputs(seed: int) -> dict[str, np.ndarray]:
         "lts": np.stack([ct_n[0:32, 16:80, 16:80], ct_n[8:40, 24:88, 8:72]])[:, None],
         "hfd": np.stack([hfd_prep(pelvis_radiograph(rng, 512)[0]) for _ in range(4)])[:, None],
     }
-    big = preprocess.zscore(brain_mr_arrays(rng, shape=(96, 128, 128))[0], nonzero_only=True)
+    big = bts_prep(brain_mr_arrays(rng, shape=(96, 128, 128))[0])
     windows["segresnet"] = big[None, None, :, 16:112, 16:112]
     return {k: np.ascontiguousarray(v, np.float32) for k, v in windows.items()}
 

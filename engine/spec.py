@@ -118,7 +118,9 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
             problems.append((("operators", i, "op"),
                          f"operator {op.op!r} does not apply to task {spec.task}"))
         try:
-            params.append(operator.params.model_validate(op.params))
+            # MONAI's transforms are checked against MONAI's signature (steps.MonaiParams)
+            check = getattr(operator.params, "check", operator.params.model_validate)
+            params.append(check(op.params))
         except ValidationError as exc:
             for e in exc.errors():
                 msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]

@@ -23,15 +23,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydicom.dataset import Dataset
 
 from engine import dicom_results, validation
 from engine.errors import EngineError, InputError, OperatorError, is_retryable, safe_reason
-from engine.ops import inference, longitudinal, postprocess, preprocess, render
+from engine.ops import inference, longitudinal, postprocess, preprocess, render, transforms
 from engine.ops.selection import Selection, describe_series, select_series
 from engine.ops.volume import Image2D, Volume, radiograph, series_to_volume, voi_image
 from engine.result_sources import Repair, result_header
@@ -75,6 +76,15 @@ class RunContext:
     volume: Volume | None = None
     images: list[Image2D] = field(default_factory=list)
     tensor: np.ndarray | None = None  # (C, Z, Y, X) or (N, C, H, W)
+    #: MONAI stage: the image as a MetaTensor (engine.ops.transforms conventions), the
+    #: MONAI transforms applied to it (inverted by ``Invert``), the model's output on
+    #: its grid, and whether ``probs``/``labels`` are still on that grid
+    image: Any = None
+    applied: list[Any] = field(default_factory=list)
+    pred: Any = None
+    on_model_grid: bool = False
+    #: models of a cascade by name (``models:``); the pipeline's ``model`` is ``runtime``
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
     work_spacing: tuple[float, ...] | None = None
     probs: np.ndarray | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
@@ -371,6 +381,162 @@ def _batch_2d(ctx: RunContext, p: BaseModel) -> str:
     return f"{len(tensor)} images on {ctx.runtime.name}"
 
 
+# --------------------------------------------------------------------------- MONAI
+
+
+def _monai_problem(title: str, problems: list[tuple[tuple[Any, ...], str]],
+                   data: object) -> ValidationError:
+    return ValidationError.from_exception_data(title, [
+        InitErrorDetails(type=PydanticCustomError("monai", "{reason}", {"reason": msg}),
+                         loc=loc, input=data) for loc, msg in problems])
+
+
+class MonaiParams(BaseModel):
+    """The parameters of one MONAI transform or inferer, checked against MONAI's own
+    signature (and by building it once) when the pipeline file is loaded
+    (``engine.ops.transforms.parameter_problems``). ``own`` names Lastmile's extra keys
+    (e.g. which model an inferer runs)."""
+
+    model_config = ConfigDict(frozen=True)
+    transform: ClassVar[str] = ""
+    own: ClassVar[tuple[str, ...]] = ()
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def check(cls, data: object) -> MonaiParams:
+        if not isinstance(data, dict):
+            raise _monai_problem(cls.transform, [((), "parameters are a mapping")], data)
+        kwargs = {k: v for k, v in data.items() if k not in cls.own}
+        problems = transforms.parameter_problems(cls.transform, kwargs)
+        if problems:
+            raise _monai_problem(cls.transform, problems, data)
+        return cls(kwargs=kwargs, extra={k: v for k, v in data.items() if k in cls.own})
+
+
+def _image(ctx: RunContext) -> Any:
+    """The current MONAI image; made from the loaded volume on first use."""
+    if ctx.image is None:
+        vol = ctx.require_volume()
+        ctx.image = transforms.to_image(ctx.require(ctx.tensor, "tensor", "load_volume"), vol)
+        ctx.applied = []
+    return ctx.image
+
+
+def _image_step(name: str) -> StepFn:
+    def step(ctx: RunContext, p: BaseModel) -> str:
+        assert isinstance(p, MonaiParams)
+        t = transforms.build(name, p.kwargs)
+        ctx.image = t(_image(ctx))
+        ctx.applied.append(t)
+        return f"{tuple(ctx.image.shape[1:])}"
+    step.__doc__ = f"MONAI ``{name}`` on the image (spatial ones are undone by ``Invert``)."
+    return step
+
+
+def _label_step(name: str) -> StepFn:
+    def step(ctx: RunContext, p: BaseModel) -> str:
+        assert isinstance(p, MonaiParams)
+        labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
+        out = transforms.build(name, p.kwargs)(labels[None])
+        ctx.labels = np.asarray(out.cpu().numpy() if hasattr(out, "cpu") else out)[0].astype(
+            labels.dtype)
+        return f"{int(np.count_nonzero(ctx.labels))} voxels labelled"
+    step.__doc__ = f"MONAI ``{name}`` on the label map."
+    return step
+
+
+def _inferer_step(name: str) -> StepFn:
+    def step(ctx: RunContext, p: BaseModel) -> str:
+        assert isinstance(p, MonaiParams)
+        model = p.extra.get("model")
+        runtime = ctx.runtime if model is None else ctx.runtimes.get(str(model))
+        if runtime is None:
+            raise EngineError(f"no model {model!r} loaded for this run")
+
+        def progress(done: int) -> None:
+            if ctx.on_progress is not None:
+                ctx.on_progress(f"window {done}")
+
+        # what the model's output is, as its file declares it (model.output)
+        spec = ctx.pipeline.spec
+        declared = (spec.model if model is None else spec.models[str(model)]).output
+
+        def activate(blended: np.ndarray) -> np.ndarray:
+            return inference.to_probabilities(blended[None], values=declared.values,
+                                              activation=declared.activation, axis=1)[0]
+
+        t0 = time.perf_counter()
+        result = transforms.infer(transforms.build(name, p.kwargs), _image(ctx), runtime.run,
+                                  output=p.extra.get("output") or declared.name,
+                                  classes=p.extra.get("classes"), on_window=progress,
+                                  activate=activate)
+        ctx.inference_s += time.perf_counter() - t0
+        ctx.pred = result.probs
+        ctx.probs = transforms.to_array(result.probs)
+        ctx.labels = None
+        ctx.on_model_grid = any(getattr(t, "inverse", None) for t in ctx.applied)
+        return (f"{result.windows} windows on {runtime.name}"
+                + (f" ({model})" if model else "")
+                + f", model {result.model_s:.3f} s of {time.perf_counter() - t0:.3f} s")
+    step.__doc__ = (f"MONAI ``{name}`` running the model (``model:`` names one of "
+                    "``models:`` in a cascade); probabilities as ``model.output`` declares.")
+    return step
+
+
+def _register_monai() -> None:
+    for names, make, own in ((transforms.IMAGE_TRANSFORMS, _image_step, ()),
+                             (transforms.LABEL_TRANSFORMS, _label_step, ()),
+                             (transforms.INFERERS, _inferer_step,
+                              ("model", "output", "classes"))):
+        for name in names:
+            params = type(f"{name}Params", (MonaiParams,), {"transform": name, "own": own})
+            fn = make(name)
+            OPERATORS[name] = Operator(name, params, fn, ("segmentation3d",),
+                                       (fn.__doc__ or "").strip())
+
+
+_register_monai()
+
+
+@operator("Invert", tasks=("segmentation3d",))
+def _invert(ctx: RunContext, _: BaseModel) -> str:
+    """MONAI's inverse of every spatial transform applied to the image, on the model's
+    output: class probabilities back on the source series' grid."""
+    if ctx.pred is None:
+        raise EngineError("no model output: put an inferer before Invert")
+    image = _image(ctx)
+    restored = transforms.invert(ctx.applied, ctx.pred, image)
+    ctx.probs = transforms.to_array(restored)
+    ctx.on_model_grid = False
+    ctx.work_spacing = ctx.require_volume().spacing
+    return f"{ctx.probs.shape[1:]}"
+
+
+class CropToParams(Params):
+    labels: tuple[int, ...] = ()  # which labels of the first model; () = any
+    margin: int | tuple[int, int, int] = 0  # voxels of the source grid
+
+
+@operator("crop_to_labels", CropToParams, tasks=("segmentation3d",))
+def _crop_to(ctx: RunContext, p: BaseModel) -> str:
+    """Cascade: crop the source image to the box of the previous model's labels (MONAI
+    ``SpatialCrop``, undone by the next ``Invert``); the next steps start from there."""
+    assert isinstance(p, CropToParams)
+    labels = ctx.require(ctx.labels, "labels", "a first model, Invert and argmax")
+    if ctx.on_model_grid:
+        raise EngineError("the first model's labels are not on the source grid: put "
+                          "Invert before crop_to_labels")
+    mask = np.isin(labels, p.labels) if p.labels else labels > 0
+    start, end = transforms.mask_box(mask, p.margin)
+    ctx.image = None
+    crop = transforms.build("SpatialCrop", {"roi_start": start, "roi_end": end})
+    ctx.image = crop(_image(ctx))
+    ctx.applied = [crop]
+    ctx.labels, ctx.probs, ctx.pred = None, None, None
+    return f"box {start}..{end}"
+
+
 # --------------------------------------------------------------------------- post-processing
 
 
@@ -443,8 +609,9 @@ def _volumes(ctx: RunContext, _: BaseModel) -> str:
     """Volume in mL of each model label, on the source grid."""
     labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
     vol = ctx.require_volume()
-    if labels.shape != vol.array.shape:
-        raise EngineError("labels are not on the source grid: put restore_grid first")
+    if ctx.on_model_grid or labels.shape != vol.array.shape:
+        raise EngineError("labels are not on the source grid: put Invert (MONAI) or "
+                          "restore_grid after the inference")
     names = ctx.pipeline.spec.model.labels
     for name, ml in postprocess.volumes_ml(labels, vol.spacing, names).items():
         ctx.measurements.append(MeasurementValue(f"volume_{name}", ml, "mL", name))

@@ -2,10 +2,11 @@
 
     nice -n 10 .venv/bin/python -m demo.training.train [--only bts,lts,hfd] [--out DIR]
 
-Needs the ``train`` extra (torch); the platform itself never imports torch. The
-preprocessing is the engine's own (``engine.ops.preprocess``), and held-out metrics
-are measured on the exported ONNX file through the engine's runtime and inference
-operators, so the figures on each model card are those of the deployed path.
+Needs the ``train`` extra (torch, MONAI). The 3D preprocessing and inference are MONAI's
+(``NormalizeIntensity``, ``ScaleIntensityRange``, ``SlidingWindowInferer``,
+``KeepLargestConnectedComponent``: what the reference pipeline files name), and held-out
+metrics are measured on the exported ONNX file through the engine's runtime, so the
+figures on each model card are those of the deployed path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from demo.phantoms import (
     brain_mr_arrays,
     pelvis_radiograph,
 )
-from engine.ops import inference, postprocess, preprocess
+from engine.ops import inference, postprocess, preprocess, transforms
 from engine.runtimes import OnnxRuntimeCpu
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "engine" / "models"
@@ -196,21 +197,29 @@ def evaluate_seg(path: Path, test: list[tuple[np.ndarray, np.ndarray]],
     """Held-out Dice per label through the ONNX file and the engine's operators."""
     runtime = OnnxRuntimeCpu.load(path)
     scores: dict[str, list[float]] = {n: [] for n in names.values()}
+    inferer = transforms.build("SlidingWindowInferer", {"roi_size": list(roi), "overlap": 0.25,
+                                                        "mode": "gaussian",
+                                                        "sw_batch_size": 2})
+    keep = transforms.build("KeepLargestConnectedComponent", {"applied_labels": keep_largest})
     for img, lab in test:
-        probs = inference.sliding_window_3d(prep(img)[None], runtime.run, roi=roi,
-                                            classes=classes, overlap=0.25)
-        pred = postprocess.largest_components(postprocess.argmax_labels(probs), keep_largest)
+        probs = transforms.infer(inferer, torch.from_numpy(prep(img)[None]), runtime.run,
+                                 classes=classes).probs
+        pred = np.asarray(keep(postprocess.argmax_labels(probs.numpy())[None]))[0]
         for value, n in names.items():
             scores[n].append(postprocess.dice(pred == value, lab == value))
     return {f"dice_{n}": float(np.mean(v)) for n, v in scores.items()}
 
 
 def bts_prep(img: np.ndarray) -> np.ndarray:
-    return preprocess.zscore(img, nonzero_only=True)
+    out = transforms.build("NormalizeIntensity", {"nonzero": True})(img[None])
+    return np.asarray(out, np.float32)[0]
 
 
 def lts_prep(img: np.ndarray) -> np.ndarray:
-    return preprocess.window(img, center=60.0, width=400.0)
+    out = transforms.build("ScaleIntensityRange", {"a_min": -140.0, "a_max": 260.0,
+                                                   "b_min": 0.0, "b_max": 1.0,
+                                                   "clip": True})(img[None])
+    return np.asarray(out, np.float32)[0]
 
 
 HFD_SIZE = (128, 128)
@@ -287,7 +296,7 @@ CARDS = {
         task="segmentation3d",
         inputs="one axial MR series (T2/FLAIR-like), any in-plane size; float32 "
                "(N, 1, 32, 64, 64) windows",
-        preprocessing="z-score over voxels > 0 (engine.ops.preprocess.zscore); sliding "
+        preprocessing="z-score over voxels > 0 (MONAI NormalizeIntensity); sliding "
                       "window ROI 32x64x64, overlap 0.25, Gaussian blending",
         outputs="logits (N, 2, 32, 64, 64): background, lesion; argmax, largest "
                 "connected component; lesion volume in mL",

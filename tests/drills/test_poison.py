@@ -132,7 +132,7 @@ async def test_failing_model_ends_final_or_dead_lettered_and_queue_moves_on(
     else:
         assert [(f.attempt, f.final) for f in failed] == [(1, True)]
         assert not any(isinstance(e, DeliveryFailed) for e in evs)
-    assert all(f.operator == "sliding_window" and message in f.error for f in failed)
+    assert all(f.operator == "SlidingWindowInferer" and message in f.error for f in failed)
     others = await wait_for(bus, other.study_uid, has("engine.inference.completed"))
     assert sum(isinstance(e, InferenceCompleted) for e in others) == 1
     assert not any(isinstance(e, InferenceCompleted) for e in evs)

@@ -33,14 +33,15 @@ def test_unknown_operator_is_reported_with_its_line() -> None:
     text = _reference_text("bts").replace("- op: argmax", "- op: argmaks")
     line = text.splitlines().index("  - op: argmaks") + 1
     msg = _errors(text)
-    assert f"x.yaml:{line}: operators.4.op: unknown operator 'argmaks'" in msg
+    assert f"x.yaml:{line}: operators.6.op: unknown operator 'argmaks'" in msg
 
 
 def test_bad_operator_parameter_names_line_and_key() -> None:
     text = _reference_text("bts").replace("overlap: 0.25", "overlap: 1.5")
     line = next(i for i, t in enumerate(text.splitlines(), 1) if "overlap: 1.5" in t)
     msg = _errors(text)
-    assert f"x.yaml:{line}: operators.3.params.overlap:" in msg and "less than 1" in msg
+    assert f"x.yaml:{line}: operators.4.params.overlap: MONAI SlidingWindowInferer" in msg
+    assert "overlap must be >= 0 and < 1" in msg
 
 
 def test_unknown_key_and_bad_runtime_are_both_listed() -> None:

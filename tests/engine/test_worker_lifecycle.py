@@ -129,8 +129,9 @@ async def test_a_new_onnx_model_deploys_with_a_pipeline_file_alone(
     onnx.save(model, str(onnx_path))
     data = yaml.safe_load(reference["bts"].path.read_text())
     data["name"], data["ae_title"] = "bright", "LM_BRIGHT"
-    data["operators"][2] = {"op": "normalize",
-                            "params": {"method": "range", "low": 600, "high": 700}}
+    data["operators"][3] = {"op": "ScaleIntensityRange",
+                            "params": {"a_min": 600, "a_max": 700, "b_min": 0.0, "b_max": 1.0,
+                                       "clip": True}}
     data["operators"] = [op for op in data["operators"] if op["op"] != "longitudinal"]
     data["model"] = {"name": "bright-spot", "version": "0.1", "path": str(onnx_path),
                      "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
