@@ -261,6 +261,8 @@ class PipelineSpec(_Strict):
     input: InputSpec = Field(default_factory=lambda: InputSpec.model_validate({}))
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     model: ModelSpec
+    #: cascades: further models by name, run by an inferer's ``model:`` (engine README)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
     runtime: str = "auto"
     fp16: bool = False
     outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
@@ -291,6 +293,8 @@ class LoadedPipeline(BaseModel):
     operator_params: tuple[BaseModel, ...]
     #: the file's text as read (deployment events carry it: workers run it from the log)
     text: str = ""
+    #: the cascade's further models (``models:``) by name, resolved and hash-checked
+    model_paths: dict[str, Path] = {}
 
     @property
     def name(self) -> str:

@@ -140,6 +140,25 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
             verify_model(model_path, spec.model.sha256)
         except ModelIntegrityError as exc:
             problems.append((("model", "sha256" if model_path.is_file() else "path"), str(exc)))
+    extra_paths: dict[str, Path] = {}
+    for name, m in spec.models.items():  # a cascade's further models
+        try:
+            extra_paths[name] = _resolve(base, m.path)
+        except SpecError as exc:
+            problems.append((("models", name, "path"), str(exc)))
+            continue
+        if check_model:
+            try:
+                verify_model(extra_paths[name], m.sha256)
+            except ModelIntegrityError as exc:
+                key = "sha256" if extra_paths[name].is_file() else "path"
+                problems.append((("models", name, key), str(exc)))
+    for i, prm in enumerate(params if len(params) == len(spec.operators) else ()):
+        named = getattr(prm, "extra", {}).get("model")
+        if named is not None and named not in spec.models:
+            problems.append((("operators", i, "params", "model"),
+                             f"no model {named!r} under models: "
+                             f"({', '.join(sorted(spec.models)) or 'none'})"))
     if problems:
         raise _problems(path, root, problems)
     return LoadedPipeline(
@@ -150,6 +169,7 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
         card_path=card_path,
         operator_params=tuple(params),
         text=text,
+        model_paths=extra_paths,
     )
 
 

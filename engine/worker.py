@@ -415,6 +415,7 @@ class EngineWorker:
             t = time.perf_counter()
             runtime = await self._alive(delivery, asyncio.to_thread(self._runtime, loaded,
                                                                     choice))
+            further = await self._alive(delivery, asyncio.to_thread(self._cascade, loaded))
             stages["model_load"] = time.perf_counter() - t
             earlier = await self._earlier(bus, spec.name, files.patient_pseudonym, loaded)
             study_date = files.study_date or study_date_of(datasets[0].get("StudyDate")) or ""
@@ -426,7 +427,7 @@ class EngineWorker:
                 earlier = await self._earlier(bus, spec.name, files.patient_pseudonym,
                                               loaded)
             ctx = RunContext(
-                pipeline=loaded, runtime=runtime, datasets=datasets,
+                pipeline=loaded, runtime=runtime, datasets=datasets, runtimes=further,
                 provenance=Provenance(spec.model.name, spec.model.version, spec.model.sha256,
                                       spec.name, spec.version, key),
                 study_date=study_date,
@@ -518,6 +519,21 @@ class EngineWorker:
                 cache_dir=self.config.results_dir.parent / "trt-cache")
             self.loads += 1
         return self._runtimes[cache_key]
+
+    def _cascade(self, loaded: LoadedPipeline) -> dict[str, Runtime]:
+        """A cascade's further models (``models:``), each loaded once per process."""
+        out = {}
+        for name, m in loaded.spec.models.items():
+            path = loaded.model_paths[name]
+            choice = select_runtime(loaded.spec.runtime, self.host, model_format(path))
+            cache_key = (m.sha256, choice.name)
+            if cache_key not in self._runtimes:
+                self._runtimes[cache_key] = load_runtime(
+                    choice, path, m.sha256, fp16=loaded.spec.fp16,
+                    cache_dir=self.config.results_dir.parent / "trt-cache")
+                self.loads += 1
+            out[name] = self._runtimes[cache_key]
+        return out
 
     async def _earlier(self, bus: EventBus, pipeline: str, pseudonym: str | None,
                        loaded: LoadedPipeline) -> list[EarlierResult]:

@@ -260,4 +260,5 @@ def mask_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[list[in
     if not ijk.any():
         raise ValueError("the locating model found nothing to crop to")
     start, end = generate_spatial_bounding_box(ijk, margin=margin)
-    return [int(s) for s in start], [int(e) for e in end]
+    return ([max(0, int(s)) for s in start],
+            [min(int(e), n) for e, n in zip(end, ijk.shape[1:], strict=True)])
