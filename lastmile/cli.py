@@ -252,6 +252,7 @@ def replay(
 # One small module per group; each imports its part (and bench/, demo/) when it runs.
 
 from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
+    cli_bundle,
     cli_check,
     cli_dashboard,
     cli_demo,
@@ -269,6 +270,7 @@ from lastmile import (  # noqa: E402  (registered after the core commands, in he
 app.add_typer(cli_route.route_app, name="route")
 app.add_typer(cli_study.study_app, name="study")
 app.add_typer(cli_pipelines.pipelines_app, name="pipelines")
+cli_pipelines.pipelines_app.command("from-bundle")(cli_bundle.from_bundle_command)
 app.add_typer(cli_projections.projections_app, name="projections")
 app.command("metrics")(cli_projections.metrics_command)
 app.command("dashboard")(cli_dashboard.dashboard_command)

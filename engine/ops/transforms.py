@@ -43,6 +43,8 @@ IMAGE_TRANSFORMS = (
     "ScaleIntensity", "ScaleIntensityRange", "ScaleIntensityRangePercentiles",
     "NormalizeIntensity", "ThresholdIntensity", "ClipIntensityPercentiles",
 )
+#: the invertible ones among them: what ``Invert`` undoes
+SPATIAL_TRANSFORMS = IMAGE_TRANSFORMS[:12]
 LABEL_TRANSFORMS = (
     "KeepLargestConnectedComponent", "FillHoles", "RemoveSmallObjects", "LabelFilter",
 )
