@@ -26,11 +26,17 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from demo.phantoms import brain_mr_study
 from engine.dicom_results import Provenance
 from engine.errors import SpecError
+from engine.feed import feed_study
 from engine.ops.postprocess import dice
 from engine.ops.volume import series_to_volume
+from engine.registry import deployed_event
 from engine.runtimes import OnnxRuntimeCpu, TorchRuntime
 from engine.spec import REFERENCE_DIR, load_pipeline
 from engine.steps import RunContext, run_steps
+from engine.worker import EngineWorker, WorkerConfig
+from events.catalogue import InferenceCompleted, OperatorFinished, Stage
+from events.jetstream import EventBus
+from tests.engine.conftest import SECRET, RunningWorker, dciodvfy_errors, has, wait_for
 
 MARGIN = 4
 
@@ -69,7 +75,7 @@ def _cascade(tmp: Path) -> tuple[Path, Path]:
                                                   "classes": 2}},
         {"op": "Invert"}, {"op": "argmax"},
         {"op": "KeepLargestConnectedComponent", "params": {"applied_labels": [1]}},
-        {"op": "volumes"}]
+        {"op": "volumes"}, {"op": "write_seg"}, {"op": "write_sr"}]
     path = tmp / "cascade.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, locator
@@ -143,3 +149,28 @@ def test_an_inferer_naming_an_unknown_model_is_refused_at_load(tmp_path: Path) -
     with pytest.raises(SpecError, match=r"bad.yaml:\d+: operators.4.params.model: no model "
                                         r"'finder' under models: \(locator\)"):
         load_pipeline(bad)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_a_worker_runs_a_cascade_with_both_models_and_valid_results(
+        bus: EventBus, worker_config: WorkerConfig, tmp_path: Path) -> None:
+    path, _ = _cascade(tmp_path)
+    loaded = load_pipeline(path)
+    await bus.publish(deployed_event(loaded, actor="test", stage=Stage.VALIDATION))
+    study = brain_mr_study(32, lesion_radius_mm=15.0)
+    async with RunningWorker(bus, EngineWorker({loaded.name: loaded}, worker_config)):
+        await feed_study(bus, study.datasets, worker_config.instances_dir, SECRET,
+                         pipeline=loaded.name, called_ae="LM_BTS")
+        events = await wait_for(bus, study.study_uid, has("engine.inference.completed"),
+                                timeout_s=240)
+    done = next(e for e in events if isinstance(e, InferenceCompleted))
+    ml = next(m.value for m in done.measurements if m.name == "volume_lesion")
+    truth = study.truth_volumes_ml()["lesion"]
+    assert abs(ml - truth) / truth < 0.05
+    details = {e.operator: e.detail for e in events if isinstance(e, OperatorFinished)}
+    assert "on torch (locator)" in (details["SimpleInferer"] or "")
+    assert "on onnxruntime-cpu" in (details["SlidingWindowInferer"] or "")
+    assert (details["crop_to_labels"] or "").startswith("box ")
+    for key in done.result_keys:
+        assert dciodvfy_errors(worker_config.results_dir / key) == []
