@@ -36,7 +36,7 @@ _DICT_ONLY = {"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "so
 #: what Lastmile does itself: loading a DICOM series channel-first as float32
 _IMPLICIT = {"LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "ToDevice",
              "AddChannel", "CastToType", "SaveImage", "Activations", "AsDiscrete", "Invert",
-             "CopyItems", "DeleteItems", "ToNumpy", "EnsureChannelFirstd"}
+             "CopyItems", "DeleteItems", "ToNumpy"}
 _MODALITY = {"MRI": "MR", "MR": "MR", "CT": "CT", "PET": "PT", "PT": "PT", "US": "US"}
 
 
