@@ -925,13 +925,16 @@ def consistency_problems(spec: PipelineSpec, params: Sequence[BaseModel]
         problems.append((("model", "output", "otherwise"), "otherwise applies to softmax "
                          "outputs (a sigmoid class is present or absent)"))
     for i, (op, pr) in enumerate(zip(ops, params, strict=False)):
-        if isinstance(pr, SlidingWindowParams):
-            if out.activation == "softmax" and pr.classes < 2:
+        classes = pr.classes if isinstance(pr, SlidingWindowParams) else (
+            pr.extra.get("classes") if isinstance(pr, MonaiParams)
+            and pr.extra.get("model") is None else None)  # a MONAI inferer of the model
+        if isinstance(classes, int):
+            if out.activation == "softmax" and classes < 2:
                 problems.append((("operators", i, "params", "classes"),
                                  "one channel needs model.output.activation: sigmoid"))
-            if out.channels is not None and out.channels != pr.classes:
+            if out.channels is not None and out.channels != classes:
                 problems.append((("operators", i, "params", "classes"),
-                                 f"{pr.classes} channels, but model.output.channels is "
+                                 f"{classes} channels, but model.output.channels is "
                                  f"{out.channels}"))
         if op == "argmax" and out.activation == "sigmoid":
             problems.append((("operators", i, "op"), "argmax needs softmax outputs; sigmoid "

@@ -132,7 +132,7 @@ def test_contradictions_in_the_declared_output_name_file_line_and_key(tmp_path: 
                      "sigmoid", msg), msg
     data["model"]["output"] = {"activation": "sigmoid"}  # argmax over sigmoid channels
     msg = _refused(data, tmp_path / "sig.yaml")
-    assert re.search(r"sig\.yaml:\d+: operators\.4\.op: argmax needs softmax outputs", msg), msg
+    assert re.search(r"sig\.yaml:\d+: operators\.6\.op: argmax needs softmax outputs", msg), msg
     data["model"]["output"] = {"thresholds": {"tumour": 0.5}}
     msg = _refused(data, tmp_path / "thr.yaml")
     assert "neither labels nor classes" in msg and "tumour" in msg
