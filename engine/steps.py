@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -630,9 +630,10 @@ def _longitudinal(ctx: RunContext, p: BaseModel) -> str:
     current = next((m for m in ctx.measurements if m.label == p.label and m.unit == "mL"), None)
     if current is None:
         raise EngineError(f"no volume for label {p.label!r}: put volumes before longitudinal")
-    ctx.comparison = c = longitudinal.compare(
+    ctx.comparison = c = replace(longitudinal.compare(
         current.value, ctx.study_date, ctx.earlier, threshold_pct=p.threshold_pct,
-        current_study_uid=str(ctx.datasets[0].StudyInstanceUID) if ctx.datasets else None)
+        current_study_uid=str(ctx.datasets[0].StudyInstanceUID) if ctx.datasets else None),
+        label=p.label)
     if c.change_from_baseline_pct is not None:
         ctx.measurements.append(MeasurementValue(
             f"change_from_baseline_{p.label}", c.change_from_baseline_pct, "%", p.label))

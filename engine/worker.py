@@ -275,7 +275,10 @@ class EngineWorker:
         last: RunOutcome | None = None
         deployed = await self._deployed(bus)
         for name in names:
-            loaded = self.resolve(name, deployed.get(name))
+            # off the event loop: parsing a file with MONAI operators imports torch and
+            # MONAI and dry-runs each transform (seconds), which would stall every NATS
+            # request of the services sharing this process into timeouts
+            loaded = await asyncio.to_thread(self.resolve, name, deployed.get(name))
             if isinstance(loaded, StudyNotRun):
                 last = await self._not_run(bus, event, name, loaded)
                 continue
@@ -470,6 +473,11 @@ class EngineWorker:
         findings += tuple(Finding(label=c.finding, classification=c.decision,
                                   probability=round(c.probability, 6))
                           for c in ctx.classifications)
+        # longitudinal: progression (or stable) of the compared label, as a finding, so
+        # readers' progression reads fold into agreement (issue 19 #4)
+        if ctx.comparison is not None and ctx.comparison.finding is not None:
+            findings += (Finding(label=ctx.comparison.label or "lesion",
+                                 classification=ctx.comparison.finding),)
         measurements += tuple(Measurement(name=f"probability_{cls}", value=round(p, 6),
                                           unit="1", label=c.finding)
                               for c in ctx.classifications

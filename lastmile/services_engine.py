@@ -4,6 +4,7 @@ redelivery (``services_for`` in lastmile/services.py starts them)."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -52,7 +53,12 @@ class EngineWorkerService(Service):
         self.settings = settings
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
-        pipelines = discover(pipeline_dirs(self.settings))
+        # in a thread: the worker's imports (torch, MONAI, highdicom, ONNX Runtime) and
+        # parsing pipeline files with MONAI operators (each transform is dry-run) take
+        # seconds; on the event loop they stall the other services' NATS requests in this
+        # process into timeouts (seen: `lastmile demo` exiting with "nats: timeout")
+        pipelines = await asyncio.to_thread(discover, pipeline_dirs(self.settings))
+        await asyncio.to_thread(importlib.import_module, "engine.worker")
         from engine.worker import EngineWorker
 
         worker = EngineWorker(pipelines, worker_config(self.settings))
@@ -69,6 +75,7 @@ class EditRecomputeService(Service):
         self.settings = settings
 
     async def run(self, bus: EventBus, stop: asyncio.Event) -> None:
+        await asyncio.to_thread(importlib.import_module, "engine.edits")  # off the loop
         from engine.edits import EditConfig, EditRecomputer
 
         config = EditConfig(

@@ -56,6 +56,9 @@ def questions(result: InferenceCompleted) -> tuple[Question, ...]:
     across images (the same rule the demo and the XNAT fields use). BTS follow-ups: the
     progression flag. Otherwise (masks): is the mask acceptable.
     """
+    if result.progression is not None:  # before findings: BTS's finding is its progression
+        return (Question("lesion", "progression" if result.progression else "stable",
+                         PROGRESSION_CLASSES),)
     if result.findings:
         ai: dict[str, str] = {}
         for f in sorted(result.findings, key=lambda f: -(f.probability or 0.0)):
@@ -63,9 +66,6 @@ def questions(result: InferenceCompleted) -> tuple[Question, ...]:
         choices = tuple(dict.fromkeys((*HIP_CLASSES, *(f.classification for f in
                                                        result.findings))))
         return tuple(Question(label, cls, choices) for label, cls in sorted(ai.items()))
-    if result.progression is not None:
-        return (Question("lesion", "progression" if result.progression else "stable",
-                         PROGRESSION_CLASSES),)
     return (Question("mask", "acceptable", MASK_CLASSES),)
 
 

@@ -31,6 +31,16 @@ class Comparison:
     change_from_baseline_pct: float | None
     change_from_prior_pct: float | None
     progression: bool | None  # None when there is nothing to compare with
+    label: str = ""  # the label whose volume was compared (the pipeline file's)
+
+    @property
+    def finding(self) -> str | None:
+        """The AI's progression finding for agreement with readers' progression reads
+        (issue 19 #4): "progression" or "stable" (the reader form's classes,
+        ``dashboards.review.policy.PROGRESSION_CLASSES``); None without an earlier exam."""
+        if self.progression is None:
+            return None
+        return "progression" if self.progression else "stable"
 
 
 def percent_change(value: float, reference: float) -> float | None:

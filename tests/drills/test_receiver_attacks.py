@@ -62,8 +62,9 @@ def peak_rss_mib(pid: int) -> float:
 class Receiver:
     """`lastmile up` with only ingest, on its own NATS; the bus to read its events."""
 
-    def __init__(self, tmp: Path, **settings: str) -> None:
+    def __init__(self, tmp: Path, services: str = '["ingest"]', **settings: str) -> None:
         self.tmp = tmp
+        self.services = services
         self.port = free_port()
         self.server = EmbeddedNats(tmp / "nats", port=free_port(), sync="always")
         self.settings = settings
@@ -71,8 +72,9 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         self.server.start()
         env = clean_env(state_dir=str(self.tmp / "state"), nats_url=self.server.url,
-                        dicom_port=str(self.port), services='["ingest"]',
+                        dicom_port=str(self.port), services=self.services,
                         dicom_min_free_mb="0", **self.settings)
+        self.env = env
         self._up = lastmile_up(env, self.tmp / "up.log", wait_port=self.port)
         self.proc = self._up.__enter__()
         self.bus = await EventBus.connect(BusSettings(servers=(self.server.url,)))
@@ -328,3 +330,50 @@ async def test_idle_connection_flood_does_not_lock_modalities_out(tmp_path: Path
            study_send_max_s=round(max(latencies), 2),
            refusals_recorded=", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())),
            refusal_events=len(refused))
+
+
+async def test_a_receiver_under_an_idle_connection_flood_does_not_starve_the_engine(
+        tmp_path: Path) -> None:
+    """Issue 18 #8: the receiver and the engine share a process; while the receiver is
+    flooded with idle connections, a modality's study is still received, run through its
+    pipeline and published, within a bound, next to the same study's time without flood."""
+    from demo.phantoms import pelvis_study
+    from engine.spec import REFERENCE_DIR
+    from tests.engine.conftest import has, wait_for
+    from tests.engine.test_live_deploy import cli
+
+    async with Receiver(tmp_path, services='["ingest", "engine"]') as r:
+        r_ = await asyncio.to_thread(cli, r.env, "pipelines", "deploy",
+                                     str(REFERENCE_DIR / "hfd.yaml"), "--stage", "validation",
+                                     "--why", "the starvation drill")
+        assert r_.returncode == 0, r_.stdout + r_.stderr
+
+        async def one_study(seed: int) -> float:
+            study = pelvis_study(seed, images=2, size=256)
+            t = time.perf_counter()
+            sent = await storescu(r.port, "LM_HFD", study.write(tmp_path / f"p{seed}"))
+            assert sent.returncode == 0 and len(sent.succeeded) == 2, sent.output[-1000:]
+            await wait_for(r.bus, study.study_uid, has("engine.inference.completed"), 240)
+            return time.perf_counter() - t
+
+        quiet_s = await one_study(1801)
+        stop = asyncio.Event()
+        flood = asyncio.create_task(_flood(r.port, stop, [f"127.0.0.{k}" for k in
+                                                          range(2, 12)]))
+        await asyncio.sleep(2.0)  # the flood is in full swing
+        try:
+            flooded_s = [await one_study(1802 + i) for i in range(2)]
+        finally:
+            stop.set()
+            opened = await flood
+        refused = await r.refusals("no_association_request", 1)
+    assert opened > 100 and refused  # it was a flood, and the guard answered it
+    # the engine kept up: each flooded study through receiver, completion, model and SR
+    # within a generous multiple of the quiet one (the machine has 2 cores)
+    assert max(flooded_s) < max(4 * quiet_s, 60.0), (quiet_s, flooded_s)
+    record("attack: engine under an idle-connection flood",
+           done=f"{opened} idle connections from 10 addresses while 2 HFD studies went "
+                "through receiver, completion, model and SR in the same process",
+           items=2, acknowledged=2, lost=0, duration_s=sum(flooded_s) + quiet_s,
+           study_to_result_s_quiet=round(quiet_s, 1),
+           study_to_result_s_flooded=", ".join(f"{s:.1f}" for s in flooded_s))

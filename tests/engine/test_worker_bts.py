@@ -93,6 +93,11 @@ async def test_bts_longitudinal_progression_across_three_exams(
     assert abs(last["change_from_prior_lesion"] - expected_prior) < 1e-3
     assert results[2].progression is True  # 12 mm -> 16 mm radius: > 2x volume
     assert results[1].progression is False  # 12 -> 12.5 mm: ~13%, under 25%
+    # ... and as the AI's finding, which readers' progression reads are compared with
+    assert [(f.label, f.classification) for f in results[2].findings] == [
+        ("lesion", "progression")]
+    assert [(f.label, f.classification) for f in results[1].findings] == [("lesion", "stable")]
+    assert results[0].findings == ()  # the first exam has nothing to compare with
     # the SR of the last exam carries the change measurements
     sr = pydicom.dcmread(worker_config.results_dir / next(
         k for k in results[2].result_keys if "/sr-" in k))
