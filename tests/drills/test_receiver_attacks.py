@@ -361,19 +361,22 @@ async def test_a_receiver_under_an_idle_connection_flood_does_not_starve_the_eng
         flood = asyncio.create_task(_flood(r.port, stop, [f"127.0.0.{k}" for k in
                                                           range(2, 12)]))
         await asyncio.sleep(2.0)  # the flood is in full swing
+        flooded_s: list[float] = []
         try:
-            flooded_s = [await one_study(1802 + i) for i in range(2)]
+            for i in range(4):  # over several rounds of the flood
+                flooded_s.append(await one_study(1802 + i))
+                await asyncio.sleep(1.0)
         finally:
             stop.set()
             opened = await flood
         refused = await r.refusals("no_association_request", 1)
-    assert opened > 100 and refused  # it was a flood, and the guard answered it
+    assert opened >= 100 and refused  # it was a flood, and the guard answered it
     # the engine kept up: each flooded study through receiver, completion, model and SR
     # within a generous multiple of the quiet one (the machine has 2 cores)
     assert max(flooded_s) < max(4 * quiet_s, 60.0), (quiet_s, flooded_s)
     record("attack: engine under an idle-connection flood",
-           done=f"{opened} idle connections from 10 addresses while 2 HFD studies went "
+           done=f"{opened} idle connections from 10 addresses while 4 HFD studies went "
                 "through receiver, completion, model and SR in the same process",
-           items=2, acknowledged=2, lost=0, duration_s=sum(flooded_s) + quiet_s,
+           items=4, acknowledged=4, lost=0, duration_s=sum(flooded_s) + quiet_s,
            study_to_result_s_quiet=round(quiet_s, 1),
            study_to_result_s_flooded=", ".join(f"{s:.1f}" for s in flooded_s))
