@@ -114,6 +114,10 @@ FIELD_ACTIONS: Mapping[str, Action] = {
     # receiver refusals (issue 14, 18); refused presentation contexts are SOP Class names
     "first_series_uid": Action.UID, "first_study_uid": Action.UID,
     "refused_contexts": Action.KEEP,
+    # live deployment, re-runs, runtime targets (issues 16, 19): the deployed file's text
+    # and path may name the site's folders (its SHA-256 stays); a re-run's reason is text
+    "file_text": Action.REMOVE, "file_path": Action.REMOVE, "why": Action.TEXT,
+    "runtime_target_s": Action.KEEP,
     # sign-ins, users, redaction (issue 18): the person is a person, the rest is facts
     "user": Action.PERSON, "event_ids": Action.EVENT_ID,
     # priors from the PACS (issue 16, item 7); the PACS's address is removed as "address"
