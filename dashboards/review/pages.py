@@ -176,12 +176,14 @@ def draw_result(case: Case, files: StudyFiles) -> None:
     key = tuple(sorted((u, str(p)) for u, p in files.image_paths.items()))
     seg = str(files.seg_path) if files.seg_path else None
     res = case.result
-    if res.findings:
-        per_image: dict[str, list[tuple[str, str, tuple[float, float, float, float]]]] = {}
-        for f in res.findings:
-            if f.sop_instance_uid and f.box:
-                per_image.setdefault(f.sop_instance_uid, []).append(
-                    (f.label, f.classification, tuple(f.box)))  # type: ignore[arg-type]
+    # boxes on radiographs (HFD); a study-level finding without a box (BTS's progression,
+    # a classifier's decision) leaves the slices with their mask below
+    per_image: dict[str, list[tuple[str, str, tuple[float, float, float, float]]]] = {}
+    for f in res.findings:
+        if f.sop_instance_uid and f.box:
+            per_image.setdefault(f.sop_instance_uid, []).append(
+                (f.label, f.classification, tuple(f.box)))  # type: ignore[arg-type]
+    if per_image:
         uids = sorted(per_image)
         cols = st.columns(min(3, max(1, len(uids))))
         for i, uid in enumerate(uids):

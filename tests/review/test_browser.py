@@ -185,8 +185,19 @@ def test_reader_sees_others_reads_only_after_their_own(
     assert page.get_by_text(secret).count() == 0
     # missing required answers: a clear message and no event
     page.get_by_text("Disagree, or add confidence and a comment").click()
-    page.get_by_role("button", name="Submit review").click()
-    expect(page.get_by_text("please answer: confidence (1-5)")).to_be_visible()
+    wait_for_page(page)
+    # the submit is clicked again only if its refusal never showed: in the full suite on a
+    # loaded machine a click during a rerun was lost (two CI runs); the refusal, its words
+    # and the absence of an event are what is asserted
+    for attempt in range(3):
+        page.get_by_role("button", name="Submit review").click()
+        try:
+            expect(page.get_by_text("please answer: confidence (1-5)")).to_be_visible(
+                timeout=10_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     wait_for_page(page)
     assert not [e for e in site.history(study) if isinstance(e, ReviewSubmitted)
                 and e.reader == "reader.b"]
