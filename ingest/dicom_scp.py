@@ -134,7 +134,7 @@ class StorageScp:
 
     def _recognise(self, called: str) -> bool:
         """A pipeline's AE title, in the rules file or deployed in the log; the log is
-        asked once more before a refusal (a deployment recorded a moment ago)."""
+        asked once more before each answer (a deployment or retirement a moment ago)."""
         recognise = getattr(self.rules, "recognise", None)
         if recognise is not None:
             return bool(recognise(called))

@@ -33,8 +33,8 @@ class RulesFile:
     _deployed: Mapping[str, DeployedPipeline] = field(default_factory=dict, init=False)
     _merged: RuleSet | None = field(default=None, init=False)
     _deployed_known: bool = field(default=False, init=False)  # set_deployed was called
-    #: called (from any thread) before a called AE title is refused: brings in a
-    #: deployment recorded a moment ago (set by ``ingest.deployments``)
+    #: called (from any thread) before a called AE title is answered: brings in a
+    #: deployment or retirement recorded a moment ago (set by ``ingest.deployments``)
     refresh: Callable[[], None] | None = field(default=None, init=False)
 
     @classmethod
@@ -73,16 +73,16 @@ class RulesFile:
         return True
 
     def recognise(self, called_ae: str) -> bool:
-        """Whether ``called_ae`` is a pipeline's AE title, looking at the log once more
-        (``refresh``) before saying no."""
-        if called_ae in self().ae_titles():
-            return True
+        """Whether ``called_ae`` is a pipeline's AE title *now*: the log is looked at once
+        more (``refresh``, one STREAM.INFO request) before every answer, so a deployment or
+        a retirement recorded a moment ago decides the very next association. When the log
+        cannot be reached the rules last seen decide (the store would fail anyway)."""
         if self.refresh is not None:
             try:
                 self.refresh()
-            except Exception as exc:  # noqa: BLE001 - the log is an edge: say no, log why
-                log.warning("could not re-read deployments before refusing AE title: %s",
-                            type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - the log is an edge: decide, log why
+                log.warning("could not re-read deployments before answering for an AE "
+                            "title: %s", type(exc).__name__)
         return called_ae in self().ae_titles()
 
     def _stat(self) -> tuple[int, int] | None:

@@ -221,7 +221,7 @@ def test_deployed_pipelines_bring_their_ae_titles_and_retired_ones_lose_them() -
     assert again.sha256 != with_deployed(rules, {"myhip": _deployed("myhip", "LM_MYHIP")})[0].sha256
 
 
-def test_rules_file_follows_deployments_and_asks_again_before_refusing() -> None:
+def test_rules_file_follows_deployments_and_asks_the_log_before_each_answer() -> None:
     rf = RulesFile.open(None)
     assert not rf.recognise("LM_MYHIP")
     asked: list[int] = []
@@ -232,8 +232,18 @@ def test_rules_file_follows_deployments_and_asks_again_before_refusing() -> None
 
     rf.refresh = refresh
     assert rf.recognise("LM_MYHIP") and asked == [1]
-    assert rf.recognise("LM_MYHIP") and asked == [1]  # known now: the log is not asked
+    assert rf.recognise("LM_MYHIP") and asked == [1, 1]  # asked again: it may be retired
     assert not rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP")})  # no change
-    assert rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP", retired=True)})
-    rf.refresh = None
+
+    def retired() -> None:  # retired a moment ago: the very next association is refused
+        rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP", retired=True)})
+
+    rf.refresh = retired
     assert not rf.recognise("LM_MYHIP")
+
+    def unreachable() -> None:
+        raise TimeoutError
+
+    rf.set_deployed({"myhip": _deployed("myhip", "LM_MYHIP")})
+    rf.refresh = unreachable  # the log cannot be reached: the rules last seen decide
+    assert rf.recognise("LM_MYHIP") and not rf.recognise("LM_OTHER")
