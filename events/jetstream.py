@@ -70,6 +70,9 @@ class BusSettings:
     connect_timeout_s: float = 2.0
     publish_timeout_s: float = 5.0
     publish_retry_s: float = 30.0
+    #: a read fails (``BusUnavailable``) when matching messages are pending but none
+    #: arrive for this long; an empty fetch alone never ends a read early
+    read_stall_s: float = 30.0
     name: str = "lastmile"
 
     def display_url(self) -> str:
@@ -314,39 +317,86 @@ class EventBus:
         """
         subject = filter_subject or (study_filter(study_uid) if study_uid else ALL_EVENTS)
         end = to_sequence if to_sequence is not None else await self.last_sequence()
-        if end < from_sequence:
-            return
+        position = max(1, from_sequence)  # the next sequence not yet yielded
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.read_stall_s
+        again = False
+        while position <= end:
+            # The store says where the next matching message is (one request): nothing
+            # matching → done at once, without a consumer or a fetch timeout. After a
+            # consumer went quiet this is what decides whether that was the end. A
+            # consumer's own view is not trusted for it: on a server that had just started,
+            # a new filtered consumer delivered nothing and reported nothing pending while
+            # 584 matching messages were stored, and the receiver's instance index was
+            # rebuilt from 0 events (the next sends were stored again, not duplicates).
+            nxt = await self._next_matching(subject, position)
+            if nxt is None or nxt > end:
+                return
+            if again:
+                if loop.time() > deadline:
+                    raise BusUnavailable(
+                        f"reading the log stalled: message #{nxt} on {subject} is stored "
+                        f"but was not delivered in {self.settings.read_stall_s:.0f} s")
+                log.warning("a read of %s stopped short of stored message #%d; reading "
+                            "again from there", subject, nxt)
+            again, position = True, nxt
+            sub = await self._read_consumer(subject, position)
+            try:
+                drained = False  # the consumer says nothing more matches
+                while not drained:
+                    try:
+                        msgs = await sub.fetch(batch, timeout=1.0)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        break  # asked below whether that really was the end
+                    deadline = loop.time() + self.settings.read_stall_s
+                    for msg in msgs:
+                        meta = msg.metadata
+                        seq = int(meta.sequence.stream)
+                        if seq > end:
+                            return
+                        try:
+                            item: Event | CodecError = decode(msg.data, msg.headers)
+                        except CodecError as exc:
+                            item = exc
+                        yield seq, item, msg
+                        position = seq + 1
+                        if seq >= end:
+                            return
+                        drained = meta.num_pending == 0
+            finally:
+                await self._drop_consumer(sub)
+
+    async def _read_consumer(self, subject: str, start: int) -> JetStreamContext.PullSubscription:
         config = ConsumerConfig(
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, from_sequence),
+            opt_start_seq=start,
             filter_subject=subject,
             inactive_threshold=30.0,
             max_waiting=1,
             headers_only=False,
         )
-        sub = await self.js.pull_subscribe(subject, stream=self.settings.stream, config=config)
+        return await self.js.pull_subscribe(subject, stream=self.settings.stream, config=config)
+
+    async def _drop_consumer(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Unsubscribe and delete the read's consumer at once (left to its inactivity
+        threshold, hundreds accumulate and are recovered at every server start)."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await sub.unsubscribe()
+        name = getattr(sub, "_consumer", None)  # nats-py keeps the name it chose here
+        if name:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.js.delete_consumer(self.settings.stream, name)
+
+    async def _next_matching(self, subject: str, sequence: int) -> int | None:
+        """The stream sequence of the first stored message on ``subject`` at or after
+        ``sequence`` (one STREAM.MSG.GET, answered from the store), or None."""
         try:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    return  # nothing (more) matches the filter
-                for msg in msgs:
-                    meta = msg.metadata
-                    seq = int(meta.sequence.stream)
-                    if seq > end:
-                        return
-                    try:
-                        item: Event | CodecError = decode(msg.data, msg.headers)
-                    except CodecError as exc:
-                        item = exc
-                    yield seq, item, msg
-                    if meta.num_pending == 0 or seq >= end:
-                        return
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            raw = await self.js.get_msg(self.settings.stream, seq=sequence, subject=subject,
+                                        next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(raw.seq) if raw.seq is not None else None
 
     async def history(self, study_uid: str) -> list[tuple[int, Event]]:
         """Every decodable event of one study, in order."""

@@ -21,8 +21,9 @@ xnat       ``engine.result.>``, ``review.review.>``,       XNAT publisher and fe
            ``review.edit.>``
 =========  ==============================================  ==============================
 
-Every role may read the whole log (create, read and acknowledge consumers on the
-stream, except the other roles' durable consumers, ``ROLE_DURABLES``) and publish
+Every role may read the whole log (create, read, acknowledge and delete consumers on
+the stream, except the other roles' durable consumers, ``ROLE_DURABLES``; get a stored
+message by sequence or next-by-subject) and publish
 ``system.delivery.failed`` (the dead letters every consumer
 writes). No role but admin may create, change, purge or delete the stream or delete
 a message. So a stolen pages credential can write reviews but no engine or ingest
@@ -151,11 +152,15 @@ def role_permissions(role: str, stream: str = "LASTMILE") -> dict[str, dict[str,
         f"{PREFIX}.*.{DEAD_LETTER_TYPE}",
         f"{api}.INFO",
         f"{api}.STREAM.INFO.{stream}",
-        # consumers: ephemeral readers (audit, projector) and the role's durables
+        # where the next matching message is (a read's end is decided from the store)
+        f"{api}.STREAM.MSG.GET.{stream}",
+        # consumers: ephemeral readers (audit, projector), deleted when a read ends, and
+        # the role's durables
         f"{api}.CONSUMER.CREATE.{stream}",
         f"{api}.CONSUMER.CREATE.{stream}.>",
         f"{api}.CONSUMER.INFO.{stream}.*",
         f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{api}.CONSUMER.DELETE.{stream}.*",
         f"$JS.ACK.{stream}.>",
     ]
     deny = []
@@ -166,6 +171,7 @@ def role_permissions(role: str, stream: str = "LASTMILE") -> dict[str, dict[str,
             deny += [f"{api}.CONSUMER.CREATE.{stream}.{d}",
                      f"{api}.CONSUMER.CREATE.{stream}.{d}.>",
                      f"{api}.CONSUMER.MSG.NEXT.{stream}.{d}",
+                     f"{api}.CONSUMER.DELETE.{stream}.{d}",
                      f"$JS.ACK.{stream}.{d}.>"]
     return {"publish": {"allow": publish, "deny": deny}, "subscribe": {"allow": ["_INBOX.>"]}}
 

@@ -86,6 +86,25 @@ async def test_audit_reads_only_one_studys_messages(bus: EventBus) -> None:
     assert await bus.history("1.2.840.404") == []
 
 
+async def test_reads_leave_no_consumers_and_an_empty_read_needs_none(bus: EventBus) -> None:
+    """Every read deletes its consumer when it ends (left to their inactivity threshold,
+    hundreds piled up and were recovered at every server start), and the end of a read
+    is decided from the store (STREAM.MSG.GET next-by-subject), not by a consumer that
+    goes quiet."""
+    await bus.publish_many([requested(i, study="1.2.840.98") for i in range(5)])
+
+    async def consumers() -> int:
+        return int((await bus.js.stream_info(bus.settings.stream)).state.consumer_count)
+
+    before = await consumers()
+    for _ in range(3):
+        assert len(await bus.history("1.2.840.98")) == 5
+        assert [s async for s, _, _ in bus.read(filter_subject=type_filter(
+            "engine.inference.requested"), from_sequence=3)] == [3, 4, 5]
+    assert await bus.history("1.2.840.404") == []
+    assert await consumers() == before
+
+
 async def _collect_dead_letters(bus: EventBus) -> list[DeliveryFailed]:
     return [ev async for _, ev, _ in bus.read(filter_subject=type_filter("system.delivery.failed"))
             if isinstance(ev, DeliveryFailed)]

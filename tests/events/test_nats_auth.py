@@ -151,7 +151,7 @@ async def test_no_role_but_admin_may_change_the_stream_or_delete(
         site: tuple[Settings, EmbeddedNats]) -> None:
     """The JetStream API itself: a raw client with the pages' credential cannot delete the
     stream, purge it, delete a message, create a stream of its own, or pull from (or
-    redefine) the engine's durable consumer."""
+    redefine, or delete) the engine's durable consumer (it deletes its own readers')."""
     settings, server = site
     admin = await _connect(settings, "admin")
     await admin.publish(_review())
@@ -173,10 +173,11 @@ async def test_no_role_but_admin_may_change_the_stream_or_delete(
                                b'{"batch":1}'),
                               ("$JS.API.CONSUMER.CREATE.LASTMILE.engine-workers.lm.ev.>",
                                b'{"stream_name":"LASTMILE","config":{"name":"engine-workers",'
-                               b'"durable_name":"engine-workers","ack_policy":"explicit"}}')]:
+                               b'"durable_name":"engine-workers","ack_policy":"explicit"}}'),
+                              ("$JS.API.CONSUMER.DELETE.LASTMILE.engine-workers", b"")]:
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await nc.request(subject, body, timeout=1.0)
-        assert len(denied) == 6 and all("permissions violation" in d for d in denied)
+        assert len(denied) == 7 and all("permissions violation" in d for d in denied)
         assert await admin.last_sequence() == 1
     finally:
         await nc.close()
