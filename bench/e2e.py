@@ -35,11 +35,11 @@ if TYPE_CHECKING:
 STAGE_OF_OPERATOR = {
     "select_series": "selection",
     "load_volume": "load", "load_images": "load",
-    "resample": "preprocess", "normalize": "preprocess", "resize_2d": "preprocess",
+    "normalize": "preprocess", "resize_2d": "preprocess",
     "crop_to_labels": "preprocess",
-    "sliding_window": "inference", "batch_2d": "inference",
-    "restore_grid": "postprocess", "Invert": "postprocess", "argmax": "postprocess",
-    "threshold": "postprocess", "largest_component": "postprocess", "volumes": "postprocess",
+    "batch_2d": "inference",
+    "Invert": "postprocess", "argmax": "postprocess",
+    "threshold": "postprocess", "volumes": "postprocess",
     "longitudinal": "postprocess", "detections": "postprocess",
     "write_seg": "seg_sr_write", "write_sr": "seg_sr_write",
 }

@@ -91,6 +91,7 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
     from engine.steps import (  # the operator registry validates params
         OPERATORS,
         consistency_problems,
+        replaced_operator,
     )
 
     try:
@@ -109,6 +110,10 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
     problems: list[tuple[tuple[Any, ...], str]] = []
     params: list[BaseModel] = []
     for i, op in enumerate(spec.operators):
+        replaced = replaced_operator(op.op, spec.task)  # MONAI's operator instead
+        if replaced is not None:
+            problems.append((("operators", i, "op"), replaced))
+            continue
         if op.op not in OPERATORS:
             problems.append((("operators", i, "op"),
                          f"unknown operator {op.op!r}; known: {', '.join(sorted(OPERATORS))}"))

@@ -135,6 +135,33 @@ VOLUME_TASKS = ("segmentation3d", "classification3d")
 
 OPERATORS: dict[str, Operator] = {}
 
+#: the hand-written volume operators that MONAI's replaced (one piece of code per idea),
+#: with what a file writes instead; a file naming one is refused at load (``engine.spec``)
+REMOVED: dict[str, str] = {
+    "resample": "MONAI's Spacing (pixdim: mm per axis of the image, after Orientation "
+                "SPL in resample's (slice, row, column) order; mode: bilinear), undone by "
+                "Invert",
+    "sliding_window": "MONAI's SlidingWindowInferer (roi_size, sw_batch_size, overlap, "
+                      "mode: gaussian, and Lastmile's classes and output), then Invert",
+    "restore_grid": "MONAI's Invert after the inferer (it undoes every spatial transform)",
+    "largest_component": "MONAI's KeepLargestConnectedComponent (applied_labels; "
+                         "num_components for keep)",
+    "resize_3d": "MONAI's Resize (spatial_size: after Orientation SPL in resize_3d's "
+                 "(slice, row, column) order; mode: trilinear for its linear interpolation)",
+}
+
+
+def replaced_operator(name: str, task: str) -> str | None:
+    """Why a file of ``task`` cannot name operator ``name`` and the MONAI operator it
+    names instead; ``None`` when the name is not one of those replaced."""
+    if name in REMOVED:
+        return f"operator {name!r} was removed: use {REMOVED[name]}"
+    if name == "normalize" and task in VOLUME_TASKS:
+        return ("normalize works on radiographs (load_images); on a volume use MONAI's "
+                "NormalizeIntensity (zscore: nonzero: true) or ScaleIntensityRange (window "
+                "or range: a_min, a_max, b_min: 0, b_max: 1, clip: true)")
+    return None
+
 
 def operator(name: str, params: type[BaseModel] = NoParams,
              tasks: tuple[str, ...] = ("segmentation3d", "detection2d")
@@ -189,21 +216,6 @@ def _load_images(ctx: RunContext, _: BaseModel) -> str:
 # --------------------------------------------------------------------------- preprocessing
 
 
-class ResampleParams(Params):
-    spacing: tuple[float, float, float] = Field(description="target (dz, dy, dx) mm")
-
-
-@operator("resample", ResampleParams, tasks=VOLUME_TASKS)
-def _resample(ctx: RunContext, p: BaseModel) -> str:
-    """Resample the working volume to a target spacing (restore_grid undoes it)."""
-    assert isinstance(p, ResampleParams)
-    vol = ctx.require_volume()
-    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
-    out, spacing = preprocess.resample(tensor[0], vol.spacing, p.spacing)
-    ctx.tensor, ctx.work_spacing = out[None], spacing
-    return f"{out.shape}"
-
-
 class NormalizeParams(Params):
     """``zscore``; ``window`` (center/width, e.g. CT HU); ``range`` (fixed low/high:
     only for inputs of one known bit depth); ``image_range`` (each image's own range
@@ -218,10 +230,11 @@ class NormalizeParams(Params):
     nonzero_only: bool = True
 
 
-@operator("normalize", NormalizeParams, tasks=ALL_TASKS)
+@operator("normalize", NormalizeParams, tasks=IMAGE_TASKS)
 def _normalize(ctx: RunContext, p: BaseModel) -> str:
-    """Intensity normalisation: z-score, window, fixed range, the image's own range or
-    its own VOI LUT/window, to [0, 1]."""
+    """Radiograph intensity normalisation: z-score, window, fixed range, the image's own
+    range or its own VOI LUT/window, to [0, 1] (volumes: MONAI's ``NormalizeIntensity``,
+    ``ScaleIntensityRange``)."""
     assert isinstance(p, NormalizeParams)
     if p.method in ("image_range", "voi"):
         if not ctx.images or ctx.tensor is not None:
@@ -256,7 +269,7 @@ def _normalize(ctx: RunContext, p: BaseModel) -> str:
         ctx.images = [Image2D(apply(im.array), im.source, 0.0, 1.0, im.inverted)
                       for im in ctx.images]
     else:
-        tensor = ctx.require(ctx.tensor, "tensor", "load_volume or resize_2d")
+        tensor = ctx.require(ctx.tensor, "tensor", "resize_2d")
         ctx.tensor = apply(tensor)
     return p.method
 
@@ -322,40 +335,6 @@ def _render_8bit(ctx: RunContext, p: BaseModel) -> str:
 
 
 # --------------------------------------------------------------------------- inference
-
-
-class SlidingWindowParams(Params):
-    """``classes``: the model's output channels (one for a single sigmoid channel; what
-    they mean is the file's ``model.output``)."""
-
-    roi: tuple[int, int, int]
-    classes: int = Field(ge=1)
-    overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    batch: int = Field(2, ge=1)
-    output: str | None = None
-
-
-@operator("sliding_window", SlidingWindowParams, tasks=("segmentation3d",))
-def _sliding(ctx: RunContext, p: BaseModel) -> str:
-    """3D sliding-window inference with overlap and Gaussian blending."""
-    assert isinstance(p, SlidingWindowParams)
-    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
-    windows = [0]
-
-    def progress(done: int, total: int) -> None:
-        windows[0] = total
-        if ctx.on_progress is not None:
-            ctx.on_progress(f"window {done}/{total}")
-
-    t0 = time.perf_counter()
-    declared = ctx.pipeline.spec.model.output
-    ctx.probs = inference.sliding_window_3d(tensor, ctx.runtime.run, roi=p.roi,
-                                            classes=p.classes, overlap=p.overlap,
-                                            batch=p.batch, output=p.output or declared.name,
-                                            on_window=progress, values=declared.values,
-                                            activation=declared.activation)
-    ctx.inference_s += time.perf_counter() - t0
-    return f"{windows[0]} windows on {ctx.runtime.name}"
 
 
 class Batch2dParams(Params):
@@ -485,15 +464,16 @@ def _inferer_step(name: str) -> StepFn:
 
 
 def _register_monai() -> None:
-    for names, make, own in ((transforms.IMAGE_TRANSFORMS, _image_step, ()),
-                             (transforms.LABEL_TRANSFORMS, _label_step, ()),
-                             (transforms.INFERERS, _inferer_step,
-                              ("model", "output", "classes"))):
+    # the image transforms also prepare a 3D classifier's input (``classify``)
+    for names, make, own, tasks in (
+            (transforms.IMAGE_TRANSFORMS, _image_step, (), VOLUME_TASKS),
+            (transforms.LABEL_TRANSFORMS, _label_step, (), ("segmentation3d",)),
+            (transforms.INFERERS, _inferer_step, ("model", "output", "classes"),
+             ("segmentation3d",))):
         for name in names:
             params = type(f"{name}Params", (MonaiParams,), {"transform": name, "own": own})
             fn = make(name)
-            OPERATORS[name] = Operator(name, params, fn, ("segmentation3d",),
-                                       (fn.__doc__ or "").strip())
+            OPERATORS[name] = Operator(name, params, fn, tasks, (fn.__doc__ or "").strip())
 
 
 _register_monai()
@@ -540,18 +520,6 @@ def _crop_to(ctx: RunContext, p: BaseModel) -> str:
 # --------------------------------------------------------------------------- post-processing
 
 
-@operator("restore_grid", tasks=("segmentation3d",))
-def _restore(ctx: RunContext, _: BaseModel) -> str:
-    """Bring probabilities back to the source series' grid (after resample)."""
-    vol = ctx.require_volume()
-    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
-    if probs.shape[1:] != vol.array.shape:
-        probs = np.stack([preprocess.resize_to_shape(c, vol.array.shape) for c in probs])
-        ctx.probs = probs
-    ctx.work_spacing = vol.spacing
-    return f"{probs.shape[1:]}"
-
-
 def _label_thresholds(ctx: RunContext) -> dict[int, float]:
     """``model.output.thresholds`` by label value (the file names labels)."""
     spec = ctx.pipeline.spec.model
@@ -563,7 +531,7 @@ def _label_thresholds(ctx: RunContext) -> dict[int, float]:
 def _argmax(ctx: RunContext, _: BaseModel) -> str:
     """Label map = most probable class per voxel (softmax outputs; a label with a
     threshold in ``model.output.thresholds`` only where it reaches it)."""
-    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
+    probs = ctx.require(ctx.probs, "probabilities", "an inferer (SlidingWindowInferer)")
     ctx.labels = postprocess.labels_from_probabilities(
         probs, activation="softmax", thresholds=_label_thresholds(ctx))
     return "argmax"
@@ -581,7 +549,7 @@ def _threshold(ctx: RunContext, p: BaseModel) -> str:
     parameter): each label's probability (a sigmoid channel, or a softmax class's)
     against its own; the most probable of those that reach theirs, else background."""
     assert isinstance(p, ThresholdParams)
-    probs = ctx.require(ctx.probs, "probabilities", "sliding_window")
+    probs = ctx.require(ctx.probs, "probabilities", "an inferer (SlidingWindowInferer)")
     activation = ctx.pipeline.spec.model.output.activation
     if activation == "softmax":  # the foreground channels, each against its threshold
         probs = probs[1:]
@@ -590,28 +558,14 @@ def _threshold(ctx: RunContext, p: BaseModel) -> str:
     return f">= {p.threshold} ({activation})"
 
 
-class ComponentsParams(Params):
-    labels: tuple[int, ...]
-    keep: int = Field(1, ge=1)
-
-
-@operator("largest_component", ComponentsParams, tasks=("segmentation3d",))
-def _components(ctx: RunContext, p: BaseModel) -> str:
-    """Keep the largest connected component(s) of the listed labels."""
-    assert isinstance(p, ComponentsParams)
-    labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
-    ctx.labels = postprocess.largest_components(labels, p.labels, p.keep)
-    return f"labels {list(p.labels)}"
-
-
 @operator("volumes", tasks=("segmentation3d",))
 def _volumes(ctx: RunContext, _: BaseModel) -> str:
     """Volume in mL of each model label, on the source grid."""
     labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
     vol = ctx.require_volume()
     if ctx.on_model_grid or labels.shape != vol.array.shape:
-        raise EngineError("labels are not on the source grid: put Invert (MONAI) or "
-                          "restore_grid after the inference")
+        raise EngineError("labels are not on the source grid: put Invert (MONAI) after "
+                          "the inferer")
     names = ctx.pipeline.spec.model.labels
     for name, ml in postprocess.volumes_ml(labels, vol.spacing, names).items():
         ctx.measurements.append(MeasurementValue(f"volume_{name}", ml, "mL", name))
@@ -676,19 +630,6 @@ def _detections(ctx: RunContext, p: BaseModel) -> str:
 # --------------------------------------------------------------------------- classification
 
 
-class Resize3dParams(Params):
-    shape: tuple[int, int, int] = Field(description="(z, y, x) voxels the model takes")
-
-
-@operator("resize_3d", Resize3dParams, tasks=("classification3d",))
-def _resize_3d(ctx: RunContext, p: BaseModel) -> str:
-    """The working volume resized (linear) to the fixed shape a 3D classifier takes."""
-    assert isinstance(p, Resize3dParams)
-    tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
-    ctx.tensor = preprocess.resize_to_shape(tensor[0], p.shape)[None].astype(np.float32)
-    return f"{ctx.tensor.shape}"
-
-
 class ClassifyParams(Params):
     """``finding``: what is classified (a name; its code in the file's ``codes``).
     ``output``: the model output to read (default ``model.output.name``, else the
@@ -703,15 +644,17 @@ class ClassifyParams(Params):
 @operator("classify", ClassifyParams, tasks=("classification2d", "classification3d"))
 def _classify(ctx: RunContext, p: BaseModel) -> str:
     """Class probabilities as ``model.output`` declares them (never a second softmax on
-    probabilities) and the decision by its thresholds: per image (2D) and for the study."""
+    probabilities) and the decision by its thresholds: per image (2D) and for the study.
+    A 3D model runs once on the image as MONAI's transforms left it (e.g. ``Resize`` to
+    the shape it takes), ``(1, 1, I, J, K)``, like an inferer's input."""
     assert isinstance(p, ClassifyParams)
     model = ctx.pipeline.spec.model
     declared = model.output
     name = p.output or declared.name
-    if ctx.pipeline.spec.task == "classification3d":
-        tensor = ctx.require(ctx.tensor, "tensor", "load_volume")
+    if ctx.pipeline.spec.task == "classification3d":  # the image as MONAI's inferers see it
+        image = _image(ctx).as_tensor().detach().cpu().numpy()
         t0 = time.perf_counter()
-        raw_all = ctx.runtime.run(tensor[None].astype(np.float32))
+        raw_all = ctx.runtime.run(image[None].astype(np.float32))
         ctx.inference_s += time.perf_counter() - t0
     else:
         raw_all = ctx.outputs
@@ -926,9 +869,8 @@ def consistency_problems(spec: PipelineSpec, params: Sequence[BaseModel]
         problems.append((("model", "output", "otherwise"), "otherwise applies to softmax "
                          "outputs (a sigmoid class is present or absent)"))
     for i, (op, pr) in enumerate(zip(ops, params, strict=False)):
-        classes = pr.classes if isinstance(pr, SlidingWindowParams) else (
-            pr.extra.get("classes") if isinstance(pr, MonaiParams)
-            and pr.extra.get("model") is None else None)  # a MONAI inferer of the model
+        classes = (pr.extra.get("classes") if isinstance(pr, MonaiParams)
+                   and pr.extra.get("model") is None else None)  # a MONAI inferer of the model
         if isinstance(classes, int):
             if out.activation == "softmax" and classes < 2:
                 problems.append((("operators", i, "params", "classes"),

@@ -204,7 +204,8 @@ def evaluate_seg(path: Path, test: list[tuple[np.ndarray, np.ndarray]],
     for img, lab in test:
         probs = transforms.infer(inferer, torch.from_numpy(prep(img)[None]), runtime.run,
                                  classes=classes).probs
-        pred = np.asarray(keep(postprocess.argmax_labels(probs.numpy())[None]))[0]
+        labels = postprocess.labels_from_probabilities(probs.numpy(), activation="softmax")
+        pred = np.asarray(keep(labels[None]))[0]
         for value, n in names.items():
             scores[n].append(postprocess.dice(pred == value, lab == value))
     return {f"dice_{n}": float(np.mean(v)) for n, v in scores.items()}

@@ -1,5 +1,6 @@
-"""Post-processing: label maps from probabilities, connected components, volumes in mL,
-detection boxes with class probabilities, classification decisions."""
+"""Post-processing: label maps from probabilities as the model's output is declared,
+volumes in mL, detection boxes with class probabilities, classification decisions
+(connected components: MONAI's ``KeepLargestConnectedComponent``)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from engine.ops.inference import to_probabilities
-
-
-def argmax_labels(probs: np.ndarray) -> np.ndarray:
-    """Label map (uint8) from class probabilities ``(K, ...)``; class 0 is background."""
-    return np.argmax(probs, axis=0).astype(np.uint8)
-
-
-def threshold_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binary label map: foreground where the probability of class 1 exceeds ``threshold``."""
-    return (probs[1] > threshold).astype(np.uint8)
 
 
 def labels_from_probabilities(probs: np.ndarray, *, activation: str,
@@ -50,29 +40,6 @@ def labels_from_probabilities(probs: np.ndarray, *, activation: str,
     best = np.argmax(passing, axis=0)
     found = np.take_along_axis(passing, best[None], axis=0)[0] >= 0
     return np.where(found, best + 1, 0).astype(np.uint8)
-
-
-def largest_components(
-    labels: np.ndarray, label_values: Sequence[int], keep: int = 1
-) -> np.ndarray:
-    """Keep only the ``keep`` largest 26-connected components of each listed label.
-
-    Small false-positive islands far from the organ/lesion are what this removes;
-    labels not listed (e.g. vessels, which may be disconnected) are left as they are.
-    """
-    out = labels.copy()
-    structure = np.ones((3,) * labels.ndim, bool)
-    for value in label_values:
-        mask = labels == value
-        if not mask.any():
-            continue
-        comp, n = ndimage.label(mask, structure=structure)
-        if n <= keep:
-            continue
-        sizes = ndimage.sum_labels(mask, comp, index=np.arange(1, n + 1))
-        kept = np.argsort(sizes)[::-1][:keep] + 1
-        out[mask & ~np.isin(comp, kept)] = 0
-    return out
 
 
 def volumes_ml(

@@ -1,4 +1,5 @@
-"""Preprocessing: resampling, intensity normalisation or windowing, crop/pad, 2D resize.
+"""Radiograph preprocessing: intensity normalisation or windowing, 2D resize (volumes
+go through MONAI's transforms, ``engine.ops.transforms``).
 
 All functions take arrays and return new arrays; none modifies its input.
 """
@@ -9,38 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-
-
-def resample(
-    volume: np.ndarray,
-    spacing: Sequence[float],
-    target_spacing: Sequence[float],
-    *,
-    order: int = 1,
-) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Resample ``volume`` to ``target_spacing`` (mm per axis).
-
-    Returns the new array and its exact spacing (the grid is rounded to whole voxels,
-    so the true spacing differs slightly from the target; volumes must use it).
-    ``order`` 1 for images, 0 for label maps.
-    """
-    spacing = tuple(float(s) for s in spacing)
-    shape_in = np.array(volume.shape, float)
-    extent = shape_in * np.array(spacing)
-    shape_out = np.maximum(1, np.round(extent / np.array(target_spacing, float))).astype(int)
-    zoom = shape_out / shape_in
-    out = ndimage.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
-    true_spacing = tuple(float(e / n) for e, n in zip(extent, out.shape, strict=True))
-    return out, true_spacing
-
-
-def resize_to_shape(volume: np.ndarray, shape: Sequence[int], *, order: int = 1) -> np.ndarray:
-    """Resize to an exact shape (used to bring probabilities back to the source grid)."""
-    zoom = np.array(shape, float) / np.array(volume.shape, float)
-    out = ndimage.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
-    if out.shape != tuple(shape):  # zoom can be off by one on odd ratios
-        out = crop_or_pad(out, shape)
-    return out
 
 
 def zscore(volume: np.ndarray, *, nonzero_only: bool = True) -> np.ndarray:
@@ -65,22 +34,6 @@ def window(volume: np.ndarray, *, center: float, width: float) -> np.ndarray:
 def scale_range(image: np.ndarray, *, low: float, high: float) -> np.ndarray:
     """Linear map of [low, high] to [0, 1], clipped (radiographs with a known bit depth)."""
     return np.clip((image.astype(np.float32) - low) / float(high - low), 0.0, 1.0)
-
-
-def crop_or_pad(volume: np.ndarray, shape: Sequence[int], *, value: float = 0.0) -> np.ndarray:
-    """Centre-crop or pad with ``value`` to ``shape`` (per axis)."""
-    out = volume
-    for axis, want in enumerate(shape):
-        have = out.shape[axis]
-        if have > want:
-            start = (have - want) // 2
-            out = np.take(out, np.arange(start, start + want), axis=axis)
-        elif have < want:
-            before = (want - have) // 2
-            pad = [(0, 0)] * out.ndim
-            pad[axis] = (before, want - have - before)
-            out = np.pad(out, pad, mode="constant", constant_values=value)
-    return out
 
 
 def resize_2d(image: np.ndarray, size: Sequence[int]) -> np.ndarray:

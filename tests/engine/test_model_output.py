@@ -19,6 +19,7 @@ import pydicom
 import pytest
 import yaml
 from onnx import TensorProto, helper
+from scipy import ndimage
 
 from demo.phantoms import brain_mr_study
 from engine.dicom_results import Provenance, build_seg
@@ -175,9 +176,14 @@ def test_a_one_channel_sigmoid_segmentation_deploys_by_its_file(tmp_path: Path) 
     data["name"], data["ae_title"] = "spot", "LM_SPOT"
     data["operators"] = [
         {"op": "select_series"}, {"op": "load_volume"},
-        {"op": "normalize", "params": {"method": "range", "low": 600, "high": 700}},
-        {"op": "sliding_window", "params": {"roi": [32, 64, 64], "classes": 1}},
-        {"op": "threshold"}, {"op": "volumes"}, {"op": "write_seg"}, {"op": "write_sr"}]
+        {"op": "Orientation", "params": {"axcodes": "SPL"}},
+        {"op": "ScaleIntensityRange", "params": {"a_min": 600, "a_max": 700, "b_min": 0.0,
+                                                 "b_max": 1.0, "clip": True}},
+        {"op": "SlidingWindowInferer", "params": {"roi_size": [32, 64, 64], "sw_batch_size": 2,
+                                                  "overlap": 0.25, "mode": "gaussian",
+                                                  "classes": 1}},
+        {"op": "Invert"}, {"op": "threshold"}, {"op": "volumes"}, {"op": "write_seg"},
+        {"op": "write_sr"}]
     data["model"] = {"name": "spot", "version": "1", "path": str(path), "sha256": sha,
                      "labels": {1: "spot"},
                      "output": {"values": "logits", "activation": "sigmoid", "channels": 1,
@@ -232,8 +238,12 @@ def _classifier_file(tmp_path: Path, task: str, values: str, path: Path, sha: st
                  {"op": "normalize", "params": {"method": "range", "low": 0, "high": 255}},
                  {"op": "batch_2d", "params": {"batch": 4, "layout": "nhwc", "channels": 3}}]
     volume_ops = [{"op": "load_volume"},
-                  {"op": "normalize", "params": {"method": "range", "low": 0, "high": 1000}},
-                  {"op": "resize_3d", "params": {"shape": [8, 16, 16]}}]
+                  {"op": "Orientation", "params": {"axcodes": "SPL"}},
+                  {"op": "ScaleIntensityRange", "params": {"a_min": 0, "a_max": 1000,
+                                                           "b_min": 0.0, "b_max": 1.0,
+                                                           "clip": True}},
+                  {"op": "Resize", "params": {"spatial_size": [8, 16, 16],
+                                              "mode": "trilinear"}}]
     return {
         "name": "cls", "version": "1", "task": task, "ae_title": "LM_CLS",
         "selection": {"modalities": ["MR"], "description_regex": "FLAIR"},
@@ -293,9 +303,11 @@ def test_a_3d_classifier_runs_on_the_resized_volume(tmp_path: Path) -> None:
     study = brain_mr_study(1603)
     ctx = _run(loaded, study.datasets)
     vol = series_to_volume([d for d in study.datasets if d.SeriesDescription == "AX T2 FLAIR"])
-    from engine.ops.preprocess import resize_to_shape
-
-    m = float(resize_to_shape(np.clip(vol.array / 1000, 0, 1), (8, 16, 16)).mean())
+    # the former resize_3d: linear interpolation on the pixel-area grid (scipy), which
+    # MONAI's Resize(mode=trilinear) does the same way (torch, align_corners=False)
+    scaled = np.clip(vol.array / 1000, 0, 1)
+    m = float(ndimage.zoom(scaled, np.divide((8, 16, 16), scaled.shape), order=1,
+                           mode="nearest", grid_mode=True).mean())
     raw = np.array([m, 1 - m, 0.5])
     (c,) = ctx.classifications
     assert np.allclose([c.probabilities[k] for k in ("bright", "dark", "middling")],

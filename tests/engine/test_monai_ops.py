@@ -22,10 +22,11 @@ from engine.errors import SpecError
 from engine.ops.postprocess import dice
 from engine.runtimes import TorchRuntime, load_runtime, model_format, probe_host, select_runtime
 from engine.spec import REFERENCE_DIR, LoadedPipeline, load_pipeline, parse_pipeline
-from engine.steps import RunContext, run_steps
+from engine.steps import OPERATORS, RunContext, run_steps
 
 #: the masks of the reference pipelines on these phantoms, made by the hand-written
-#: operators (resample/normalize/sliding_window/largest_component) at main ef801aa
+#: operators (resample/normalize/sliding_window/largest_component, since removed) at
+#: main ef801aa
 REFERENCE_MASKS = Path(__file__).resolve().parents[1] / "fixtures" / "engine_reference_masks.npz"
 
 
@@ -89,6 +90,30 @@ def test_a_pipeline_with_monai_operators_loads_without_running_anything() -> Non
                      strict=True))
     assert by_op["NormalizeIntensity"].kwargs == {"nonzero": True}  # type: ignore[attr-defined]
     assert by_op["SlidingWindowInferer"].extra == {"classes": 2}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("removed", "params", "instead"), [
+    ("resample", "{spacing: [3, 1, 1]}", "MONAI's Spacing"),
+    ("sliding_window", "{roi: [32, 64, 64], classes: 2}", "MONAI's SlidingWindowInferer"),
+    ("restore_grid", None, "MONAI's Invert"),
+    ("largest_component", "{labels: [1]}", "MONAI's KeepLargestConnectedComponent"),
+    ("resize_3d", "{shape: [8, 16, 16]}", "MONAI's Resize"),
+    ("normalize", "{method: zscore}", "MONAI's NormalizeIntensity"),
+])
+def test_a_file_naming_a_removed_operator_is_told_the_monai_one(
+    removed: str, params: str | None, instead: str
+) -> None:
+    """The hand-written volume operators are gone (one piece of code per idea): a file
+    that still names one is refused at load with its line and key and MONAI's operator."""
+    text = (REFERENCE_DIR / "bts.yaml").read_text()
+    old = "  - op: Invert  # back onto the source series' grid\n"
+    new = f"  - op: {removed}\n" + (f"    params: {params}\n" if params else "")
+    bad = text.replace(old, new)
+    line = next(i for i, t in enumerate(bad.splitlines(), 1) if t == f"  - op: {removed}")
+    msg = _errors(bad)
+    assert f"x.yaml:{line}: operators.5.op: " in msg and instead in msg, msg
+    assert "unknown parameter" not in msg  # the operator is named, not its old params
+    assert removed not in OPERATORS or removed == "normalize"  # kept for radiographs only
 
 
 # --------------------------------------------------------------------------- geometry

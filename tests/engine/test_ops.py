@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from demo.phantoms import brain_mr_study, pelvis_study, sphere_volume_ml
 from engine.errors import ModelOutputError
@@ -78,7 +76,8 @@ def test_monai_sliding_window_over_a_runtime_blends_windows_into_the_full_volume
     result = transforms.infer(_inferer((16, 32, 32), 0.5), torch.from_numpy(vol),
                               _threshold_model, classes=2, on_window=calls.append)
     assert tuple(result.probs.shape) == (2, 40, 70, 50)
-    labels = postprocess.argmax_labels(result.probs.numpy())
+    labels = postprocess.labels_from_probabilities(result.probs.numpy(),
+                                                   activation="softmax")
     assert np.array_equal(labels == 1, vol[0] > 0)
     assert result.windows == calls[-1] > 1 and result.model_s > 0
 
@@ -115,83 +114,11 @@ def test_largest_component_removes_islands_of_listed_labels_only() -> None:
     assert (out == 1).sum() == 64 and out[8, 8, 8] == 0 and out[0, 9, 0] == 3
 
 
-# the hand-written volume operators (still named by the classification pipelines)
-
-
-def test_resample_keeps_physical_extent_and_volume() -> None:
-    vol = np.zeros((20, 40, 40), np.float32)
-    vol[5:15, 10:30, 10:30] = 1.0  # 10 x 20 x 20 voxels at (3, 1, 1) mm = 12 mL
-    out, spacing = preprocess.resample(vol, (3.0, 1.0, 1.0), (1.5, 2.0, 2.0), order=1)
-    assert out.shape == (40, 20, 20)
-    assert spacing == pytest.approx((1.5, 2.0, 2.0))
-    assert out.sum() * np.prod(spacing) == pytest.approx(vol.sum() * 3.0, rel=0.02)
-
-
 def test_window_and_zscore() -> None:
     hu = np.array([-1000, -140, 60, 260, 3000], np.float32)
     assert preprocess.window(hu, center=60, width=400).tolist() == [0, 0, 0.5, 1, 1]
     z = preprocess.zscore(np.array([0, 10, 20, 30], np.float32))
     assert z[0] == 0 and z[1:].mean() == pytest.approx(0, abs=1e-6)
-
-
-def test_crop_or_pad() -> None:
-    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    assert preprocess.crop_or_pad(a, (4, 3, 2)).shape == (4, 3, 2)
-    img = np.ones((1024, 1024), np.float32)
-    assert preprocess.resize_2d(img, (128, 128)).shape == (128, 128)
-
-
-@given(size=st.integers(1, 300), roi=st.integers(1, 64), overlap=st.floats(0, 0.9))
-def test_windows_cover_every_voxel(size: int, roi: int, overlap: float) -> None:
-    starts = inference.window_starts(size, roi, overlap)
-    covered = np.zeros(max(size, roi), bool)
-    for s in starts:
-        covered[s : s + roi] = True
-    assert covered[:size].all() and starts[0] == 0
-
-
-def _hand_threshold_model(x: np.ndarray) -> dict[str, np.ndarray]:
-    """A 'model' whose class-1 logit is the input: foreground where input > 0."""
-    return {"logits": np.concatenate([np.zeros_like(x), x * 10.0], axis=1)}
-
-
-def test_sliding_window_blends_windows_into_the_full_volume() -> None:
-    vol = -np.ones((1, 40, 70, 50), np.float32)
-    vol[0, 10:30, 20:60, 5:45] = 1.0
-    calls = []
-    probs = inference.sliding_window_3d(vol, _hand_threshold_model, roi=(16, 32, 32), classes=2,
-                                        overlap=0.5, on_window=lambda d, t: calls.append(t))
-    assert probs.shape == (2, 40, 70, 50)
-    labels = postprocess.argmax_labels(probs)
-    assert np.array_equal(labels == 1, vol[0] > 0)
-    assert calls and calls[-1] > 1
-
-
-def test_sliding_window_pads_a_volume_smaller_than_the_roi() -> None:
-    vol = np.ones((1, 8, 10, 12), np.float32)
-    probs = inference.sliding_window_3d(vol, _hand_threshold_model, roi=(16, 16, 16), classes=2)
-    assert probs.shape == (2, 8, 10, 12) and (probs[1] > 0.99).all()
-
-
-def test_hand_written_sliding_window_wrong_output_shape() -> None:
-    def bad(x: np.ndarray) -> dict[str, np.ndarray]:
-        return {"logits": np.zeros((x.shape[0], 3, 8, 8, 8), np.float32)}
-
-    with pytest.raises(ModelOutputError, match=r"expected \(1, 2, 16, 16, 16\)"):
-        inference.sliding_window_3d(np.zeros((1, 16, 16, 16), np.float32), bad,
-                                    roi=(16, 16, 16), classes=2)
-    with pytest.raises(ModelOutputError, match="output 'boxes' has shape"):
-        inference.batches_2d(np.zeros((2, 1, 8, 8)), lambda x: {"boxes": np.zeros((2, 3))},
-                             expect={"boxes": (2, 4)})
-
-
-def test_hand_written_largest_component_removes_islands_of_listed_labels_only() -> None:
-    labels = np.zeros((10, 10, 10), np.uint8)
-    labels[1:5, 1:5, 1:5] = 1
-    labels[8, 8, 8] = 1  # island
-    labels[0, 9, 0] = 3  # other label's island, not listed
-    out = postprocess.largest_components(labels, [1])
-    assert (out == 1).sum() == 64 and out[8, 8, 8] == 0 and out[0, 9, 0] == 3
 
 
 def test_volumes_in_ml_from_voxel_counts_and_spacing() -> None:
