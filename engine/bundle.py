@@ -105,6 +105,31 @@ def _params(item: dict[str, Any], name: str, unmapped: list[str]) -> dict[str, A
     return out
 
 
+def _operators(config: dict[str, Any], section: str, allowed: tuple[str, ...],
+               unmapped: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
+    """The transforms of ``config[section]`` as pipeline operators (the dictionary
+    transform's plain name if it is in ``allowed``), and those Lastmile does itself
+    (``_IMPLICIT``) as ``(name, item)`` for the caller to read. What is neither, or not a
+    MONAI config object, is added to ``unmapped``."""
+    ops: list[dict[str, Any]] = []
+    implicit: list[tuple[str, Any]] = []
+    for item in _transforms_of(config.get(section)):
+        name = _target(item)
+        if name is None:
+            unmapped.append(f"{section}: {str(item)[:60]} (not a MONAI config object)")
+            continue
+        plain = name[:-1] if name.endswith("d") else name
+        if plain in allowed:
+            params = _params(item, name, unmapped)
+            if params is not None:
+                ops.append({"op": plain, "params": params} if params else {"op": plain})
+        elif plain in _IMPLICIT or name in _IMPLICIT:
+            implicit.append((name, item))
+        else:
+            unmapped.append(f"{section}: {name}")
+    return ops, implicit
+
+
 def _slug(text: str) -> str:
     slug = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-")
     return (slug if slug[:1].isalpha() else f"b-{slug}")[:32].rstrip("-") or "bundle"
@@ -143,26 +168,13 @@ def from_bundle(bundle: Path, out_file: Path) -> Conversion:
         labels = {k: f"label_{k}" for k in range(1, classes)}
         notes.append("metadata names no output channels: labels label_1.. used")
 
-    ops: list[dict[str, Any]] = [{"op": "select_series"}, {"op": "load_volume"}]
-    spatial = False
     config = {k: _resolve(v, config) for k, v in config.items()}
-    for item in _transforms_of(config.get("preprocessing")):
-        name = _target(item)
-        if name is None:
-            unmapped.append(f"preprocessing: {str(item)[:60]} (not a MONAI config object)")
-            continue
-        plain = name[:-1] if name.endswith("d") else name
-        if plain in transforms.IMAGE_TRANSFORMS:
-            params = _params(item, name, unmapped)
-            if params is not None:
-                ops.append({"op": plain, "params": params} if params else {"op": plain})
-                spatial = spatial or plain in transforms.SPATIAL_TRANSFORMS
-        elif plain in _IMPLICIT or name in _IMPLICIT:
-            continue
-        else:
-            unmapped.append(f"preprocessing: {name}")
+    pre, _ = _operators(config, "preprocessing", transforms.IMAGE_TRANSFORMS, unmapped)
+    ops: list[dict[str, Any]] = [{"op": "select_series"}, {"op": "load_volume"}, *pre]
+    spatial = any(op["op"] in transforms.SPATIAL_TRANSFORMS for op in pre)
     inferer = config.get("inferer")
     name = _target(inferer) or "SlidingWindowInferer"
+    params: dict[str, Any] | None
     if name not in transforms.INFERERS:
         unmapped.append(f"inferer: {name} (SimpleInferer used)")
         name, params = "SimpleInferer", {}
@@ -174,27 +186,14 @@ def from_bundle(bundle: Path, out_file: Path) -> Conversion:
     if spatial:
         ops.append({"op": "Invert"})
     discrete = "argmax"
-    post: list[dict[str, Any]] = []
-    for item in _transforms_of(config.get("postprocessing")):
-        pname = _target(item)
-        if pname is None:
-            unmapped.append(f"postprocessing: {str(item)[:60]} (not a MONAI config object)")
-            continue
-        plain = pname[:-1] if pname.endswith("d") else pname
-        if plain == "Activations":
-            if item.get("sigmoid"):
-                unmapped.append(f"postprocessing: {pname} sigmoid (Lastmile applies softmax)")
-        elif plain == "AsDiscrete":
-            if item.get("threshold") is not None and not item.get("argmax"):
-                discrete = "threshold"
-        elif plain in transforms.LABEL_TRANSFORMS:
-            params = _params(item, pname, unmapped)
-            if params is not None:
-                post.append({"op": plain, "params": params} if params else {"op": plain})
-        elif plain in _IMPLICIT or pname in _IMPLICIT:
-            continue
-        else:
-            unmapped.append(f"postprocessing: {pname}")
+    post, implicit = _operators(config, "postprocessing", transforms.LABEL_TRANSFORMS,
+                                unmapped)
+    for pname, item in implicit:
+        if pname.startswith("Activations") and item.get("sigmoid"):
+            unmapped.append(f"postprocessing: {pname} sigmoid (Lastmile applies softmax)")
+        elif pname.startswith("AsDiscrete") and item.get("threshold") is not None \
+                and not item.get("argmax"):
+            discrete = "threshold"
     ops.append({"op": discrete})
     ops += post
     ops += [{"op": "volumes"}, {"op": "write_seg"}, {"op": "write_sr"}]
