@@ -402,26 +402,23 @@ def _image(ctx: RunContext) -> Any:
     return ctx.image
 
 
-def _image_step(name: str) -> StepFn:
+def _transform_step(name: str, on_labels: bool) -> StepFn:
+    """The step of MONAI transform ``name``: on the image (recorded for ``Invert``) or,
+    ``on_labels``, on the label map ``(Z, Y, X)`` as a channel-first tensor."""
     def step(ctx: RunContext, p: BaseModel) -> str:
         assert isinstance(p, MonaiParams)
         t = transforms.build(name, p.kwargs)
-        ctx.image = t(_image(ctx))
-        ctx.applied.append(t)
-        return f"{tuple(ctx.image.shape[1:])}"
-    step.__doc__ = f"MONAI ``{name}`` on the image (spatial ones are undone by ``Invert``)."
-    return step
-
-
-def _label_step(name: str) -> StepFn:
-    def step(ctx: RunContext, p: BaseModel) -> str:
-        assert isinstance(p, MonaiParams)
+        if not on_labels:
+            ctx.image = t(_image(ctx))
+            ctx.applied.append(t)
+            return f"{tuple(ctx.image.shape[1:])}"
         labels = ctx.require(ctx.labels, "labels", "argmax or threshold")
-        out = transforms.build(name, p.kwargs)(labels[None])
+        out = t(labels[None])
         ctx.labels = np.asarray(out.cpu().numpy() if hasattr(out, "cpu") else out)[0].astype(
             labels.dtype)
         return f"{int(np.count_nonzero(ctx.labels))} voxels labelled"
-    step.__doc__ = f"MONAI ``{name}`` on the label map."
+    step.__doc__ = (f"MONAI ``{name}`` on the label map." if on_labels else
+                    f"MONAI ``{name}`` on the image (spatial ones are undone by ``Invert``).")
     return step
 
 
@@ -440,16 +437,11 @@ def _inferer_step(name: str) -> StepFn:
         # what the model's output is, as its file declares it (model.output)
         spec = ctx.pipeline.spec
         declared = (spec.model if model is None else spec.models[str(model)]).output
-
-        def activate(blended: np.ndarray) -> np.ndarray:
-            return inference.to_probabilities(blended[None], values=declared.values,
-                                              activation=declared.activation, axis=1)[0]
-
         t0 = time.perf_counter()
         result = transforms.infer(transforms.build(name, p.kwargs), _image(ctx), runtime.run,
                                   output=p.extra.get("output") or declared.name,
                                   classes=p.extra.get("classes"), on_window=progress,
-                                  activate=activate)
+                                  values=declared.values, activation=declared.activation)
         ctx.inference_s += time.perf_counter() - t0
         ctx.pred = result.probs
         ctx.probs = transforms.to_array(result.probs)
@@ -466,8 +458,9 @@ def _inferer_step(name: str) -> StepFn:
 def _register_monai() -> None:
     # the image transforms also prepare a 3D classifier's input (``classify``)
     for names, make, own, tasks in (
-            (transforms.IMAGE_TRANSFORMS, _image_step, (), VOLUME_TASKS),
-            (transforms.LABEL_TRANSFORMS, _label_step, (), ("segmentation3d",)),
+            (transforms.IMAGE_TRANSFORMS, lambda n: _transform_step(n, False), (), VOLUME_TASKS),
+            (transforms.LABEL_TRANSFORMS, lambda n: _transform_step(n, True), (),
+             ("segmentation3d",)),
             (transforms.INFERERS, _inferer_step, ("model", "output", "classes"),
              ("segmentation3d",))):
         for name in names:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.ops.inference import to_probabilities
+
 if TYPE_CHECKING:
     from engine.ops.volume import Volume
 
@@ -196,19 +198,21 @@ def invert(transforms: Sequence[Any], result: Any, image: Any) -> Any:
 
 @dataclass(frozen=True)
 class InferenceResult:
-    probs: Any  # MetaTensor (K, *spatial) on the image's grid, softmax over classes
+    probs: Any  # MetaTensor (K, *spatial) on the image's grid: the declared probabilities
     windows: int
     model_s: float  # time inside the model function
 
 
 def infer(inferer: Any, image: Any, model: Callable[[np.ndarray], dict[str, np.ndarray]],
           *, output: str | None = None, classes: int | None = None,
-          on_window: Callable[[int], None] | None = None,
-          activate: Callable[[np.ndarray], np.ndarray] | None = None) -> InferenceResult:
+          on_window: Callable[[int], None] | None = None, values: str = "logits",
+          activation: str = "softmax") -> InferenceResult:
     """Run ``model`` (a runtime's ``run``: float32 ``(N, C, ...)`` -> named outputs) on
     ``image`` ``(C, ...)`` through a MONAI inferer; the blended output ``(K, ...)`` becomes
-    probabilities by ``activate`` (default: softmax over the classes). Raises
-    ``ModelOutputError`` when the output has the wrong shape."""
+    probabilities as the model's output is declared (``values``, ``activation``:
+    ``engine.ops.inference.to_probabilities`` over the classes). Raises
+    ``ModelOutputError`` when the output has the wrong shape or does not fit the
+    declaration."""
     import time
 
     import torch
@@ -238,10 +242,8 @@ def infer(inferer: Any, image: Any, model: Callable[[np.ndarray], dict[str, np.n
         batch = image.unsqueeze(0) if hasattr(image, "unsqueeze") else image[None]
         out = inferer(batch, network)
         blended = out[0].as_tensor() if hasattr(out, "as_tensor") else out[0]
-        if activate is None:
-            probs = torch.softmax(blended, dim=0)
-        else:
-            probs = torch.from_numpy(np.ascontiguousarray(activate(blended.numpy())))
+        probs = torch.from_numpy(np.ascontiguousarray(to_probabilities(
+            blended.numpy()[None], values=values, activation=activation, axis=1)[0]))
     from monai.data import MetaTensor
 
     return InferenceResult(MetaTensor(probs, meta=dict(getattr(image, "meta", {}))),
