@@ -673,7 +673,9 @@ def reliability() -> None:
     not_run = (r.reasons[r.reasons["kind"] == "not_run"] if not r.reasons.empty
                else r.reasons)
     st.caption("Nothing ran for these: deploy the pipeline (or re-deploy its file where "
-               "the worker can read it), then `lastmile study rerun UID --pipeline P --why`.")
+               "the worker can read it), then `lastmile study rerun UID --pipeline P --why`. "
+               "`no_route`: sent to the general AE title and matched by no routing rule "
+               "(add a rule, or send to the pipeline's own AE title).")
     ui.table(not_run.rename(columns={"operator": "reason_code"}), "not_run")
     st.subheader("Other reasons (skips, dead letters, publish failures, QC rejections)")
     other = (r.reasons[~r.reasons["kind"].isin(["failed", "not_run"])]

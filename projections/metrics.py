@@ -253,7 +253,8 @@ def outcomes(con: Con, pipeline: str | None = None) -> list[OutcomeRow]:
 class ReasonRow:
     pipeline: str | None
     kind: str  # skipped | failed | completion | dead_letter | publish_failed | qc_rejected
-    #          | not_run (a completed study with no runnable pipeline; operator: the code)
+    #          | not_run (a completed study with no runnable pipeline; operator: the code,
+    #            ``no_route`` for a study no routing rule matched, counted once per study)
     operator: str | None
     reason: str
     n: int
@@ -261,6 +262,8 @@ class ReasonRow:
 
 def reasons(con: Con, pipeline: str | None = None) -> list[ReasonRow]:
     where, params = _where(pipeline)
+    # a study no routing rule matched has no pipeline: listed only when not filtering
+    where_route, route_params = _where(pipeline, "route_pipeline")
     rows = con.execute(f"""
         SELECT pipeline, 'skipped', NULL, reason, count(*) FROM inference
             WHERE kind = 'skipped' {where} GROUP BY ALL
@@ -282,8 +285,11 @@ def reasons(con: Con, pipeline: str | None = None) -> list[ReasonRow]:
         UNION ALL
         SELECT pipeline, 'not_run', reason_code, reason, count(*) FROM study_runs_by_hand
             WHERE kind = 'not_run' {where} GROUP BY ALL
+        UNION ALL
+        SELECT NULL, 'not_run', 'no_route', reason, count(DISTINCT study_uid) FROM routes
+            WHERE NOT matched {where_route} GROUP BY ALL
         ORDER BY 1, 2, 5 DESC
-    """, params * 7).fetchall()
+    """, params * 7 + route_params).fetchall()
     return [ReasonRow(p, k, o, r or "", int(n)) for p, k, o, r, n in rows]
 
 

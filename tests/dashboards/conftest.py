@@ -28,6 +28,7 @@ from events.catalogue import (
     InferenceCompleted,
     NotRunReason,
     PipelineDeployed,
+    RouteUnmatched,
     Stage,
     StudyNotRun,
 )
@@ -43,6 +44,12 @@ NOT_RUN = StudyNotRun.new(
     actor="worker:test", study_uid="1.2.826.0.1.3680043.8.498.16016", pipeline="myhip",
     reason_code=NotRunReason.NOT_DEPLOYED, trigger="ingest.study.completed",
     reason="pipeline myhip is not deployed (lastmile pipelines deploy FILE)")
+#: a study sent to the general AE title that no routing rule matched (two series, one
+#: study): listed beside NOT_RUN, once
+UNROUTED = [RouteUnmatched.new(
+    actor="scp:LASTMILE", study_uid="1.2.826.0.1.3680043.8.498.16017", called_ae="LASTMILE",
+    series_uid=f"1.2.826.0.1.3680043.8.498.1601{i}", reason="no routing rule matched")
+    for i in (8, 9)]
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,9 @@ def known_site_events() -> tuple[list[Event], SyntheticConfig, dict[str, str]]:
         out.append(ev)
     first_study = next(i for i, e in enumerate(out) if e.study_uid is not None)
     out.insert(first_study, upgrade)
-    out.append(msgspec.structs.replace(NOT_RUN, occurred_at=out[-1].occurred_at,
-                                       recorded_at=out[-1].occurred_at))
+    out += [msgspec.structs.replace(ev, occurred_at=out[-1].occurred_at,
+                                    recorded_at=out[-1].occurred_at)
+            for ev in (NOT_RUN, *UNROUTED)]
     return out, cfg, dict(site.unblinding)
 
 

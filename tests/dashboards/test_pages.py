@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 from bench.dashboards import wait_for_page
 from dashboards.process import PAGES, page_url
 from tests.dashboards import oracle
-from tests.dashboards.conftest import ARTIFACTS, NEW_VERSION, NOT_RUN, KnownSite
+from tests.dashboards.conftest import ARTIFACTS, NEW_VERSION, NOT_RUN, UNROUTED, KnownSite
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -209,7 +209,8 @@ def test_reliability_lists_studies_with_no_runnable_pipeline(known_site: KnownSi
     dl.value.save_as(path)
     rows = list(csv.DictReader(path.open()))
     assert [(r["pipeline"], r["kind"], r["reason_code"], r["reason"], r["n"]) for r in rows] == [
-        ("myhip", "not_run", "not_deployed", NOT_RUN.reason, "1")]
+        ("myhip", "not_run", "not_deployed", NOT_RUN.reason, "1"),
+        ("", "not_run", "no_route", UNROUTED[0].reason, "1")]
 
 
 def test_audit_deep_link_shows_and_downloads_the_history(known_site: KnownSite, page: Any,
