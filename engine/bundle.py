@@ -25,6 +25,7 @@ import yaml
 
 from engine.errors import SpecError
 from engine.ops import transforms
+from engine.pipeline_model import SPEC_VERSION
 
 #: dictionary-transform keys that only say which item of the data dictionary is meant
 _DICT_ONLY = {"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "source_key",
@@ -203,7 +204,7 @@ def from_bundle(bundle: Path, out_file: Path) -> Conversion:
     modality = _MODALITY.get(str(inputs.get("modality", "")).upper())
     rel_model = os.path.relpath(model.resolve(), out_file.resolve().parent)
     pipeline = {
-        "spec_version": 1,
+        "spec_version": SPEC_VERSION,
         "name": slug,
         "version": str(meta.get("version") or "0.0.0")[:32],
         "description": f"MONAI bundle {bundle_name}"[:200],
@@ -214,9 +215,12 @@ def from_bundle(bundle: Path, out_file: Path) -> Conversion:
         "model": {"name": slug[:64], "version": str(meta.get("version") or "0.0.0")[:64],
                   "path": rel_model,
                   "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-                  "labels": labels},
+                  "labels": labels,
+                  # what Lastmile's own steps do with it: softmax over the channels
+                  "output": {"values": "logits", "activation": "softmax",
+                             "channels": classes}},
         "runtime": "torch",
-        "outputs": {"seg": True, "sr": True,
+        "results": {"seg": True, "sr": True,
                     "series_description": f"AI {bundle_name}"[:64]},
     }
     if modality is None:

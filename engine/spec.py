@@ -1,5 +1,10 @@
 """Pipeline files: typed, versioned YAML, validated with the file, line and key of each error.
 
+Versioned: a file states its schema (``spec_version``, absent = 1); an earlier version
+is read through its upcast (``engine.pipeline_model.upcast``) into the current one, and
+an unknown version is refused with the file, line and key. The file's hash is of its
+bytes as written, so upcasting never changes a deployed file's hash or run key.
+
 A pipeline file names everything a run needs and nothing else: series selection rules,
 the ordered operators with their parameters, the model (ONNX path + SHA-256 + model
 card), the runtime, outputs and publishers. A new ONNX model of a known task type
@@ -24,7 +29,14 @@ from pydantic import (
 )
 
 from engine.errors import ModelIntegrityError, SpecError
-from engine.pipeline_model import LoadedPipeline, PipelineSpec
+from engine.pipeline_model import (
+    RENAMED_V1,
+    SPEC_VERSION,
+    UPCASTS,
+    LoadedPipeline,
+    PipelineSpec,
+    upcast,
+)
 from engine.runtimes import verify_model
 
 
@@ -61,6 +73,38 @@ def _problems(path: Path, root: yaml.Node | None, errors: list[tuple[tuple[Any, 
         line = _line(root, loc)
         lines.append(f"{path}:{line if line else '?'}: {key}: {msg}")
     return SpecError("invalid pipeline file:\n  " + "\n  ".join(lines))
+
+
+#: the schema versions a file may state (absent: 1, the version before it was required)
+VERSIONS = (*sorted(UPCASTS), SPEC_VERSION)
+
+
+def file_version(data: dict[str, Any]) -> int | None:
+    """The schema version a pipeline file's mapping states (``spec_version``; absent:
+    1), or ``None`` when it is not one of ``VERSIONS``."""
+    version = data.get("spec_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version not in VERSIONS:
+        return None
+    return version
+
+
+def _file_loc(loc: tuple[Any, ...], version: int) -> tuple[Any, ...]:
+    """A validation error's location as the file spells it (a version 1 file has the
+    keys version 2 renamed under their old names)."""
+    if version == 1 and loc and loc[0] in RENAMED_V1:
+        return (RENAMED_V1[loc[0]], *loc[1:])
+    return loc
+
+
+def _message(error: Any, version: int) -> str:
+    if error["type"] != "extra_forbidden":
+        return str(error["msg"])
+    renamed = {old: new for new, old in RENAMED_V1.items()}
+    loc = tuple(error["loc"])
+    if version != 1 and len(loc) == 1 and loc[0] in renamed:
+        return (f"unknown key: spec_version {SPEC_VERSION} calls it {renamed[loc[0]]} "
+                f"(version 1 called it {loc[0]})")
+    return "unknown key"
 
 
 PACKAGE_PREFIX = "package:"
@@ -101,10 +145,15 @@ def parse_pipeline(text: str, path: Path, *, check_model: bool = True) -> Loaded
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}:1: a pipeline file is a mapping (name:, version:, ...)")
+    version = file_version(data)
+    if version is None:
+        raise _problems(path, root, [(("spec_version",), (
+            f"not a schema version this Lastmile reads ({', '.join(map(str, VERSIONS))}; "
+            f"the current one is {SPEC_VERSION})"))])
     try:
-        spec = PipelineSpec.model_validate(data)
+        spec = PipelineSpec.model_validate(upcast(data, version))
     except ValidationError as exc:
-        errs = [(tuple(e["loc"]), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+        errs = [(_file_loc(tuple(e["loc"]), version), _message(e, version))
                 for e in exc.errors()]
         raise _problems(path, root, errs) from None
     problems: list[tuple[tuple[Any, ...], str]] = []

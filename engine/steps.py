@@ -222,12 +222,17 @@ class NormalizeParams(Params):
     after the Modality LUT, from its Bits Stored and rescale); ``voi`` (each image's
     own VOI LUT or window, PS3.3 C.11.2; ``image_range`` where it has none)."""
 
-    method: Literal["zscore", "window", "range", "image_range", "voi"]
-    center: float | None = None
-    width: float | None = Field(None, gt=0)
-    low: float | None = None
-    high: float | None = None
-    nonzero_only: bool = True
+    method: Literal["zscore", "window", "range", "image_range", "voi"] = Field(
+        description="zscore, window (center/width), range (low/high), image_range (each "
+        "image's own range), voi (each image's own VOI LUT or window)")
+    center: float | None = Field(None, description=(
+        "window: its center, in the image's real-world values (e.g. HU)"))
+    width: float | None = Field(None, gt=0, description=(
+        "window: its width, in the image's real-world values"))
+    low: float | None = Field(None, description="range: the value that becomes 0")
+    high: float | None = Field(None, description="range: the value that becomes 1")
+    nonzero_only: bool = Field(True, description=(
+        "zscore: mean and deviation over voxels != 0 only"))
 
 
 @operator("normalize", NormalizeParams, tasks=IMAGE_TASKS)
@@ -280,9 +285,11 @@ class Resize2dParams(Params):
     ``lanczos``, ``box``, ``hamming``: as a package that resizes its picture with
     ``PIL.Image.resize`` does; 8-bit images stay 8-bit, see ``render_8bit``)."""
 
-    size: tuple[int, int]
+    size: tuple[int, int] = Field(description="(rows, columns) the model takes",
+                                  json_schema_extra={"unit": "pixels"})
     interpolation: Literal["area", "nearest", "bilinear", "bicubic", "lanczos", "box",
-                           "hamming"] = "area"
+                           "hamming"] = Field("area", description=(
+        "area averaging, or the Pillow filter of that name"))
 
 
 @operator("resize_2d", Resize2dParams, tasks=IMAGE_TASKS)
@@ -305,9 +312,12 @@ class Render8bitParams(Params):
     the image's own range where it has none). The result is 0..255 in whole numbers, as
     a picture exported for a model trained on pictures."""
 
-    method: Literal["window", "voi"] = "window"
-    center: float | None = None
-    width: float | None = Field(None, ge=1)
+    method: Literal["window", "voi"] = Field("window", description=(
+        "window: center/width given here; voi: each image's own VOI LUT or window"))
+    center: float | None = Field(None, description=(
+        "window: its center, in the image's real-world values"))
+    width: float | None = Field(None, ge=1, description=(
+        "window: its width, in the image's real-world values"))
 
 
 @operator("render_8bit", Render8bitParams, tasks=IMAGE_TASKS)
@@ -342,10 +352,14 @@ class Batch2dParams(Params):
     model takes (a grey image is repeated into them, e.g. 3 for RGB); ``expect``: output
     name -> per-image shape, checked."""
 
-    batch: int = Field(8, ge=1)
-    expect: dict[str, tuple[int, ...]] = Field(default_factory=dict)
-    layout: Literal["nchw", "nhwc"] = "nchw"
-    channels: int | None = Field(None, ge=1)
+    batch: int = Field(8, ge=1, description="images per model call")
+    expect: dict[str, tuple[int, ...]] = Field(default_factory=dict, description=(
+        "output name -> its shape per image, checked"))
+    layout: Literal["nchw", "nhwc"] = Field("nchw", description=(
+        "channels first (nchw) or last (nhwc)"))
+    channels: int | None = Field(None, ge=1, description=(
+        "the channels the model takes (grey repeated into them, e.g. 3 for RGB); "
+        "default: 1"))
 
 
 @operator("batch_2d", Batch2dParams, tasks=IMAGE_TASKS)
@@ -487,8 +501,11 @@ def _invert(ctx: RunContext, _: BaseModel) -> str:
 
 
 class CropToParams(Params):
-    labels: tuple[int, ...] = ()  # which labels of the first model; () = any
-    margin: int | tuple[int, int, int] = 0  # voxels of the source grid
+    labels: tuple[int, ...] = Field((), description=(
+        "which labels of the first model make the box; empty: any"))
+    margin: int | tuple[int, int, int] = Field(0, description=(
+        "added around the box on the source grid, one or (z, y, x)"),
+        json_schema_extra={"unit": "voxels"})
 
 
 @operator("crop_to_labels", CropToParams, tasks=("segmentation3d",))
@@ -533,7 +550,8 @@ def _argmax(ctx: RunContext, _: BaseModel) -> str:
 class ThresholdParams(Params):
     """``threshold``: for labels without one in ``model.output.thresholds``."""
 
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description=(
+        "probability at or above which a label without its own threshold is decided"))
 
 
 @operator("threshold", ThresholdParams, tasks=("segmentation3d",))
@@ -566,8 +584,10 @@ def _volumes(ctx: RunContext, _: BaseModel) -> str:
 
 
 class LongitudinalParams(Params):
-    label: str
-    threshold_pct: float = Field(25.0, gt=0)
+    label: str = Field(description="the label (model.labels name) whose volume is compared")
+    threshold_pct: float = Field(25.0, gt=0, description=(
+        "growth from baseline or prior (either) above which it is progression"),
+        json_schema_extra={"unit": "%"})
 
 
 @operator("longitudinal", LongitudinalParams, tasks=("segmentation3d",))
@@ -595,11 +615,14 @@ class DetectionsParams(Params):
     output order; ``finding``: what each region is (its code, from the file's
     ``codes``, is the SR's finding type)."""
 
-    regions: tuple[str, ...]
-    classes: tuple[str, ...]
-    finding: str | None = None
-    boxes_output: str = "boxes"
-    logits_output: str = "logits"
+    regions: tuple[str, ...] = Field(description="region names in output order")
+    classes: tuple[str, ...] = Field(description="class names in output order")
+    finding: str | None = Field(None, description=(
+        "what each region is (its code in codes: is the SR's finding type)"))
+    boxes_output: str = Field("boxes", description=(
+        "the model output with a box (x0, y0, x1, y1, 0..1) per region"))
+    logits_output: str = Field("logits", description=(
+        "the model output with the class scores per region"))
 
 
 @operator("detections", DetectionsParams, tasks=("detection2d",))
@@ -629,9 +652,12 @@ class ClassifyParams(Params):
     first). ``aggregate`` (2D): how the images' probabilities make the study's:
     ``mean`` or ``max`` per class (then renormalised for softmax outputs)."""
 
-    finding: str = Field(min_length=1, max_length=64)
-    output: str | None = None
-    aggregate: Literal["mean", "max"] = "mean"
+    finding: str = Field(min_length=1, max_length=64, description=(
+        "what is classified (a name; its code in codes:)"))
+    output: str | None = Field(None, description=(
+        "the model output to read (default: model.output.name, else the first)"))
+    aggregate: Literal["mean", "max"] = Field("mean", description=(
+        "2D: the study's probabilities from its images' (max renormalised for softmax)"))
 
 
 @operator("classify", ClassifyParams, tasks=("classification2d", "classification3d"))

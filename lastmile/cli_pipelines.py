@@ -1,5 +1,5 @@
-"""`lastmile pipelines list | deploy | stage | retire`: pipeline files and their stages,
-each change an event."""
+"""`lastmile pipelines list | deploy | stage | retire | reference`: pipeline files and their
+stages, each change an event; the reference generated from the code."""
 
 from __future__ import annotations
 
@@ -179,3 +179,27 @@ def pipelines_retire(
         return f"retired {name}"
 
     out.print(_run(ctx, go))
+
+
+@pipelines_app.command("reference")
+def pipelines_reference(
+    readme: Annotated[Path | None, typer.Option(
+        help="Write the reference into FILE between its reference markers (engine/README.md) "
+             "instead of printing it.")] = None,
+) -> None:
+    """The operator and pipeline-file reference as Markdown, generated from the code:
+    every operator and parameter (type, unit, default, meaning) and every key of the
+    file (engine/README.md holds the same)."""
+    from engine import reference
+
+    text = reference.markdown()
+    if readme is None:
+        print(text, end="")
+        return
+    try:
+        readme.write_text(reference.replace_section(readme.read_text(encoding="utf-8"), text),
+                          encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]{readme}: {exc}[/]")
+        raise typer.Exit(1) from None
+    out.print(f"{readme}: reference written")

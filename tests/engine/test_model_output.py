@@ -123,24 +123,27 @@ def _refused(data: dict[str, Any], path: Path) -> str:
     return str(info.value)
 
 
+LOGITS = {"values": "logits", "activation": "softmax"}
+
+
 def test_contradictions_in_the_declared_output_name_file_line_and_key(tmp_path: Path) -> None:
     data = _bts()
     data["model"]["path"] = str(REFERENCE_DIR.parent / "models" / "bts.onnx")
     data["model"]["card"] = None
-    data["model"]["output"] = {"activation": "softmax", "channels": 1}
+    data["model"]["output"] = {"values": "logits", "activation": "softmax", "channels": 1}
     msg = _refused(data, tmp_path / "one.yaml")
     assert re.search(r"one\.yaml:\d+: model\.output: .*one output channel needs activation: "
                      "sigmoid", msg), msg
-    data["model"]["output"] = {"activation": "sigmoid"}  # argmax over sigmoid channels
+    data["model"]["output"] = {"values": "logits", "activation": "sigmoid"}  # argmax: sigmoid
     msg = _refused(data, tmp_path / "sig.yaml")
     assert re.search(r"sig\.yaml:\d+: operators\.6\.op: argmax needs softmax outputs", msg), msg
-    data["model"]["output"] = {"thresholds": {"tumour": 0.5}}
+    data["model"]["output"] = {**LOGITS, "thresholds": {"tumour": 0.5}}
     msg = _refused(data, tmp_path / "thr.yaml")
     assert "neither labels nor classes" in msg and "tumour" in msg
-    data["model"]["output"] = {"channels": 3}
+    data["model"]["output"] = {**LOGITS, "channels": 3}
     msg = _refused(data, tmp_path / "ch.yaml")
     assert "2 channels, but model.output.channels is 3" in msg
-    data["model"]["output"] = {}
+    data["model"]["output"] = LOGITS  # spec_version 2: declared, never guessed
     data["codes"] = {"lesion": {"value": "1", "scheme": "MYCODES", "meaning": "x"}}
     msg = _refused(data, tmp_path / "code.yaml")
     assert "codes.lesion.scheme" in msg and "private (starting with 99" in msg
