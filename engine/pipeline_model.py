@@ -302,7 +302,8 @@ class OutputSpec(_Strict):
     seg: bool = Field(False, description="write a DICOM SEG")
     sr: bool = Field(True, description="write a TID 1500 SR")
     series_description: str = Field("Lastmile AI result", max_length=64, description=(
-        "the results' SeriesDescription"))
+        "SeriesDescription of the SEG and of a classification's SR (other SRs: "
+        "AI <name> measurements)"))
     blinding_hash: bool = Field(False, description=(
         "blinded reading (LTS): a salted hash in the SEG's series description"))
 
