@@ -143,7 +143,8 @@ def file_keys() -> str:
 def _monai_arg_docs(cls: type) -> dict[str, str]:
     """MONAI's ``Args:`` docstring sections (the class's, then ``__init__``'s): parameter
     name -> its first sentence."""
-    doc = (inspect.getdoc(cls) or "") + "\n\n" + (inspect.getdoc(cls.__init__) or "")
+    init = getattr(cls, "__init__", None)  # MONAI documents some parameters there
+    doc = (inspect.getdoc(cls) or "") + "\n\n" + (inspect.getdoc(init) or "")
     found: dict[str, str] = {}
     current, indent, inside = None, None, False
     for line in doc.splitlines():

@@ -58,7 +58,8 @@ def _cascade(tmp: Path) -> tuple[Path, Path]:
     data["model"]["card"] = str(bts.card_path)
     data["models"] = {"locator": {"name": "brain-locator", "version": "1",
                                   "path": str(locator),
-                                  "sha256": hashlib.sha256(locator.read_bytes()).hexdigest()}}
+                                  "sha256": hashlib.sha256(locator.read_bytes()).hexdigest(),
+                                  "output": {"values": "logits", "activation": "softmax"}}}
     data["operators"] = [
         {"op": "select_series"}, {"op": "load_volume"},
         # 1. locate, at 6 mm

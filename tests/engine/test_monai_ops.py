@@ -204,7 +204,8 @@ def test_a_mask_made_on_the_models_grid_lands_on_the_right_source_voxels(
         {"op": "Invert"}, {"op": "argmax"}, {"op": "volumes"}]
     data["model"] = {"name": "threshold", "version": "1", "path": str(model),
                      "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-                     "labels": {1: "sphere"}}
+                     "labels": {1: "sphere"},
+                     "output": {"values": "logits", "activation": "softmax"}}
     data["runtime"] = "torch"
     path = tmp_path / "geometry.yaml"
     path.write_text(yaml.safe_dump(data))

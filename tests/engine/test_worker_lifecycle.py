@@ -135,7 +135,8 @@ async def test_a_new_onnx_model_deploys_with_a_pipeline_file_alone(
     data["operators"] = [op for op in data["operators"] if op["op"] != "longitudinal"]
     data["model"] = {"name": "bright-spot", "version": "0.1", "path": str(onnx_path),
                      "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-                     "card": str(reference["bts"].card_path), "labels": {1: "spot"}}
+                     "card": str(reference["bts"].card_path), "labels": {1: "spot"},
+                     "output": {"values": "logits", "activation": "softmax"}}
     spec_path = tmp_path / "bright.yaml"
     spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
     bright = load_pipeline(spec_path)
