@@ -35,7 +35,7 @@ def test_every_operator_and_parameter_is_described() -> None:
             assert info.description, f"{name}.{field} has no Field(description=...)"
             assert f"| `{field}` |" in ops
     assert "| `roi_size` | Sequence[int] \\| int | required |" in ops  # MONAI's own
-    assert "| `spacing` | [number, number, number] | required | mm |" in ops  # a unit
+    assert "| `size` | [integer, integer] | required | pixels |" in ops  # a unit
     assert "| `selection.max_spacing_mm` | number | none | mm |" in text
 
 
