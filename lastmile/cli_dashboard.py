@@ -6,12 +6,13 @@ import time
 
 import typer
 
-from dashboards.process import DashboardError, PagesProcess
 from lastmile.cli_common import err, out, settings_of
 
 
 def dashboard_command(ctx: typer.Context) -> None:
     """Run only the governance dashboard (Streamlit) on the read model, until Ctrl-C."""
+    from dashboards.process import DashboardError, PagesProcess
+
     settings = settings_of(ctx)
     if not settings.duckdb_path.exists():
         err.print(f"no read model at {settings.duckdb_path}: run `lastmile up` or "

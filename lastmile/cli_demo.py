@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from events.jetstream import EventBus
 from lastmile.cli_common import err, out, settings_of
 from lastmile.settings import Settings
 
 if TYPE_CHECKING:
     from demo.run import DemoOptions
+    from events.jetstream import EventBus
 
 
 

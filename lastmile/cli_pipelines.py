@@ -6,25 +6,29 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from engine.errors import EngineError
-from engine.registry import (
-    PIPELINE_EVENTS,
-    deployed_event,
-    fold_pipelines,
-    retired_event,
-    stage_changed_event,
-)
-from engine.spec import discover, load_pipeline
 from events.base import Event
 from events.catalogue import Stage
-from events.jetstream import EventBus
-from lastmile.cli_common import err, out, settings_of
-from lastmile.services_engine import pipeline_dirs
+from events.deployments import PIPELINE_EVENTS, fold_pipelines
+from lastmile.cli_common import err, lazy, out, settings_of
+
+if TYPE_CHECKING:  # the engine (pydicom, the runtimes) and NATS load when a command runs
+    from engine.registry import deployed_event, retired_event, stage_changed_event
+    from engine.spec import discover, load_pipeline
+    from events.jetstream import EventBus
+    from lastmile.services_engine import pipeline_dirs
+else:
+    deployed_event = lazy("engine.registry", "deployed_event")
+    retired_event = lazy("engine.registry", "retired_event")
+    stage_changed_event = lazy("engine.registry", "stage_changed_event")
+    discover = lazy("engine.spec", "discover")
+    load_pipeline = lazy("engine.spec", "load_pipeline")
+    pipeline_dirs = lazy("lastmile.services_engine", "pipeline_dirs")
 
 pipelines_app = typer.Typer(help="Pipeline files: list, deploy, change stage, retire.",
                             no_args_is_help=True)

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from lastmile.cli_common import err, out, settings_of
-from projections import metrics as M
-from projections.config import ProjectionsConfig
-from projections.drift import describe_drift
-from projections.duckdb_store import ProjectionStore, read_only
 from projections.errors import ProjectionsError
-from projections.projector import rebuild
-from projections.report import all_metrics
-from projections.stats import Stat
+
+if TYPE_CHECKING:  # DuckDB, Arrow and NumPy load when a command reads the model
+    from projections.stats import Stat
 
 projections_app = typer.Typer(help="The DuckDB read models folded from the event log.",
                               no_args_is_help=True)
@@ -31,6 +27,8 @@ def rebuild_command(
 ) -> None:
     """Drop every read-model table and fold the whole log again from the first event."""
     from lastmile.runtime import open_bus, read_model_lock
+    from projections.duckdb_store import ProjectionStore
+    from projections.projector import rebuild
 
     settings = settings_of(ctx)
 
@@ -69,6 +67,11 @@ def metrics_command(
 ) -> None:
     """Governance metrics from the read model (turnaround, runtime, outcomes, agreement,
     drift), each with its 95% CI or "not enough data"."""
+    from projections import metrics as M
+    from projections.config import ProjectionsConfig
+    from projections.duckdb_store import read_only
+    from projections.report import all_metrics
+
     settings = settings_of(ctx)
     config = ProjectionsConfig.from_env()
     try:
@@ -88,6 +91,8 @@ def metrics_command(
 
 
 def _print_metrics(r: dict[str, Any]) -> None:
+    from projections.drift import describe_drift
+
     (seq, events), = r["checkpoint"] or [(0, 0)]
     out.print(f"read model at event #{seq} ({events} events folded)")
     t = Table(title="outcomes per pipeline")

@@ -9,12 +9,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from dashboards.config import ENV_BLINDED
 from dashboards.review.auth import (
     AuthError,
     User,
@@ -33,9 +32,12 @@ from events.base import Event
 from events.catalogue import InferenceCompleted
 from events.errors import EditRejected
 from events.subjects import type_filter
-from lastmile.cli_common import EXIT_NOT_FOUND, err, out, settings_of
-from lastmile.runtime import open_bus
-from lastmile.services_review import add_mask, deep_link, review_config
+from lastmile.cli_common import EXIT_NOT_FOUND, err, lazy, out, settings_of
+
+if TYPE_CHECKING:  # NATS and highdicom load when a command runs
+    from lastmile.services_review import review_config
+else:
+    review_config = lazy("lastmile.services_review", "review_config")
 
 users_app = typer.Typer(help="Who may sign in to the pages, with which roles.",
                         no_args_is_help=True)
@@ -188,6 +190,9 @@ def link_command(
 ) -> None:
     """Print the PACS deep link of a study (configure it as a PACS button with the
     StudyInstanceUID substituted). A study the log does not know exits 5, as `audit`."""
+    from lastmile.runtime import open_bus
+    from lastmile.services_review import deep_link
+
     settings = settings_of(ctx)
     uid = study_uid.strip()
 
@@ -213,6 +218,9 @@ def add_mask_command(
     actor: Annotated[str, typer.Option(help="Who registers it (recorded).")] = "admin",
 ) -> None:
     """Add an expert or novice segmentation of a study for blinded reading."""
+    from lastmile.runtime import open_bus
+    from lastmile.services_review import add_mask
+
     settings = settings_of(ctx)
     cfg = review_config(settings)
     if source == "ai":
@@ -240,6 +248,9 @@ def unblinding_key_command(
 ) -> None:
     """Write the blinded study's key (label -> ai/expert/novice) for every run of its
     pipeline in the log; only the holder of the study configuration (its salt) can."""
+    from dashboards.config import ENV_BLINDED
+    from lastmile.runtime import open_bus
+
     settings = settings_of(ctx)
     cfg = review_config(settings)
     if cfg.blinded_study is None:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pydicom
 import typer
 from rich.table import Table
 
-from dicom_rules.conditions import evaluate
-from ingest.dataset import tag_values
 from ingest.errors import IngestError
-from ingest.rules import EXAMPLE_RULES, RuleSet, route
-from ingest.rules_file import RulesFile
 from lastmile.cli_common import EXIT_CONFIG, EXIT_FAILED, err, out
-from lastmile.services_ingest import rules_path
 from lastmile.settings import Settings
+
+if TYPE_CHECKING:  # pydicom and the receiver's rules load when a command runs
+    from ingest.rules import RuleSet
+    from ingest.rules_file import RulesFile
 
 route_app = typer.Typer(help="Routing rules: which pipelines a file would go to.",
                         no_args_is_help=True)
@@ -26,6 +24,12 @@ route_app = typer.Typer(help="Routing rules: which pipelines a file would go to.
 
 def explain(rules: RuleSet, path: Path, called_ae: str | None) -> dict[str, object]:
     """Which rules and pipelines a file matches, and why (pure apart from reading it)."""
+    import pydicom
+
+    from dicom_rules.conditions import evaluate
+    from ingest.dataset import tag_values
+    from ingest.rules import route
+
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     tags = tag_values(ds, rules.tags())
     by_ae = rules.ae_titles().get(called_ae or "")
@@ -64,6 +68,11 @@ def route_test(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Which rules and pipelines each file would match, and why."""
+    import pydicom
+
+    from ingest.rules import EXAMPLE_RULES
+    from lastmile.services_ingest import rules_path
+
     settings: Settings | None = ctx.obj if isinstance(ctx.obj, Settings) else None
     path = rules_file or (rules_path(settings) if settings else EXAMPLE_RULES)
     rules = open_rules(path)()
@@ -95,6 +104,8 @@ def route_test(
 
 
 def open_rules(path: Path) -> RulesFile:
+    from ingest.rules_file import RulesFile
+
     try:
         return RulesFile.open(path)
     except IngestError as exc:

@@ -9,19 +9,19 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from events.base import Event
 from events.catalogue import InstanceStored, StudyCompleted, StudyRerunRequested
 from events.codec import to_builtins
-from events.jetstream import EventBus
-from ingest.completion import CompletionTracker
-from ingest.rules import RuleSet
 from lastmile.cli_common import EXIT_NOT_FOUND, err, out, settings_of
 from lastmile.cli_route import open_rules
-from lastmile.services_ingest import rules_path
+
+if TYPE_CHECKING:  # NATS and the receiver's rules (pydicom) load when a command runs
+    from events.jetstream import EventBus
+    from ingest.rules import RuleSet
 
 study_app = typer.Typer(help="Studies: force completion by hand, run again.",
                         no_args_is_help=True)
@@ -30,6 +30,8 @@ study_app = typer.Typer(help="Studies: force completion by hand, run again.",
 async def force_complete(bus: EventBus, rules: RuleSet, study_uid: str,
                          pipeline: str | None) -> tuple[list[Event], int]:
     """Fold one study's history and publish ``forced`` completions; returns (events, stored)."""
+    from ingest.completion import CompletionTracker
+
     history = [ev for _, ev in await bus.history(study_uid)]
     tracker = CompletionTracker(rules)
     tracker.observe_all(history)
@@ -63,6 +65,7 @@ def study_complete(
 ) -> None:
     """Force completion of a study now (reason: forced), for its pending pipelines."""
     from lastmile.runtime import open_bus
+    from lastmile.services_ingest import rules_path
 
     settings = settings_of(ctx)
     rules = open_rules(rules_path(settings))()

@@ -6,13 +6,8 @@ from typing import Annotated
 
 import typer
 
-from engine.xnat_publisher import (
-    XnatConnection,
-    XnatPublishError,
-)
+from events.errors import ConfigError
 from lastmile.cli_common import err, out
-from lastmile.services_xnat import XnatSettings
-from lastmile.settings import ConfigError
 
 xnat_app = typer.Typer(help="XNAT: check the connection the publisher will use.",
                        no_args_is_help=True)
@@ -24,6 +19,9 @@ def xnat_check(
 ) -> None:
     """Log in to the configured XNAT and report its version and the project's state."""
     import json
+
+    from engine.xnat_publisher import XnatConnection, XnatPublishError
+    from lastmile.services_xnat import XnatSettings
 
     try:
         xnat = XnatSettings.from_env()

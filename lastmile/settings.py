@@ -12,14 +12,16 @@ import re
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.errors import ConfigError
-from events.jetstream import BusSettings
 from events.nats_auth import CREDENTIALS_FILE, CredentialsError, NatsCredentials, load_or_create
+
+if TYPE_CHECKING:  # the NATS client loads with the first bus, not with the settings
+    from events.jetstream import BusSettings
 
 SECRET_FILE = "site_secret"
 
@@ -183,6 +185,8 @@ class Settings(BaseSettings):
     def bus(self, role: str = "admin") -> BusSettings:
         """How a service of ``role`` (``events.nats_auth.ROLES``) reaches the log: with
         that role's NATS user where per-role credentials exist (always, embedded)."""
+        from events.jetstream import BusSettings
+
         def s(p: Path | None) -> str | None:
             return str(p) if p else None
 
