@@ -2,26 +2,28 @@
 
 Exit codes: 0 done; 1 the operation failed; 2 wrong usage; 3 bad configuration;
 4 NATS unreachable or refusing; 5 nothing found (e.g. an unknown study).
+
+Start-up (issue 17): ``lastmile --help`` imports Typer and Rich and none of Lastmile's
+parts; a command module (``cli_*.py``) is imported when its command runs or shows its own
+help (:class:`LazyGroup`), and imports the heavy packages (NATS, pydicom, DuckDB, the
+runtimes) inside the command that needs them. ``lastmile bench cli`` measures it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.logging import RichHandler
-from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
+from typer.main import get_group
 
-from events.base import Event
-from events.codec import to_builtins
-from events.errors import BusUnavailable, CodecError, EventsError, PublishError
-from lastmile import cli_bench
 from lastmile.cli_common import (
     EXIT_BUS,
     EXIT_CONFIG,
@@ -31,7 +33,103 @@ from lastmile.cli_common import (
     out,
     settings_of,
 )
-from lastmile.settings import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    from events.base import Event
+
+# --------------------------------------------------------------------------- command groups
+# One small module per group, imported only when its command runs. `lastmile --help` lists
+# them from this table: name -> (its line there: the first paragraph of the command's
+# docstring or of its group's help, word for word; the module; the command function or
+# Typer group in it), in help order. tests/cli/test_startup.py checks the lines against
+# the commands' own.
+LAZY: dict[str, tuple[str, str, str]] = {
+    "metrics": ("Governance metrics from the read model (turnaround, runtime, outcomes, "
+                "agreement,\ndrift), each with its 95% CI or \"not enough data\".",
+                "lastmile.cli_projections", "metrics_command"),
+    "dashboard": ("Run only the governance dashboard (Streamlit) on the read model, until "
+                  "Ctrl-C.", "lastmile.cli_dashboard", "dashboard_command"),
+    "demo": ("Start everything (`lastmile up`), send synthetic studies to the three "
+             "pipelines,\nsimulate QC and readers, print a summary; stays up until Ctrl-C.",
+             "lastmile.cli_demo", "demo_command"),
+    "link": ("Print the PACS deep link of a study (configure it as a PACS button with the\n"
+             "StudyInstanceUID substituted). A study the log does not know exits 5, as "
+             "`audit`.", "lastmile.cli_review", "link_command"),
+    "export": ("Write a de-identified retraining set: DICOM (PS3.15 basic profile, modified "
+               "dates,\nclean descriptors), NIfTI with an nnU-Net v2 dataset.json and a MONAI "
+               "datalist, the\nevent tables, and a manifest of what was removed.",
+               "lastmile.cli_export", "export_command"),
+    "redact": ("Erase log messages that hold a leaked value (secure erase), rebuild the read "
+               "model\nwithout them, and record the redaction (without the value). Stop "
+               "`lastmile up` first.", "lastmile.cli_redact", "redact_command"),
+    "check": ("Send a folder of DICOM to a running Lastmile as a modality would, one "
+              "association\nper study, and report each study's outcome: completion, "
+              "pipeline, result (valid,\nrefused with its reason, partial, superseded, no "
+              "pipeline), times.", "lastmile.cli_check", "check_command"),
+    "bench": ("Benchmarks against real servers, with a peer in the same run.",
+              "lastmile.cli_bench", "bench_app"),
+    "route": ("Routing rules: which pipelines a file would go to.",
+              "lastmile.cli_route", "route_app"),
+    "study": ("Studies: force completion by hand, run again.",
+              "lastmile.cli_study", "study_app"),
+    "pipelines": ("Pipeline files: list, deploy, change stage, retire.",
+                  "lastmile.cli_pipelines", "pipelines_app"),
+    "projections": ("The DuckDB read models folded from the event log.",
+                    "lastmile.cli_projections", "projections_app"),
+    "xnat": ("XNAT: check the connection the publisher will use.",
+             "lastmile.cli_xnat", "xnat_app"),
+    "users": ("Who may sign in to the pages, with which roles.",
+              "lastmile.cli_review", "users_app"),
+    "review": ("Blinded reading: extra masks and the unblinding key.",
+               "lastmile.cli_review", "review_app"),
+    "security": ("NATS users per service role: print their server configuration, rotate "
+                 "their passwords.", "lastmile.cli_security", "security_app"),
+}
+
+
+#: commands a group gets from another module: group -> [(name, module, function)]
+ADDED: dict[str, list[tuple[str, str, str]]] = {
+    "pipelines": [("from-bundle", "lastmile.cli_bundle", "from_bundle_command")],
+}
+
+
+def _built(name: str, module: str, attribute: str) -> Any:
+    """``module.attribute`` (a command function or a Typer group) as the click command
+    Typer builds for it under ``name``, with the root's defaults (as ``add_typer`` or
+    ``command`` on the root would)."""
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer()
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(target)
+    return get_group(holder).commands[name]
+
+
+def load_command(name: str) -> Any:
+    """The command ``name`` of :data:`LAZY` (a click command or group) as ``lastmile`` runs
+    it; imports its module. Raises ``KeyError`` for a name not in :data:`LAZY`."""
+    command = _built(name, *LAZY[name][1:])
+    for sub in ADDED.get(name, ()):
+        command.add_command(_built(*sub))
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """``lastmile``'s root group: the commands of :data:`LAZY` are listed from the table and
+    built (their module imported) only when one is invoked or asked for its help."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for name, (help_line, _, _) in LAZY.items():  # after up, audit, replay: help order
+            self.commands.setdefault(name, TyperCommand(name, help=help_line))
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name = args[0] if args else None
+        if name in LAZY and type(self.commands.get(name)) is TyperCommand:
+            self.commands[name] = load_command(name)  # the placeholder becomes the command
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="lastmile",
@@ -39,9 +137,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=LazyGroup,
 )
-app.add_typer(cli_bench.bench_app, name="bench")
-
 
 
 @app.callback()
@@ -64,6 +161,10 @@ def main_options(
     nats_tls_key: Annotated[Path | None, typer.Option(help="Client key.")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
 ) -> None:
+    from rich.logging import RichHandler
+
+    from lastmile.settings import load_settings
+
     settings = load_settings(
         config,
         state_dir=state_dir,
@@ -133,6 +234,7 @@ _AUDIT_SKIP = frozenset({
 
 def _summary(event: Event, limit: int = 200) -> str:
     from events.catalogue import SeriesSelected
+    from events.codec import to_builtins
 
     if isinstance(event, SeriesSelected):  # every series and why, in full (issue 16)
         return "\n".join(f"{'chosen' if c.chosen else 'rejected'} {c.series_uid}: {c.reason}"
@@ -154,6 +256,9 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The full event history of one study (reads only that study's subject)."""
+    from rich.table import Table
+
+    from events.codec import to_builtins
     from lastmile.runtime import open_bus
 
     async def run() -> list[tuple[int, Event]]:
@@ -200,6 +305,7 @@ def replay(
 ) -> None:
     """Replay the event log in order: to stdout, or exported for audit and retraining."""
     from events.deidentify import Deidentifier, LogContext, Pseudonymiser, export_key
+    from events.errors import CodecError
     from events.export import ParquetExporter, json_line
     from lastmile.runtime import open_bus
 
@@ -248,42 +354,6 @@ def replay(
                       + (f"; {bad} undecodable messages skipped" if bad else ""))
 
 
-# --------------------------------------------------------------------------- command groups
-# One small module per group; each imports its part (and bench/, demo/) when it runs.
-
-from lastmile import (  # noqa: E402  (registered after the core commands, in help order)
-    cli_bundle,
-    cli_check,
-    cli_dashboard,
-    cli_demo,
-    cli_export,
-    cli_pipelines,
-    cli_projections,
-    cli_redact,
-    cli_review,
-    cli_route,
-    cli_security,
-    cli_study,
-    cli_xnat,
-)
-
-app.add_typer(cli_route.route_app, name="route")
-app.add_typer(cli_study.study_app, name="study")
-app.add_typer(cli_pipelines.pipelines_app, name="pipelines")
-cli_pipelines.pipelines_app.command("from-bundle")(cli_bundle.from_bundle_command)
-app.add_typer(cli_projections.projections_app, name="projections")
-app.command("metrics")(cli_projections.metrics_command)
-app.command("dashboard")(cli_dashboard.dashboard_command)
-app.command("demo")(cli_demo.demo_command)
-app.add_typer(cli_xnat.xnat_app, name="xnat")
-app.add_typer(cli_review.users_app, name="users")
-app.add_typer(cli_review.review_app, name="review")
-app.command("link")(cli_review.link_command)
-app.command("export")(cli_export.export_command)
-app.command("redact")(cli_redact.redact_command)
-app.add_typer(cli_security.security_app, name="security")
-app.command("check")(cli_check.check_command)
-
 # --------------------------------------------------------------------------- entry
 
 
@@ -291,17 +361,21 @@ def main() -> None:
     """Entry point: domain errors become one clear line and a meaningful exit code."""
     try:
         app(standalone_mode=True)
-    except ConfigError as exc:
-        err.print(f"[red]configuration:[/] {exc}")
-        sys.exit(EXIT_CONFIG)
-    except (BusUnavailable, PublishError) as exc:
-        err.print(f"[red]NATS:[/] {exc}")
-        sys.exit(EXIT_BUS)
-    except EventsError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # the log's errors, imported only when one is raised
+        from events.errors import BusUnavailable, ConfigError, EventsError, PublishError
+
+        if isinstance(exc, ConfigError):
+            err.print(f"[red]configuration:[/] {exc}")
+            sys.exit(EXIT_CONFIG)
+        if isinstance(exc, BusUnavailable | PublishError):
+            err.print(f"[red]NATS:[/] {exc}")
+            sys.exit(EXIT_BUS)
+        if isinstance(exc, EventsError):
+            err.print(f"[red]error:[/] {exc}")
+            sys.exit(EXIT_FAILED)
+        raise
 
 
 if __name__ == "__main__":
