@@ -250,3 +250,30 @@ def bench_gpu_command(
                f"python3 {bundle}/gpu_check.py {bundle} --json result.json", highlight=False)
     if run:
         raise typer.Exit(run_check(bundle, runs=runs, json_out=json_out))
+
+
+@bench_app.command("cli")
+def bench_cli_command(
+    runs: Annotated[int, typer.Option(min=2, help="Fresh processes per command.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Start-up of the command line: `lastmile --help` and `lastmile pipelines --help` in
+    fresh processes against `python -c pass` (the interpreter's floor), p50/p90, and the
+    heavy packages each imported (target: none, and `lastmile --help` <= 1 s)."""
+    from bench.cli import run_cli_bench
+
+    result = run_cli_bench(runs)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=1))
+        return
+    t = Table(title=f"bench cli: {result.runs} fresh processes each, interleaved "
+                    f"(Python {result.python})")
+    for col in ("command", "p50 (s)", "p90 (s)", "heavy packages imported"):
+        t.add_column(col)
+    for name, p50 in result.p50_s.items():
+        heavy = result.heavy.get(name)
+        t.add_row(name, f"{p50:.3f}", f"{result.p90_s[name]:.3f}",
+                  "" if heavy is None else (", ".join(heavy) or "none"))
+    out.print(t)
+    out.print(f"{result.target}: {result.verdict}. 1-min load {result.load_average[0]:.1f} at "
+              f"start, {result.load_average[1]:.1f} at end (noisy on a busy machine).")
