@@ -11,7 +11,6 @@ runtimes) inside the command that needs them. ``lastmile bench cli`` measures it
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import logging
@@ -115,6 +114,10 @@ def load_command(name: str) -> Any:
     return command
 
 
+class _Listed(TyperCommand):
+    """A command of :data:`LAZY` shown by its help line, not loaded yet."""
+
+
 class LazyGroup(TyperGroup):
     """``lastmile``'s root group: the commands of :data:`LAZY` are listed from the table and
     built (their module imported) only when one is invoked or asked for its help."""
@@ -122,11 +125,11 @@ class LazyGroup(TyperGroup):
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         for name, (help_line, _, _) in LAZY.items():  # after up, audit, replay: help order
-            self.commands.setdefault(name, TyperCommand(name, help=help_line))
+            self.commands.setdefault(name, _Listed(name, help=help_line))
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
         name = args[0] if args else None
-        if name in LAZY and type(self.commands.get(name)) is TyperCommand:
+        if name in LAZY and isinstance(self.commands.get(name), _Listed):
             self.commands[name] = load_command(name)  # the placeholder becomes the command
         return super().resolve_command(ctx, args)
 
@@ -195,6 +198,8 @@ def main_options(
 @app.command()
 def up(ctx: typer.Context) -> None:
     """Start NATS (embedded unless --nats-url) and Lastmile's services; stop with Ctrl-C."""
+    import asyncio
+
     from lastmile.runtime import Supervisor, embedded_server
     from lastmile.services import services_for
 
@@ -256,6 +261,8 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The full event history of one study (reads only that study's subject)."""
+    import asyncio
+
     from rich.table import Table
 
     from events.codec import to_builtins
@@ -304,6 +311,8 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Replay the event log in order: to stdout, or exported for audit and retraining."""
+    import asyncio
+
     from events.deidentify import Deidentifier, LogContext, Pseudonymiser, export_key
     from events.errors import CodecError
     from events.export import ParquetExporter, json_line

@@ -257,9 +257,11 @@ def bench_cli_command(
     runs: Annotated[int, typer.Option(min=2, help="Fresh processes per command.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Start-up of the command line: `lastmile --help` and `lastmile pipelines --help` in
-    fresh processes against `python -c pass` (the interpreter's floor), p50/p90, and the
-    heavy packages each imported (target: none, and `lastmile --help` <= 1 s)."""
+    """Start-up of the command line: `lastmile --help` and `lastmile pipelines --help`
+    in fresh processes against `python -c pass` (the interpreter's floor), p50/p90.
+
+    Also names the heavy packages each imported. Target: none, and `lastmile --help`
+    within 1 s."""
     from bench.cli import run_cli_bench
 
     result = run_cli_bench(runs)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +94,18 @@ def test_an_unknown_command_still_suggests_a_lazy_one() -> None:
     result = CliRunner().invoke(app, ["pipelins"], env={"COLUMNS": "100"})
     assert result.exit_code == 2
     assert "Did you mean 'pipelines'?" in result.output
+
+
+def test_bench_cli_times_the_commands_against_the_interpreter(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "lastmile", "bench", "cli", "--runs", "2",
+                             "--json"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["peer"] == "python -c pass"
+    assert set(report["p50_s"]) == {"python -c pass (peer)", "python -c 'import typer.rich_utils'",
+                                    "lastmile --help", "lastmile pipelines --help"}
+    for name, p50 in report["p50_s"].items():
+        assert 0 < p50 <= report["p90_s"][name]
+        assert len(report["times_s"][name]) == 2
+    assert report["heavy"] == {"lastmile --help": [], "lastmile pipelines --help": []}
