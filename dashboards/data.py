@@ -19,7 +19,7 @@ from dashboards import queries as Q
 from dashboards.curves import BlandAltmanPoint, RocPoint, bland_altman_points, roc_of_cases
 from dashboards.queries import Filters
 from projections import metrics as M
-from projections.drift import drift_windows
+from projections.drift import DriftWindows, windows_following_data
 from projections.stats import Stat
 
 # Runtime targets come from each pipeline file (``targets.runtime_s``, through
@@ -249,21 +249,24 @@ class DriftData:
     inputs: pd.DataFrame  # week, value, n (the chosen input feature)
     outputs: pd.DataFrame  # week, feature, n, p10, p50, p90
     alerts: pd.DataFrame
+    basis: str | None = None  # projections.drift.LAST_COMPLETE_WEEK or LATEST_DATA
+    note: str | None = None  # the last complete week held no data: what is shown instead
 
 
 def drift_data(con: M.Con, f: Filters, pipeline: str, feature: str, threshold: float,
                baseline_weeks: int) -> DriftData:
     last = con.execute("SELECT max(occurred_at) FROM instances").fetchone()
-    baseline = window = None
+    chosen = DriftWindows(None, None, None)
     psi = pd.DataFrame()
     if last and last[0] is not None:
-        baseline, window = drift_windows(last[0], baseline_weeks)
-        psi = frame(M.drift(con, baseline=baseline, window=window, threshold=threshold,
-                            pipeline=pipeline))
-    return DriftData(pipeline, baseline, window, psi,
+        chosen = windows_following_data(con, last[0], baseline_weeks, pipeline)
+        if chosen.baseline and chosen.window:
+            psi = frame(M.drift(con, baseline=chosen.baseline, window=chosen.window,
+                                threshold=threshold, pipeline=pipeline))
+    return DriftData(pipeline, chosen.baseline, chosen.window, psi,
                      frame(M.weekly_distribution(con, feature, pipeline)),
                      frame(Q.weekly_output(con, pipeline)),
-                     frame(Q.drift_alerts(con, pipeline)))
+                     frame(Q.drift_alerts(con, pipeline)), chosen.basis, chosen.note)
 
 
 # --------------------------------------------------------------------------- reliability

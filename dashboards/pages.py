@@ -20,6 +20,7 @@ from dashboards.text import plain
 from events.errors import ConfigError, EventsError
 from projections import metrics as M
 from projections.config import ProjectionsConfig
+from projections.drift import LAST_COMPLETE_WEEK
 from projections.metrics import INPUT_FEATURES, SUBGROUPS
 from projections.report import DEFAULT_POSITIVE
 
@@ -527,10 +528,17 @@ def drift() -> None:
     weeks = int(c3.number_input("Baseline weeks", 1, 26, 4, 1, key="drift_weeks"))
     d = ui.load(D.drift_data, f, pipeline=p, feature=feature, threshold=threshold,
                 baseline_weeks=weeks)
-    if d.window and d.baseline:
+    if d.note:  # the last complete week held no data: say so, and what is shown instead
+        st.info(d.note)
+    if d.window and d.baseline and d.basis == LAST_COMPLETE_WEEK:
         st.caption(f"Window: week of {d.window[0]:%Y-%m-%d}; baseline: "
                    f"{d.baseline[0]:%Y-%m-%d} to {d.baseline[1]:%Y-%m-%d} (the last complete "
                    "week against the weeks before it).")
+    elif d.window and d.baseline:
+        st.caption(f"Window: {d.window[0]:%Y-%m-%d %H:%M:%S} to {d.window[1]:%H:%M:%S} UTC; "
+                   f"baseline: {d.baseline[0]:%Y-%m-%d %H:%M:%S} to "
+                   f"{d.baseline[1]:%H:%M:%S} UTC (the latest arrivals against the ones "
+                   "before them).")
     left, right = st.columns(2)
     with left:
         st.subheader("PSI per feature")

@@ -139,7 +139,11 @@ def _print_metrics(r: dict[str, Any]) -> None:
     for d in r["dice"]:
         out.print(f"Dice {d.pipeline}/{d.label}: {_stat(d.mean)}")
     drift = r.get("drift")
-    if drift:
-        out.print(f"drift {drift['window'][0]:%Y-%m-%d} week vs baseline from "
-                  f"{drift['baseline'][0]:%Y-%m-%d}: " + describe_drift(drift["rows"]))
+    if drift and drift["window"] is None:
+        out.print(f"drift: {drift['note']}")
+    elif drift:
+        note = f" ({drift['note']})" if drift.get("note") else ""
+        out.print(f"drift {drift['window'][0]:%Y-%m-%d %H:%M} to {drift['window'][1]:%H:%M} "
+                  f"vs baseline from {drift['baseline'][0]:%Y-%m-%d %H:%M}: "
+                  + describe_drift(drift["rows"]) + note)
     out.print("(--json for every metric, turnaround per week and subgroups)")

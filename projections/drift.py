@@ -1,7 +1,10 @@
 """Drift monitoring: which windows to compare, and the alerts to publish.
 
 ``drift_windows`` picks the last complete week before ``now`` as the window and the
-``baseline_weeks`` before it as the baseline. ``alerts_for`` turns the rows of
+``baseline_weeks`` before it as the baseline. ``windows_following_data`` uses those when
+both hold data and otherwise says so and takes the latest data instead (never an empty
+comparison because every exam arrived this week, as in ``lastmile demo``; events are never
+backdated to fit a window). ``alerts_for`` turns the rows of
 ``metrics.drift`` that crossed the threshold into ``DriftAlertRaised`` events whose
 id is derived from (feature, window, baseline), so however often the check runs, an
 alert is raised once per feature and window (JetStream drops the re-publish).
@@ -10,11 +13,12 @@ alert is raised once per feature and window (JetStream drops the re-publish).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from events.base import deterministic_id
 from events.catalogue import DriftAlertRaised
-from projections.metrics import DriftRow
+from projections.metrics import Con, DriftRow, arrivals
 
 Window = tuple[datetime, datetime]
 
@@ -34,6 +38,63 @@ def drift_windows(now: datetime, baseline_weeks: int = 4) -> tuple[Window, Windo
     end = week_start(now)
     start = end - timedelta(weeks=1)
     return (start - timedelta(weeks=baseline_weeks), start), (start, end)
+
+
+LAST_COMPLETE_WEEK = "last complete week"
+LATEST_DATA = "latest data"
+
+
+@dataclass(frozen=True)
+class DriftWindows:
+    """The two windows a drift comparison uses, and on what basis: ``LAST_COMPLETE_WEEK``
+    (the default), ``LATEST_DATA`` (the default held no data: ``note`` says so and what is
+    used instead), or none at all (``baseline``/``window`` None, ``note`` says why)."""
+
+    baseline: Window | None
+    window: Window | None
+    basis: str | None
+    note: str | None = None
+
+
+def _duration(d: timedelta) -> str:
+    s = d.total_seconds()
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.0f} s"
+
+
+def windows_following_data(con: Con, now: datetime, baseline_weeks: int = 4,
+                           pipeline: str | None = None) -> DriftWindows:
+    """The drift windows for ``pipeline``'s stored instances (routed to it; None: all).
+
+    The last complete week before ``now`` against the ``baseline_weeks`` before it, when
+    both hold instances. Otherwise the latest data: the window ends at the last arrival
+    and is one week long, or a ``baseline_weeks + 1``-th of the arrivals' span when that
+    span is shorter than ``baseline_weeks + 1`` weeks (the baseline is the
+    ``baseline_weeks`` window lengths before it); ``note`` names the empty default.
+    Fewer than two distinct arrival times: no windows. Times are naive UTC."""
+    baseline, window = drift_windows(now, baseline_weeks)
+    wn = arrivals(con, pipeline, *window)[0]
+    bn = arrivals(con, pipeline, *baseline)[0]
+    if wn and bn:
+        return DriftWindows(baseline, window, LAST_COMPLETE_WEEK)
+    last_day = window[1] - timedelta(days=1)
+    empty = (f"The last complete week ({window[0]:%Y-%m-%d} to {last_day:%Y-%m-%d}) "
+             + ("holds no exams" if not wn else
+                f"has no exams in the {baseline_weeks} weeks before it"))
+    n, first, last = arrivals(con, pipeline)
+    if n < 2 or first is None or last is None or first >= last:
+        return DriftWindows(None, None, None, f"{empty}, and there are too few arrivals to "
+                            "compare any other windows.")
+    stop = last + timedelta(microseconds=1)  # the last arrival is inside the window
+    length = min(timedelta(weeks=1), (stop - first) / (baseline_weeks + 1))
+    window = (stop - length, stop)
+    baseline = (stop - (baseline_weeks + 1) * length, window[0])
+    return DriftWindows(baseline, window, LATEST_DATA, (
+        f"{empty}; showing the latest data instead: the window is the last "
+        f"{_duration(length)} of arrivals, the baseline the {baseline_weeks} × "
+        f"{_duration(length)} before it."))
 
 
 def alert_id(row: DriftRow, baseline: Window, window: Window) -> str:

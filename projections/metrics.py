@@ -834,6 +834,22 @@ def _categorical(con: Con, start: datetime, end: datetime,
     return out
 
 
+def arrivals(con: Con, pipeline: str | None = None, start: datetime | None = None,
+             end: datetime | None = None) -> tuple[int, datetime | None, datetime | None]:
+    """(count, first, last) of the instances stored for ``pipeline`` (routed to it; None:
+    any) with arrival time in [start, end) (None: unbounded); the drift windows are
+    chosen from these, so a window is never one without data by accident."""
+    row = con.execute("""
+        WITH routed AS (SELECT DISTINCT study_uid FROM routes
+                        WHERE matched AND ($p IS NULL OR route_pipeline = $p))
+        SELECT count(*), min(occurred_at), max(occurred_at)
+        FROM instances i JOIN routed USING (study_uid)
+        WHERE i.kind = 'stored' AND ($start IS NULL OR i.occurred_at >= $start)
+          AND ($end IS NULL OR i.occurred_at < $end)
+    """, {"p": pipeline, "start": start, "end": end}).fetchone()
+    return (int(row[0]), row[1], row[2]) if row else (0, None, None)
+
+
 def _numeric(con: Con, feature: str, pipeline: str, start: datetime, end: datetime,
              ) -> list[float]:
     if feature == "score":

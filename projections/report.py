@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from projections import metrics as M
-from projections.drift import drift_windows
+from projections.drift import windows_following_data
 
 DEFAULT_POSITIVE: dict[str, str] = {"hfd": "fracture", "bts": "progression"}
 AGREEMENT_SUBGROUPS = ("scanner", "site", "sex", "age_band")
@@ -52,9 +52,11 @@ def all_metrics(con: M.Con, *, pipeline: str | None = None,
     out["longitudinal"] = M.longitudinal(con) if pipeline in (None, "bts") else []
     last = now or (con.execute("SELECT max(occurred_at) FROM instances").fetchone() or
                    (None,))[0]
-    if last is not None:
-        baseline, window = drift_windows(last, baseline_weeks)
-        out["drift"] = {"baseline": baseline, "window": window,
-                        "rows": M.drift(con, baseline=baseline, window=window,
-                                        threshold=drift_threshold, pipeline=pipeline)}
+    if last is not None:  # the same windows as the Drift page: they follow the data
+        chosen = windows_following_data(con, last, baseline_weeks, pipeline)
+        out["drift"] = {"baseline": chosen.baseline, "window": chosen.window,
+                        "basis": chosen.basis, "note": chosen.note,
+                        "rows": M.drift(con, baseline=chosen.baseline, window=chosen.window,
+                                        threshold=drift_threshold, pipeline=pipeline)
+                        if chosen.baseline and chosen.window else []}
     return out
