@@ -182,6 +182,30 @@ def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: 
     return evs
 
 
+DEMO_VIEWER = "demo.viewer"  # dashboards.front.DEMO_USER: who opens the pages in demo mode
+
+
+def waits_at_qc(pipeline: str, patient: int, patients: int) -> bool:
+    """The last patient's HFD exam is left at the QC gate (no decision, no reads), so the
+    QC gate page has a case after the demo (with two or more patients)."""
+    return pipeline == "hfd" and patients > 1 and patient == patients - 1
+
+
+def open_cases(seed: int, pipeline: str, outcome: InferenceCompleted, patient: int,
+               timepoint: int, done: Sequence[Event]) -> list[Event]:
+    """Cases assigned to the demo viewer and left unread, so the Worklist page has cases
+    after the demo: every HFD exam that passed QC (``done`` holds its QC decision) and
+    the first patient's BTS follow-up exams. Deterministic ids, like every demo event."""
+    study, run_key = outcome.study_uid or "", outcome.run_key
+    if pipeline == "hfd" and any(isinstance(ev, QcPassed) for ev in done) or \
+            pipeline == "bts" and patient == 0 and timepoint > 0:
+        return [CaseAssigned.new(actor="worklist", study_uid=study, pipeline=pipeline,
+                                 event_id=deterministic_id("demo", seed, study, DEMO_VIEWER,
+                                                           "assigned"),
+                                 run_key=run_key, reader=DEMO_VIEWER)]
+    return []
+
+
 def _assigned_and_review(eid: Any, reader: Reader, study: str, pipeline: str, run_key: str,
                          reads: dict[str, str], ai: dict[str, str],
                          rng: random.Random) -> list[Event]:

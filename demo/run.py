@@ -6,13 +6,17 @@ generator (BTS brain MR at several time points per patient, LTS abdomen CT, HFD 
 radiographs; study dates spread over ``--weeks``) and sends them by C-STORE (dcmtk
 ``storescu``, ``TCP_NODELAY=1``) to ``LM_BTS``/``LM_LTS``/``LM_HFD``, as scanners would.
 When each study has its inference outcome, simulated people act on it, as events with
-actors: a QC reviewer for HFD, readers with a sensitivity, specificity, disagreement rate
+actors: a QC reviewer for HFD (the last patient's HFD exam is left waiting at the QC
+gate), readers with a sensitivity, specificity, disagreement rate
 and review time, and three blinded readers who rate the LTS mask under its blinded label.
 A few readers also correct the AI's mask (every patient's second BTS exam, every other
 patient's LTS exam): the demo derives a corrected SEG from the AI's SEG (an erosion, a
 dilation or a trimmed end slice, chosen by seed), writes it into the instance store and
 submits it as ``review.edit.submitted``; the engine's edit service (``engine.edits``)
-recomputes the volumes and the Dice against the AI mask, which the summary shows.
+recomputes the volumes and the Dice against the AI mask, which the summary shows. A few
+cases are assigned to ``demo.viewer`` (who opens the pages in demo mode) and left unread,
+so the Worklist has cases after the demo; the LTS unblinding key is written to
+``state_dir/demo_unblinding.json`` and named to the pages by ``LASTMILE_UNBLINDING_KEY``.
 
 Everything is deterministic for ``--seed``: study UIDs come from the phantoms' seeds and
 every simulated person's event id from (seed, study, reader), so a second run on the same
@@ -36,7 +40,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from demo.people import PlannedEdit, edit_for, people_events, rng_for, simulate_edit
+from demo.people import (
+    PlannedEdit,
+    edit_for,
+    open_cases,
+    people_events,
+    rng_for,
+    simulate_edit,
+    waits_at_qc,
+)
 from demo.studies import AE, PIPELINES, PlannedStudy, Truth, make_study, plan
 from events.base import Event, deterministic_id
 from events.catalogue import (
@@ -290,9 +302,12 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                 result.outcomes[s.pipeline][kind] = result.outcomes[s.pipeline].get(kind, 0) + 1
                 progress.advance(done)
                 if isinstance(outcome, InferenceCompleted):
-                    evs = people_events(options.seed, s.pipeline, outcome, truth,
-                                        prior_volume.get(s.patient) if s.pipeline == "bts"
-                                        else None)
+                    evs = [] if waits_at_qc(s.pipeline, s.patient, options.patients) else \
+                        people_events(options.seed, s.pipeline, outcome, truth,
+                                      prior_volume.get(s.patient) if s.pipeline == "bts"
+                                      else None)
+                    evs += open_cases(options.seed, s.pipeline, outcome, s.patient,
+                                      s.timepoint, evs)
                     existing = {ev.event_id for ev in history}
                     new = [ev for ev in evs if ev.event_id not in existing]
                     for ev in new:  # in order: an assignment before its review
@@ -318,9 +333,30 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
     return result
 
 
+def unblinding_key_path(settings: Settings) -> Path:
+    """Where the demo keeps its unblinding key: ``state_dir/demo_unblinding.json``."""
+    return settings.state_dir / "demo_unblinding.json"
+
+
+def prepare_unblinding_key(settings: Settings) -> Path:
+    """Create the demo's key file (an empty key, 0600) unless it exists, before the pages
+    start: they read the file named by ``LASTMILE_UNBLINDING_KEY`` at every render, and a
+    named file that does not exist is a configuration error. Returns its path."""
+    path = unblinding_key_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write("{}\n")
+    return path
+
+
 async def write_unblinding_key(bus: EventBus, settings: Settings) -> dict[str, str]:
     """The LTS blinding key from the log's LTS results (each label is the AI mask),
-    written to ``state_dir/demo_unblinding.json`` (0600) for LASTMILE_UNBLINDING_KEY."""
+    written to ``state_dir/demo_unblinding.json`` (0600), the file ``lastmile demo``
+    names in ``LASTMILE_UNBLINDING_KEY`` for the pages it starts."""
     from events.subjects import type_filter
 
     key: dict[str, str] = {}
@@ -328,10 +364,12 @@ async def write_unblinding_key(bus: EventBus, settings: Settings) -> dict[str, s
         if isinstance(ev, InferenceCompleted) and ev.pipeline == "lts":
             key[ev.blinding_hash or hashlib.sha256(f"demo/{ev.run_key}".encode())
                 .hexdigest()[:12]] = "ai"
-    path = settings.state_dir / "demo_unblinding.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path = unblinding_key_path(settings)
+    tmp = path.with_suffix(".tmp")  # the pages read it while it is rewritten: replace it whole
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(key, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
     return key
 
 

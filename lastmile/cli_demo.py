@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def demo_main(settings: Settings, options: DemoOptions) -> int:
     """Start NATS and the services like `lastmile up`, run the demo, stay up (or not)."""
-    from demo.run import DemoError, run_demo, write_unblinding_key
+    from demo.run import DemoError, prepare_unblinding_key, run_demo, write_unblinding_key
     from demo.summary import ReadModelReader, print_summary, wait_projector
     from lastmile import services_dashboards
     from lastmile.runtime import Supervisor, embedded_server
@@ -30,6 +30,9 @@ def demo_main(settings: Settings, options: DemoOptions) -> int:
     # the dashboard process inherits this: without a users file, pages open as the demo
     # viewer (reader, QC and governance) instead of asking for a sign-in
     os.environ.setdefault("LASTMILE_DEMO", "1")
+    # and the demo's own unblinding key (written as the LTS results arrive), unless the
+    # site names its own: blinded reads then show their sources, not "(unknown key)"
+    os.environ.setdefault("LASTMILE_UNBLINDING_KEY", str(prepare_unblinding_key(settings)))
     services = services_for(settings)
     if not options.dashboard:
         services = [s for s in services if not isinstance(s, services_dashboards.DashboardService)]

@@ -17,13 +17,16 @@ from pathlib import Path
 import pytest
 
 from demo.people import (
+    DEMO_VIEWER,
     EDIT_KINDS,
     PlannedEdit,
     Reader,
     edit_for,
+    open_cases,
     people_events,
     simulate_edit,
     simulate_read,
+    waits_at_qc,
 )
 from demo.people import random as demo_random
 from demo.phantoms import fake_patient
@@ -91,6 +94,39 @@ def test_people_events_have_deterministic_ids_per_seed_study_reader() -> None:
                            Truth(volume_ml=4.0), 2.0)
     assert sorted(r.reader for r in follow if isinstance(r, ReviewSubmitted)) == [
         "neurorad_a", "neurorad_b"]
+
+
+def test_a_few_cases_are_left_open_for_the_demo_viewer_and_the_qc_gate() -> None:
+    from events.catalogue import CaseAssigned, QcPassed
+
+    assert [p for p in range(4) if waits_at_qc("hfd", p, 4)] == [3]
+    assert not waits_at_qc("hfd", 0, 1) and not waits_at_qc("bts", 3, 4)
+    hfd = _completed("hfd")
+    passed = QcPassed.new(actor="qc", study_uid="2.25.1", pipeline="hfd", run_key="rk",
+                          seconds_on_case=1.0)
+    opened = open_cases(7, "hfd", hfd, 1, 0, [passed])
+    assert [(type(e), e.reader) for e in opened] == [(CaseAssigned, DEMO_VIEWER)]
+    assert opened[0].event_id == open_cases(7, "hfd", hfd, 1, 0, [passed])[0].event_id
+    assert open_cases(7, "hfd", hfd, 1, 0, []) == []  # not released by QC: not offered
+    bts = _completed("bts")
+    assert len(open_cases(7, "bts", bts, 0, 1, [])) == 1
+    assert open_cases(7, "bts", bts, 0, 0, []) == open_cases(7, "bts", bts, 1, 2, []) == []
+
+
+def test_the_demo_key_file_exists_before_the_pages_start(tmp_path: Path) -> None:
+    from demo.run import prepare_unblinding_key
+    from lastmile.settings import Settings
+
+    settings = Settings(state_dir=tmp_path / "state")
+    path = prepare_unblinding_key(settings)
+    assert json.loads(path.read_text()) == {} and path.stat().st_mode & 0o077 == 0
+    path.write_text('{"abc": "ai"}')
+    assert prepare_unblinding_key(settings) == path  # an existing key is kept
+    assert json.loads(path.read_text()) == {"abc": "ai"}
+    from projections.config import ProjectionsConfig
+
+    cfg = ProjectionsConfig.from_env({"LASTMILE_UNBLINDING_KEY": str(path)})
+    assert cfg.unblinding() == {"abc": "ai"}
 
 
 def test_planned_study_seeds_are_stable() -> None:
@@ -192,11 +228,23 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
         assert c1[("engine.inference.completed", p)] == (3 * patients if p == "bts"
                                                          else patients), c1
         assert c1[("review.review.submitted", p)] > 0, c1
-    assert c1[("review.qc.passed", "hfd")] + c1[("review.qc.rejected", "hfd")] == patients
+    # the last patient's HFD exam waits at the QC gate: no decision, no reads
+    assert c1[("review.qc.passed", "hfd")] + c1[("review.qc.rejected", "hfd")] == patients - 1
+    # cases left open on the demo viewer's worklist: assigned, never reviewed
+    viewer = [e for e in log1 if e["type"] == "review.case.assigned"
+              and e["reader"] == "demo.viewer"]
+    assert {e["pipeline"] for e in viewer} >= {"bts"} and len(viewer) >= 2
+    assert not [e for e in log1 if e["type"] == "review.review.submitted"
+                and e["reader"] == "demo.viewer"]
     # LTS: three blinded readers per run, each review under the run's blinded label
     lts_reviews = [e for e in log1 if e["type"] == "review.review.submitted"
                    and e.get("pipeline") == "lts"]
     assert len(lts_reviews) == 3 * patients and all(e["blinded_label"] for e in lts_reviews)
+    # the demo's unblinding key names every label read (the pages get its path through
+    # LASTMILE_UNBLINDING_KEY, so blinded reads are not "(unknown key)")
+    key = json.loads((state / "demo_unblinding.json").read_text())
+    assert {e["blinded_label"] for e in lts_reviews} <= set(key)
+    assert (state / "demo_unblinding.json").stat().st_mode & 0o077 == 0
     assert c1[("engine.pipeline.stage_changed", "hfd")] == 1
     # a few corrected masks, each recomputed once by the engine (never for HFD)
     for p, n_edits in (("bts", patients), ("lts", (patients + 1) // 2), ("hfd", 0)):
