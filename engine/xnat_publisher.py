@@ -203,9 +203,10 @@ def result_fields(ev: InferenceCompleted, published_at: str) -> dict[str, str]:
         fields["lm_score"] = _number(ev.score)
     if ev.progression is not None:
         fields["lm_progression"] = "true" if ev.progression else "false"
-    # a longitudinal finding ("stable"/"progression") is flagged once, as "progression"
+    # a longitudinal finding ("stable"/"improved"/"progression") is flagged once, as
+    # "progression"
     flags = [f"{f.label}:{f.classification}" for f in ev.findings
-             if f.classification.lower() not in ("normal", "stable", "progression")]
+             if f.classification.lower() not in ("normal", "stable", "improved", "progression")]
     if ev.progression:
         flags.append("progression")
     fields["lm_flags"] = ",".join(flags) if flags else "none"

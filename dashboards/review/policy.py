@@ -28,7 +28,7 @@ from events.catalogue import (
 #: pipelines whose results a QC reviewer must accept before readers see them (paper: HFD)
 QC_PIPELINES: frozenset[str] = frozenset({"hfd"})
 HIP_CLASSES = ("normal", "fracture", "hardware")
-PROGRESSION_CLASSES = ("progression", "stable")
+PROGRESSION_CLASSES = ("progression", "stable", "improved")  # engine.ops.longitudinal
 MASK_CLASSES = ("acceptable", "unacceptable")
 ASSIGNER = "worklist"
 
@@ -57,8 +57,10 @@ def questions(result: InferenceCompleted) -> tuple[Question, ...]:
     progression flag. Otherwise (masks): is the mask acceptable.
     """
     if result.progression is not None:  # before findings: BTS's finding is its progression
-        return (Question("lesion", "progression" if result.progression else "stable",
-                         PROGRESSION_CLASSES),)
+        ai_class = next((f.classification for f in result.findings
+                         if f.classification in PROGRESSION_CLASSES),
+                        "progression" if result.progression else "stable")
+        return (Question("lesion", ai_class, PROGRESSION_CLASSES),)
     if result.findings:
         ai: dict[str, str] = {}
         for f in sorted(result.findings, key=lambda f: -(f.probability or 0.0)):

@@ -6,6 +6,12 @@ study date *as a date* (``events.dicom_dates``: ``20260301``, ``2026.03.01`` and
 Baseline = the earliest earlier exam; prior = the latest earlier one. An exam whose
 date cannot be read takes no part in the comparison (and a current exam without a
 readable date is compared with nothing), rather than being placed by guesswork.
+
+The comparison's finding has three classes (engine/README.md, "Longitudinal classes"):
+``progression`` when the volume grew by more than the pipeline's ``threshold_pct`` from
+baseline or prior (BTS: 25%, RANO's progression threshold), ``improved`` when it did not
+and it shrank from baseline by at least ``improvement_pct`` (50%: RANO's partial
+response), ``stable`` otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +21,15 @@ from dataclasses import dataclass
 from datetime import date
 
 from events.dicom_dates import DicomValueError, parse_da
+
+PROGRESSION = "progression"
+STABLE = "stable"
+IMPROVED = "improved"
+#: the finding's classes, positive first (the reader form offers the same)
+CLASSES = (PROGRESSION, STABLE, IMPROVED)
+#: shrinkage from baseline (%) that counts as improved: RANO's partial response (a 50%
+#: decrease, Wen et al., J Clin Oncol 2010), the counterpart of its 25% progression
+IMPROVEMENT_PCT = 50.0
 
 
 @dataclass(frozen=True)
@@ -32,15 +47,17 @@ class Comparison:
     change_from_prior_pct: float | None
     progression: bool | None  # None when there is nothing to compare with
     label: str = ""  # the label whose volume was compared (the pipeline file's)
+    improved: bool = False  # not progression, and shrunk from baseline by improvement_pct
 
     @property
     def finding(self) -> str | None:
-        """The AI's progression finding for agreement with readers' progression reads
-        (issue 19 #4): "progression" or "stable" (the reader form's classes,
-        ``dashboards.review.policy.PROGRESSION_CLASSES``); None without an earlier exam."""
+        """The AI's longitudinal finding for agreement with readers' reads (issue 19 #4):
+        one of ``CLASSES`` ("progression", "stable", "improved"; the reader form's
+        classes, ``dashboards.review.policy.PROGRESSION_CLASSES``); None without an
+        earlier exam."""
         if self.progression is None:
             return None
-        return "progression" if self.progression else "stable"
+        return PROGRESSION if self.progression else IMPROVED if self.improved else STABLE
 
 
 def percent_change(value: float, reference: float) -> float | None:
@@ -65,9 +82,12 @@ def compare(
     earlier: Sequence[EarlierResult],
     *,
     threshold_pct: float,
+    improvement_pct: float = IMPROVEMENT_PCT,
     current_study_uid: str | None = None,
 ) -> Comparison:
-    """% change from baseline and prior; progression when either exceeds ``threshold_pct``.
+    """% change from baseline and prior; progression when either exceeds ``threshold_pct``,
+    improved when neither does and the change from baseline is ``-improvement_pct`` or
+    less (the prior's when the baseline's cannot be computed).
 
     Results dated after the current study (or the current study itself) are ignored,
     so re-running an old exam compares it only with what was known before it.
@@ -80,7 +100,10 @@ def compare(
     from_prior = percent_change(current_value, prior.value)
     changes = [c for c in (from_base, from_prior) if c is not None]
     progression = any(c > threshold_pct for c in changes) if changes else None
-    return Comparison(baseline, prior, from_base, from_prior, progression)
+    reference = from_base if from_base is not None else from_prior
+    improved = progression is False and reference is not None and \
+        reference <= -improvement_pct
+    return Comparison(baseline, prior, from_base, from_prior, progression, improved=improved)
 
 
 def _date(value: str) -> date | None:
