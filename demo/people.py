@@ -122,8 +122,12 @@ def simulate_edit(masks: dict[str, Any], edit: PlannedEdit, rng: random.Random
 
 
 def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: Truth,
-                  prior_volume_ml: float | None) -> list[Event]:
-    """The simulated people's events for one completed run (pure; deterministic ids)."""
+                  prior_volume_ml: float | None, baseline_volume_ml: float | None = None,
+                  ) -> list[Event]:
+    """The simulated people's events for one completed run (pure; deterministic ids).
+    BTS follow-ups: the readers read progression / stable / improved against the truth
+    the engine's rule gives on the phantom's volumes (``prior_volume_ml``, and
+    ``baseline_volume_ml``: the patient's first exam, default the prior)."""
     study, run_key = outcome.study_uid or "", outcome.run_key
     evs: list[Event] = []
 
@@ -155,14 +159,20 @@ def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: 
     if pipeline == "bts":
         if outcome.progression is None or prior_volume_ml is None or truth.volume_ml is None:
             return evs  # a first exam: nothing to compare, nothing to read
-        grew = 100.0 * (truth.volume_ml - prior_volume_ml) / prior_volume_ml > PROGRESSION_PCT
-        true_class = "progression" if grew else "stable"
-        ai = {"lesion": "progression" if outcome.progression else "stable"}
+        from engine.ops.longitudinal import CLASSES, EarlierResult, compare
+
+        # the truth by the engine's own rule, on the phantom's true volumes
+        earlier = [EarlierResult("baseline", "20000101", baseline_volume_ml or prior_volume_ml),
+                   EarlierResult("prior", "20000102", prior_volume_ml)]
+        true_class = compare(truth.volume_ml, "20000103", earlier,
+                             threshold_pct=PROGRESSION_PCT).finding or "stable"
+        ai = {"lesion": next((f.classification for f in outcome.findings
+                              if f.classification in CLASSES),
+                             "progression" if outcome.progression else "stable")}
         for reader in BTS_READERS:
             rng = rng_for(seed, study, reader.name)
             reads = {"lesion": simulate_read(reader, true_class, positive="progression",
-                                             negative="stable",
-                                             classes=("progression", "stable"), rng=rng)}
+                                             negative="stable", classes=CLASSES, rng=rng)}
             evs += _assigned_and_review(eid, reader, study, pipeline, run_key, reads, ai, rng)
         return evs
     # lts: three readers rate the AI mask under its blinded label

@@ -49,7 +49,7 @@ from demo.people import (
     simulate_edit,
     waits_at_qc,
 )
-from demo.studies import AE, PIPELINES, PlannedStudy, Truth, make_study, plan
+from demo.studies import AE, PIPELINES, PlannedStudy, Truth, drift_batch, make_study, plan
 from events.base import Event, deterministic_id
 from events.catalogue import (
     DeliveryFailed,
@@ -274,8 +274,10 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
     host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "") else settings.dicom_host
     await wait_listening(host, settings.dicom_port)
     rounds = plan(options.patients, options.seed, options.weeks, options.timepoints)
+    rounds.append(drift_batch(options.patients, options.seed, options.weeks))
     total = sum(len(r) for r in rounds)
     prior_volume: dict[int, float | None] = {}
+    first_volume: dict[int, float | None] = {}
     edits: dict[str, str] = {}  # edit event id -> study
     with tempfile.TemporaryDirectory(prefix="lastmile-demo-") as tmp, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -305,7 +307,7 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                     evs = [] if waits_at_qc(s.pipeline, s.patient, options.patients) else \
                         people_events(options.seed, s.pipeline, outcome, truth,
                                       prior_volume.get(s.patient) if s.pipeline == "bts"
-                                      else None)
+                                      else None, first_volume.get(s.patient))
                     evs += open_cases(options.seed, s.pipeline, outcome, s.patient,
                                       s.timepoint, evs)
                     existing = {ev.event_id for ev in history}
@@ -326,6 +328,7 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                             result.people_events_existing += not is_new
                 if s.pipeline == "bts":
                     prior_volume[s.patient] = truth.volume_ml
+                    first_volume.setdefault(s.patient, truth.volume_ml)
                 progress.advance(people)
     await wait_recomputed(bus, edits, options.study_timeout_s)
     result.edits = len(edits)

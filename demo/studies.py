@@ -17,6 +17,7 @@ FIRST_DATE = date(2026, 1, 5)  # a Monday; study dates are spread over --weeks f
 
 
 PROGRESSION_PCT = 25.0  # the BTS pipeline's threshold_pct: the truth uses the same rule
+GROWTH = (1.12, 0.78, 1.0)  # lesion radius factor per exam: progression, improved, stable
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,25 @@ class PlannedStudy:
     phantom_seed: int
     lesion_radius_mm: float | None = None
     lesion_centre_mm: tuple[float, float, float] | None = None
+    scanner_model: str | None = None  # ManufacturerModelName, when not the phantoms' own
 
 
 def plan(patients: int, seed: int, weeks: int, timepoints: int = 3) -> list[list[PlannedStudy]]:
     """Rounds of studies. Round k holds every patient's k-th BTS exam (a patient's exams
     must be read in date order for the longitudinal comparison); round 0 also holds the
-    LTS and HFD exams. Half of the BTS patients' lesions grow >25% per exam."""
+    LTS and HFD exams. Every third BTS patient's lesion grows >25% per exam (patients
+    0, 3, ...: progression), the next one's shrinks by half per exam from a larger start
+    (1, 4, ...: improved), the next one's stays (2, 5, ...: stable)."""
     span_days = max(1, weeks * 7 - 1)
     rounds: list[list[PlannedStudy]] = [[] for _ in range(timepoints)]
     for p in range(patients):
         rng = rng_for(seed, "patient", p)
         base_r = rng.uniform(8.0, 12.0)
-        growth = 1.12 if p % 2 == 0 else 1.0  # radius x1.12 = volume x1.40 per exam
+        # radius x1.12 = volume x1.40 per exam; x0.78 = volume x0.47, from x1.35 so the
+        # last exam's lesion (>= 6.6 mm) stays in the model's training range (6-22 mm)
+        growth = GROWTH[p % len(GROWTH)]
+        if growth < 1.0:
+            base_r *= 1.35
         centre = (rng.uniform(-10, 10), rng.uniform(-20, 20), rng.uniform(-15, 15))
         for t in range(timepoints):
             day = round(t * span_days / max(1, timepoints - 1)) if timepoints > 1 else 0
@@ -54,6 +62,27 @@ def plan(patients: int, seed: int, weeks: int, timepoints: int = 3) -> list[list
                                           (FIRST_DATE + timedelta(days=day)).strftime("%Y%m%d"),
                                           seed_for(seed, name, p)))
     return rounds
+
+
+DRIFT_STUDIES = 2  # BTS exams of new patients from a new scanner, sent last
+DRIFT_SCANNER_MODEL = "synthetic 3T upgrade"
+
+
+def drift_batch(patients: int, seed: int, weeks: int) -> list[PlannedStudy]:
+    """The later batch: first BTS exams of ``DRIFT_STUDIES`` new patients (numbered after
+    the plan's) from a new scanner model, dated on the plan's last day and sent after
+    every other study, so the Drift page's window (the latest arrivals) holds the
+    scanner change and its PSI of ``manufacturer_model`` crosses the threshold."""
+    day = FIRST_DATE + timedelta(days=max(1, weeks * 7 - 1))
+    out = []
+    for i in range(DRIFT_STUDIES):
+        p = patients + i
+        rng = rng_for(seed, "patient", p)
+        out.append(PlannedStudy("bts", p, 0, day.strftime("%Y%m%d"), seed_for(seed, "bts", p, 0),
+                                round(rng.uniform(8.0, 12.0), 2),
+                                (rng.uniform(-10, 10), rng.uniform(-20, 20),
+                                 rng.uniform(-15, 15)), DRIFT_SCANNER_MODEL))
+    return out
 
 
 @dataclass
@@ -74,6 +103,8 @@ def make_study(s: PlannedStudy, seed: int, hfd_images: int) -> tuple[Any, Truth]
                                      lesion_radius_mm=s.lesion_radius_mm,
                                      lesion_centre_mm=s.lesion_centre_mm)
         st.datasets += t1_post_series(st.datasets, s.phantom_seed)
+        for ds in st.datasets if s.scanner_model else ():
+            ds.ManufacturerModelName = s.scanner_model
         return st, Truth(volume_ml=st.truth_volumes_ml().get("lesion"))
     if s.pipeline == "lts":
         return phantoms.abdomen_ct_study(s.phantom_seed, patient=patient,

@@ -811,6 +811,14 @@ class DriftRow:
     reason: str | None = None
 
 
+#: the pipeline(s) a study's instances went to: a routing rule's match, or the study's
+#: completion for a pipeline (instances sent to a pipeline's own AE title, as scanners
+#: and the demo send them, have no routing decision); one row per (study, pipeline)
+ROUTED_SQL = ("SELECT study_uid, route_pipeline AS pl FROM routes WHERE matched "
+              "UNION SELECT study_uid, pipeline FROM study_completions "
+              "WHERE pipeline IS NOT NULL")
+
+
 def _categorical(con: Con, start: datetime, end: datetime,
                  ) -> dict[tuple[str, str], Counter[str]]:
     """Counts of every input feature's values per pipeline in [start, end): one scan."""
@@ -818,9 +826,9 @@ def _categorical(con: Con, start: datetime, end: datetime,
         f"SELECT pl, '{f}', coalesce({f}, '(none)'), count(*) FROM w GROUP BY ALL"
         for f in INPUT_FEATURES)
     rows = con.execute(f"""
-        WITH routed AS (SELECT DISTINCT study_uid, route_pipeline FROM routes WHERE matched),
+        WITH routed AS ({ROUTED_SQL}),
         w AS MATERIALIZED (
-            SELECT r.route_pipeline AS pl, manufacturer, manufacturer_model, modality,
+            SELECT r.pl, manufacturer, manufacturer_model, modality,
                    series_description,
                    CAST(round(pixel_spacing_mm, 2) AS VARCHAR) AS pixel_spacing_mm
             FROM instances i JOIN routed r USING (study_uid)
@@ -839,9 +847,9 @@ def arrivals(con: Con, pipeline: str | None = None, start: datetime | None = Non
     """(count, first, last) of the instances stored for ``pipeline`` (routed to it; None:
     any) with arrival time in [start, end) (None: unbounded); the drift windows are
     chosen from these, so a window is never one without data by accident."""
-    row = con.execute("""
-        WITH routed AS (SELECT DISTINCT study_uid FROM routes
-                        WHERE matched AND ($p IS NULL OR route_pipeline = $p))
+    row = con.execute(f"""
+        WITH routed AS (SELECT DISTINCT study_uid FROM ({ROUTED_SQL})
+                        WHERE $p IS NULL OR pl = $p)
         SELECT count(*), min(occurred_at), max(occurred_at)
         FROM instances i JOIN routed USING (study_uid)
         WHERE i.kind = 'stored' AND ($start IS NULL OR i.occurred_at >= $start)
@@ -877,7 +885,7 @@ def drift(con: Con, *, baseline: tuple[datetime, datetime], window: tuple[dateti
           threshold: float = 0.2, pipeline: str | None = None) -> list[DriftRow]:
     """PSI of each input and output feature in ``window`` against ``baseline``."""
     pipelines = [pipeline] if pipeline else [p for (p,) in con.execute(
-        "SELECT DISTINCT route_pipeline FROM routes WHERE matched ORDER BY 1").fetchall()]
+        f"SELECT DISTINCT pl FROM ({ROUTED_SQL}) ORDER BY 1").fetchall()]
     out: list[DriftRow] = []
     base_counts = _categorical(con, *baseline)
     window_counts = _categorical(con, *window)
@@ -928,10 +936,10 @@ def weekly_distribution(con: Con, feature: str, pipeline: str) -> list[WeeklyVal
     value = (f"CAST(round({feature}, 2) AS VARCHAR)" if feature == "pixel_spacing_mm"
              else feature)
     rows = con.execute(f"""
-        WITH routed AS (SELECT DISTINCT study_uid, route_pipeline FROM routes WHERE matched)
+        WITH routed AS ({ROUTED_SQL})
         SELECT CAST(date_trunc('week', occurred_at) AS DATE), coalesce({value}, '(none)'),
                count(*)
         FROM instances i JOIN routed r USING (study_uid)
-        WHERE i.kind = 'stored' AND r.route_pipeline = ? GROUP BY ALL ORDER BY 1, 2
+        WHERE i.kind = 'stored' AND r.pl = ? GROUP BY ALL ORDER BY 1, 2
     """, [pipeline]).fetchall()
     return [WeeklyValueRow(w, str(v), int(n)) for w, v, n in rows]

@@ -30,7 +30,8 @@ from demo.people import (
 )
 from demo.people import random as demo_random
 from demo.phantoms import fake_patient
-from demo.studies import PlannedStudy, Truth, plan, rng_for, seed_for
+from demo.studies import DRIFT_STUDIES, PlannedStudy, Truth, drift_batch, plan, rng_for, seed_for
+from engine.ops.longitudinal import CLASSES
 from events.catalogue import InferenceCompleted, ReviewSubmitted
 from events.nats_server import free_port
 
@@ -129,6 +130,20 @@ def test_the_demo_key_file_exists_before_the_pages_start(tmp_path: Path) -> None
     assert cfg.unblinding() == {"abc": "ai"}
 
 
+def test_bts_lesions_grow_shrink_or_stay_and_a_later_batch_changes_scanner() -> None:
+    bts = {(s.patient, s.timepoint): s.lesion_radius_mm for r in plan(3, seed=5, weeks=4)
+           for s in r if s.pipeline == "bts"}
+    vol = {k: (r or 0.0) ** 3 for k, r in bts.items()}
+    assert vol[(0, 1)] / vol[(0, 0)] > 1.25  # progression
+    assert vol[(1, 1)] / vol[(1, 0)] <= 0.5 and bts[(1, 2)] >= 6.0  # improved, in range
+    assert vol[(2, 1)] == vol[(2, 0)]  # stable
+    batch = drift_batch(3, seed=5, weeks=4)
+    assert len(batch) == DRIFT_STUDIES and {s.patient for s in batch} == {3, 4}
+    assert all(s.scanner_model and s.pipeline == "bts" for s in batch)
+    assert all(s.study_date >= max(x.study_date for r in plan(3, 5, 4) for x in r)
+               for s in batch)
+
+
 def test_planned_study_seeds_are_stable() -> None:
     s = PlannedStudy("lts", 0, 0, "20260105", seed_for(7, "lts", 0))
     assert s.phantom_seed == seed_for(7, "lts", 0) != seed_for(7, "lts", 1)
@@ -225,7 +240,8 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
     log1 = _log(env)
     c1 = _count(log1)
     for p in ("bts", "lts", "hfd"):
-        assert c1[("engine.inference.completed", p)] == (3 * patients if p == "bts"
+        assert c1[("engine.inference.completed", p)] == (3 * patients + DRIFT_STUDIES
+                                                         if p == "bts"
                                                          else patients), c1
         assert c1[("review.review.submitted", p)] > 0, c1
     # the last patient's HFD exam waits at the QC gate: no decision, no reads
@@ -262,13 +278,39 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
     assert "lastmile demo: summary" in text
     n = patients
     assert re.search(rf"│ hfd\s+│ {n}\s+│ {n}/0/0\s+│ \d+\.\d / \d+\.\d s", text), text
-    assert re.search(rf"│ bts\s+│ {3 * patients}\s+│ {3 * patients}/0/0", text), text
+    bts = 3 * patients + DRIFT_STUDIES
+    assert re.search(rf"│ bts\s+│ {bts}\s+│ {bts}/0/0", text), text
     assert re.search(r"mask accepted \d\.\d\d \[", text), text
     # the Dice column shows the recomputed values, not "n/a"
     assert re.search(r"lesion \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \(n=2\)", text), text
     assert re.search(r"(left_lobe|right_lobe|vessels) \d\.\d\d \(n=1\)", text), text
     assert f"{patients + (patients + 1) // 2} masks edited and recomputed" in text
-    assert f"sent {5 * patients} studies" in text
+    assert f"sent {5 * patients + DRIFT_STUDIES} studies" in text
+
+    # BTS: the AI's longitudinal finding and the readers' reads use the three classes;
+    # patient 1's lesion shrinks by half per exam, so "improved" is among them
+    ai_classes = {f["classification"] for e in log1 if e["type"] == "engine.inference.completed"
+                  and e.get("pipeline") == "bts" for f in e.get("findings", [])}
+    bts_reads = [e for e in log1 if e["type"] == "review.review.submitted"
+                 and e.get("pipeline") == "bts"]
+    read_classes = {v for e in bts_reads for v in e["reads"].values()}
+    assert ai_classes | read_classes <= set(CLASSES) and "improved" in ai_classes | read_classes
+    # readers disagree with the AI now and then (seeded: this seed gives disagreements)
+    assert any(a is False for e in log1 if e["type"] == "review.review.submitted"
+               for a in (e.get("agree") or {}).values())
+    # the later batch from a new scanner is a drift the Drift page shows over its
+    # threshold, in the windows that follow the data (every exam arrived today)
+    from projections import metrics as M
+    from projections.drift import LATEST_DATA, windows_following_data
+    from projections.duckdb_store import read_only
+
+    with read_only(str(state / "lastmile.duckdb"), wait_s=10.0) as con:
+        last = con.execute("SELECT max(occurred_at) FROM instances").fetchone()[0]
+        chosen = windows_following_data(con, last, 4, "bts")
+        assert chosen.basis == LATEST_DATA and chosen.baseline and chosen.window
+        drift = {r.feature: r for r in M.drift(con, baseline=chosen.baseline,
+                                               window=chosen.window, pipeline="bts")}
+    assert drift["manufacturer_model"].alert, drift
 
     # no demo patient's name or ID in the output or the log/read model; they ARE in the
     # stored DICOM instances (so the search below would find them if they leaked)
