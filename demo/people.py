@@ -46,6 +46,10 @@ LTS_READERS = (Reader("abdrad_a", seconds=240.0), Reader("abdrad_b", seconds=300
                Reader("abdrad_c", seconds=180.0))
 
 
+#: the blinded LTS study's mask sources and how often a reader rates each acceptable: the
+#: reference readers' masks (drawn by an expert and by a novice: ``REFERENCE_MASKS``) are
+#: rated blind beside the AI's
+LTS_ACCEPT_BY_SOURCE = {"ai": 0.85, "expert": 0.95, "novice": 0.55}
 QC_REJECT_RATE = 0.1
 QC_REASONS = ("wrong body part", "boxes misplaced", "image quality")
 LTS_ACCEPT = 0.85  # chance a reader rates the AI liver mask acceptable
@@ -78,6 +82,15 @@ class PlannedEdit:
     reader: str
     kind: str  # one of EDIT_KINDS
     label: str | None  # the segment corrected; None: a non-empty one, chosen by seed
+    source: str = "lastmile"  # EditSubmitted.source: a clinician's correction, or the
+    # blinded study's "expert" / "novice" reference mask
+
+
+#: the reference masks of every LTS exam for the blinded study: an expert's (a slice
+#: trimmed: close to the AI's) and a novice's (dilated: over-segmented), each drawn from
+#: the AI mask by the demo and registered as ``lastmile review add-mask`` does
+REFERENCE_MASKS = (PlannedEdit("liver_expert", "trim", None, "expert"),
+                   PlannedEdit("liver_novice", "dilate", None, "novice"))
 
 
 def edit_for(seed: int, pipeline: str, study_uid: str, patient: int, timepoint: int
@@ -123,11 +136,14 @@ def simulate_edit(masks: dict[str, Any], edit: PlannedEdit, rng: random.Random
 
 def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: Truth,
                   prior_volume_ml: float | None, baseline_volume_ml: float | None = None,
-                  ) -> list[Event]:
+                  blinded_labels: dict[str, str] | None = None) -> list[Event]:
     """The simulated people's events for one completed run (pure; deterministic ids).
     BTS follow-ups: the readers read progression / stable / improved against the truth
     the engine's rule gives on the phantom's volumes (``prior_volume_ml``, and
-    ``baseline_volume_ml``: the patient's first exam, default the prior)."""
+    ``baseline_volume_ml``: the patient's first exam, default the prior). LTS: with
+    ``blinded_labels`` (source -> the blinded study's label of this exam's mask), each
+    blinded reader rates every source's mask under its label; without, the AI's mask
+    under the run's blinding hash."""
     study, run_key = outcome.study_uid or "", outcome.run_key
     evs: list[Event] = []
 
@@ -175,20 +191,26 @@ def people_events(seed: int, pipeline: str, outcome: InferenceCompleted, truth: 
                                              negative="stable", classes=CLASSES, rng=rng)}
             evs += _assigned_and_review(eid, reader, study, pipeline, run_key, reads, ai, rng)
         return evs
-    # lts: three readers rate the AI mask under its blinded label
-    label = outcome.blinding_hash or hashlib.sha256(f"demo/{run_key}".encode()).hexdigest()[:12]
+    # lts: three readers rate each mask under its blinded label
+    if blinded_labels is None:
+        labels = {"ai": outcome.blinding_hash
+                  or hashlib.sha256(f"demo/{run_key}".encode()).hexdigest()[:12]}
+    else:
+        labels = dict(blinded_labels)
     for reader in LTS_READERS:
         rng = rng_for(seed, study, reader.name)
-        ok = rng.random() < LTS_ACCEPT
         evs.append(CaseAssigned.new(actor="worklist", study_uid=study, pipeline=pipeline,
                                     event_id=eid(reader.name, "assigned"), run_key=run_key,
-                                    reader=reader.name, blinded_label=label))
-        evs.append(ReviewSubmitted.new(
-            actor=reader.name, study_uid=study, pipeline=pipeline,
-            event_id=eid(reader.name, "review"), run_key=run_key, reader=reader.name,
-            reads={"mask": "acceptable" if ok else "unacceptable"},
-            confidence=rng.randint(3, 5) if ok else rng.randint(1, 3),
-            seconds_on_case=review_seconds(reader, rng), blinded_label=label))
+                                    reader=reader.name, blinded_label=labels.get("ai")))
+        for source, label in sorted(labels.items(), key=lambda kv: kv[1]):
+            ok = rng.random() < LTS_ACCEPT_BY_SOURCE.get(source, LTS_ACCEPT)
+            evs.append(ReviewSubmitted.new(
+                actor=reader.name, study_uid=study, pipeline=pipeline,
+                event_id=eid(reader.name, "review", *(() if source == "ai" else (source,))),
+                run_key=run_key, reader=reader.name,
+                reads={"mask": "acceptable" if ok else "unacceptable"},
+                confidence=rng.randint(3, 5) if ok else rng.randint(1, 3),
+                seconds_on_case=review_seconds(reader, rng), blinded_label=label))
     return evs
 
 
@@ -205,10 +227,11 @@ def open_cases(seed: int, pipeline: str, outcome: InferenceCompleted, patient: i
                timepoint: int, done: Sequence[Event]) -> list[Event]:
     """Cases assigned to the demo viewer and left unread, so the Worklist page has cases
     after the demo: every HFD exam that passed QC (``done`` holds its QC decision) and
-    the first patient's BTS follow-up exams. Deterministic ids, like every demo event."""
+    the first patient's BTS follow-up exams; every LTS exam, to rate on the Blinded reading
+    page. Deterministic ids, like every demo event."""
     study, run_key = outcome.study_uid or "", outcome.run_key
     if pipeline == "hfd" and any(isinstance(ev, QcPassed) for ev in done) or \
-            pipeline == "bts" and patient == 0 and timepoint > 0:
+            pipeline == "bts" and patient == 0 and timepoint > 0 or pipeline == "lts":
         return [CaseAssigned.new(actor="worklist", study_uid=study, pipeline=pipeline,
                                  event_id=deterministic_id("demo", seed, study, DEMO_VIEWER,
                                                            "assigned"),

@@ -27,7 +27,6 @@ Patient identity stays in the DICOM files only; the demo prints UIDs and pseudon
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from demo.people import (
+    REFERENCE_MASKS,
     PlannedEdit,
     edit_for,
     open_cases,
@@ -185,7 +185,9 @@ def _edited_seg_bytes(settings: Settings, history: list[Event], outcome: Inferen
                                frames.source_instances)
     sources = [pydicom.dcmread(p) for p in paths]
     masks = edits.masks_on_sources(frames, sources)
-    corrected = simulate_edit(masks, edit, rng_for(seed, outcome.study_uid, "edit", "mask"))
+    corrected = simulate_edit(masks, edit, rng_for(
+        seed, outcome.study_uid, "edit", "mask",
+        *(() if edit.source == "lastmile" else (edit.source,))))
     seg = edits.build_edited_seg(sources, corrected, ai_seg, reader=edit.reader,
                                  uid_key=uid_key)
     buf = io.BytesIO()
@@ -212,7 +214,7 @@ async def submit_edit(bus: EventBus, settings: Settings, history: list[Event],
     await bus.publish(EditSubmitted.new(
         actor=edit.reader, study_uid=study, pipeline=outcome.pipeline, event_id=event_id,
         run_key=outcome.run_key, reader=edit.reader, store_key=stored.store_key,
-        sha256=stored.sha256))
+        sha256=stored.sha256, source=edit.source))
     return event_id, True
 
 
@@ -259,6 +261,7 @@ class DemoResult:
     people_events_new: int = 0
     people_events_existing: int = 0
     edits: int = 0  # corrected masks submitted (in this run or an earlier one)
+    reference_masks: int = 0  # the blinded study's expert and novice masks
     seconds: float = 0.0
 
 
@@ -276,6 +279,9 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
     rounds = plan(options.patients, options.seed, options.weeks, options.timepoints)
     rounds.append(drift_batch(options.patients, options.seed, options.weeks))
     total = sum(len(r) for r in rounds)
+    from dashboards.review.blinded import load_blinded_study
+
+    blinded = load_blinded_study(prepare_blinded_study(settings))
     prior_volume: dict[int, float | None] = {}
     first_volume: dict[int, float | None] = {}
     edits: dict[str, str] = {}  # edit event id -> study
@@ -303,11 +309,25 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                 kind = outcome.type_name().rsplit(".", 1)[-1]
                 result.outcomes[s.pipeline][kind] = result.outcomes[s.pipeline].get(kind, 0) + 1
                 progress.advance(done)
+                labels = None
+                if isinstance(outcome, InferenceCompleted) and s.pipeline == blinded.pipeline:
+                    # the reference masks first: readers rate every source's mask
+                    for ref in REFERENCE_MASKS:
+                        submitted = await submit_edit(bus, settings, history, outcome, ref,
+                                                      options.seed)
+                        if submitted is not None:
+                            edit_id, is_new = submitted
+                            edits[edit_id] = outcome.study_uid or ""
+                            result.reference_masks += 1
+                            result.people_events_new += is_new
+                            result.people_events_existing += not is_new
+                    labels = {src: blinded.label(outcome.study_uid or "", src)
+                              for src in blinded.sources}
                 if isinstance(outcome, InferenceCompleted):
                     evs = [] if waits_at_qc(s.pipeline, s.patient, options.patients) else \
                         people_events(options.seed, s.pipeline, outcome, truth,
                                       prior_volume.get(s.patient) if s.pipeline == "bts"
-                                      else None, first_volume.get(s.patient))
+                                      else None, first_volume.get(s.patient), labels)
                     evs += open_cases(options.seed, s.pipeline, outcome, s.patient,
                                       s.timepoint, evs)
                     existing = {ev.event_id for ev in history}
@@ -331,7 +351,7 @@ async def run_demo(bus: EventBus, settings: Settings, options: DemoOptions) -> D
                     first_volume.setdefault(s.patient, truth.volume_ml)
                 progress.advance(people)
     await wait_recomputed(bus, edits, options.study_timeout_s)
-    result.edits = len(edits)
+    result.edits = len(edits) - result.reference_masks
     result.seconds = time.monotonic() - t0
     return result
 
@@ -356,17 +376,42 @@ def prepare_unblinding_key(settings: Settings) -> Path:
     return path
 
 
+def prepare_blinded_study(settings: Settings) -> Path:
+    """The demo's blinded LTS study (``state_dir/demo_blinded_study.toml``, 0600: it holds
+    the salt), created once with a random salt; its readers are the simulated abdominal
+    radiologists and ``demo.viewer``, its sources the AI, an expert and a novice.
+    ``lastmile demo`` names it in ``LASTMILE_BLINDED_STUDY`` for the pages. Returns its
+    path."""
+    import secrets
+
+    from demo.people import DEMO_VIEWER, LTS_ACCEPT_BY_SOURCE, LTS_READERS
+
+    path = settings.state_dir / "demo_blinded_study.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    readers = [r.name for r in LTS_READERS] + [DEMO_VIEWER]
+    with os.fdopen(fd, "w") as f:
+        f.write(f'pipeline = "lts"\nsalt = "{secrets.token_hex(24)}"\n'
+                f"readers = {json.dumps(readers)}\n"
+                f"sources = {json.dumps(list(LTS_ACCEPT_BY_SOURCE))}\n")
+    return path
+
+
 async def write_unblinding_key(bus: EventBus, settings: Settings) -> dict[str, str]:
-    """The LTS blinding key from the log's LTS results (each label is the AI mask),
-    written to ``state_dir/demo_unblinding.json`` (0600), the file ``lastmile demo``
-    names in ``LASTMILE_UNBLINDING_KEY`` for the pages it starts."""
+    """The LTS blinding key (label -> ai / expert / novice) of every LTS result in the
+    log, from the demo's blinded study, written to ``state_dir/demo_unblinding.json``
+    (0600), the file ``lastmile demo`` names in ``LASTMILE_UNBLINDING_KEY`` for the pages
+    it starts."""
+    from dashboards.review.blinded import load_blinded_study, unblinding
     from events.subjects import type_filter
 
-    key: dict[str, str] = {}
-    async for _, ev, _ in bus.read(filter_subject=type_filter("engine.inference.completed")):
-        if isinstance(ev, InferenceCompleted) and ev.pipeline == "lts":
-            key[ev.blinding_hash or hashlib.sha256(f"demo/{ev.run_key}".encode())
-                .hexdigest()[:12]] = "ai"
+    study = load_blinded_study(prepare_blinded_study(settings))
+    key = unblinding(study, [ev async for _, ev, _ in bus.read(
+        filter_subject=type_filter("engine.inference.completed"))
+        if isinstance(ev, InferenceCompleted)])
     path = unblinding_key_path(settings)
     tmp = path.with_suffix(".tmp")  # the pages read it while it is rewritten: replace it whole
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

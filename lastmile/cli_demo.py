@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 def demo_main(settings: Settings, options: DemoOptions) -> int:
     """Start NATS and the services like `lastmile up`, run the demo, stay up (or not)."""
-    from demo.run import DemoError, prepare_unblinding_key, run_demo, write_unblinding_key
+    from demo.run import (
+        DemoError,
+        prepare_blinded_study,
+        prepare_unblinding_key,
+        run_demo,
+        write_unblinding_key,
+    )
     from demo.summary import ReadModelReader, print_summary, wait_projector
     from lastmile import services_dashboards
     from lastmile.runtime import Supervisor, embedded_server
@@ -33,6 +39,8 @@ def demo_main(settings: Settings, options: DemoOptions) -> int:
     # and the demo's own unblinding key (written as the LTS results arrive), unless the
     # site names its own: blinded reads then show their sources, not "(unknown key)"
     os.environ.setdefault("LASTMILE_UNBLINDING_KEY", str(prepare_unblinding_key(settings)))
+    # and its blinded LTS study (salt, readers, sources) for the Blinded reading page
+    os.environ.setdefault("LASTMILE_BLINDED_STUDY", str(prepare_blinded_study(settings)))
     services = services_for(settings)
     if not options.dashboard:
         services = [s for s in services if not isinstance(s, services_dashboards.DashboardService)]

@@ -19,6 +19,8 @@ import pytest
 from demo.people import (
     DEMO_VIEWER,
     EDIT_KINDS,
+    LTS_ACCEPT_BY_SOURCE,
+    REFERENCE_MASKS,
     PlannedEdit,
     Reader,
     edit_for,
@@ -144,6 +146,35 @@ def test_bts_lesions_grow_shrink_or_stay_and_a_later_batch_changes_scanner() -> 
                for s in batch)
 
 
+def test_blinded_readers_rate_every_sources_mask_under_its_label() -> None:
+    ev = _completed("lts", blinding_hash="abc123")
+    labels = {"ai": "l-ai", "expert": "l-ex", "novice": "l-no"}
+    evs = people_events(7, "lts", ev, Truth(), None, None, labels)
+    reviews = [e for e in evs if isinstance(e, ReviewSubmitted)]
+    assert len(reviews) == 9 and len({e.event_id for e in evs}) == len(evs)
+    assert collections.Counter(r.blinded_label for r in reviews) == {
+        "l-ai": 3, "l-ex": 3, "l-no": 3}
+    assert [e.event_id for e in evs] == [
+        e.event_id for e in people_events(7, "lts", ev, Truth(), None, None, labels)]
+    assert {m.source for m in REFERENCE_MASKS} == {"expert", "novice"}
+    assert set(LTS_ACCEPT_BY_SOURCE) == {"ai", "expert", "novice"}
+
+
+def test_the_demo_blinded_study_is_created_once_and_readable_by_the_pages(
+        tmp_path: Path) -> None:
+    from dashboards.review.blinded import load_blinded_study
+    from demo.run import prepare_blinded_study
+    from lastmile.settings import Settings
+
+    settings = Settings(state_dir=tmp_path / "state")
+    path = prepare_blinded_study(settings)
+    study = load_blinded_study(path)  # refused if others could read the salt
+    assert study.pipeline == "lts" and DEMO_VIEWER in study.readers
+    assert study.sources == ("ai", "expert", "novice")
+    prepare_blinded_study(settings)
+    assert load_blinded_study(path).salt == study.salt  # the same labels on a second run
+
+
 def test_planned_study_seeds_are_stable() -> None:
     s = PlannedStudy("lts", 0, 0, "20260105", seed_for(7, "lts", 0))
     assert s.phantom_seed == seed_for(7, "lts", 0) != seed_for(7, "lts", 1)
@@ -252,18 +283,27 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
     assert {e["pipeline"] for e in viewer} >= {"bts"} and len(viewer) >= 2
     assert not [e for e in log1 if e["type"] == "review.review.submitted"
                 and e["reader"] == "demo.viewer"]
-    # LTS: three blinded readers per run, each review under the run's blinded label
+    # LTS: three blinded readers per run rate three masks each (the AI's, an expert's and
+    # a novice's), each under its blinded label
     lts_reviews = [e for e in log1 if e["type"] == "review.review.submitted"
                    and e.get("pipeline") == "lts"]
-    assert len(lts_reviews) == 3 * patients and all(e["blinded_label"] for e in lts_reviews)
-    # the demo's unblinding key names every label read (the pages get its path through
-    # LASTMILE_UNBLINDING_KEY, so blinded reads are not "(unknown key)")
+    assert len(lts_reviews) == 9 * patients and all(e["blinded_label"] for e in lts_reviews)
+    # the demo's unblinding key names every label read, by source (the pages get its path
+    # through LASTMILE_UNBLINDING_KEY, so blinded reads are not "(unknown key)")
     key = json.loads((state / "demo_unblinding.json").read_text())
-    assert {e["blinded_label"] for e in lts_reviews} <= set(key)
-    assert (state / "demo_unblinding.json").stat().st_mode & 0o077 == 0
+    assert {key.get(e["blinded_label"]) for e in lts_reviews} == {"ai", "expert", "novice"}
+    for f in ("demo_unblinding.json", "demo_blinded_study.toml"):
+        assert (state / f).stat().st_mode & 0o077 == 0
+    sources = collections.Counter(e.get("source", "lastmile") for e in log1
+                                  if e["type"] == "review.edit.submitted"
+                                  and e.get("pipeline") == "lts")
+    assert sources == {"lastmile": (patients + 1) // 2, "expert": patients, "novice": patients}
+    # every LTS exam waits on demo.viewer's Blinded reading page, all three masks ready
+    assert sum(e["pipeline"] == "lts" for e in viewer) == patients
     assert c1[("engine.pipeline.stage_changed", "hfd")] == 1
     # a few corrected masks, each recomputed once by the engine (never for HFD)
-    for p, n_edits in (("bts", patients), ("lts", (patients + 1) // 2), ("hfd", 0)):
+    for p, n_edits in (("bts", patients), ("lts", (patients + 1) // 2 + 2 * patients),
+                       ("hfd", 0)):
         assert c1[("review.edit.submitted", p)] == n_edits, c1
         assert c1[("engine.measurement.recomputed", p)] == n_edits, c1
     assert not [e for e in log1 if e["type"] == "system.delivery.failed"]
