@@ -115,8 +115,11 @@ def summary_rows(con: Any, unblinding: dict[str, str]) -> list[dict[str, str]]:
         else:
             ag = metrics.agreement(con, p, positive="fracture" if p == "hfd"
                                    else "progression")
+            # Fleiss' kappa needs three readers (HFD); with two (BTS), AI vs each reader
+            pairs = "; ".join(f"AI–{r} κ {_stat(k)}" for r, k in ag.ai_vs_reader.items()
+                              if k.value is not None)
             kappa = (f"Fleiss κ {_stat(ag.fleiss)}" if ag.fleiss.value is not None
-                     else "n/a (no AI finding classes)" if p == "bts" else "n/a")
+                     else pairs or f"n/a ({ag.cases} cases read)")
         labels = dice.get(p, [])
         rows.append({
             "pipeline": p,

@@ -143,7 +143,8 @@ def _print_metrics(r: dict[str, Any]) -> None:
         out.print(f"drift: {drift['note']}")
     elif drift:
         note = f" ({drift['note']})" if drift.get("note") else ""
-        out.print(f"drift {drift['window'][0]:%Y-%m-%d %H:%M} to {drift['window'][1]:%H:%M} "
-                  f"vs baseline from {drift['baseline'][0]:%Y-%m-%d %H:%M}: "
+        w = drift["window"]
+        out.print(f"drift {w[0]:%Y-%m-%d %H:%M:%S} to {w[1]:%H:%M:%S} vs baseline from "
+                  f"{drift['baseline'][0]:%Y-%m-%d %H:%M:%S}: "
                   + describe_drift(drift["rows"]) + note)
     out.print("(--json for every metric, turnaround per week and subgroups)")

@@ -321,6 +321,7 @@ def test_demo_end_to_end_twice_on_the_same_state(tmp_path: Path) -> None:
     bts = 3 * patients + DRIFT_STUDIES
     assert re.search(rf"│ bts\s+│ {bts}\s+│ {bts}/0/0", text), text
     assert re.search(r"mask accepted \d\.\d\d \[", text), text
+    assert re.search(r"AI–neurorad_[ab] κ -?\d\.\d\d", text), text  # BTS agreement exists
     # the Dice column shows the recomputed values, not "n/a"
     assert re.search(r"lesion \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \(n=2\)", text), text
     assert re.search(r"(left_lobe|right_lobe|vessels) \d\.\d\d \(n=1\)", text), text
