@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -52,6 +54,23 @@ async def wait_for(bus: EventBus, study_uid: str, done: Callable[[list[Event]], 
 
 def has(type_name: str, n: int = 1) -> Callable[[list[Event]], bool]:
     return lambda evs: sum(e.type_name() == type_name for e in evs) >= n
+
+
+def model_pipeline(reference_yaml: Path, model: Path, tmp: Path, name: str,
+                   runtime: str = "torch") -> Path:
+    """A copy of a reference pipeline file under ``tmp`` that names another model file
+    (its path and sha256; the model card line dropped), pipeline ``name`` and ``runtime``."""
+    text = reference_yaml.read_text()
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    text = re.sub(r"(?m)^name: \w+", f"name: {name}", text)
+    text = re.sub(r"(?m)^ae_title: \w+", f"ae_title: {name.upper()[:16]}", text)
+    text = re.sub(r"(?m)^  path: .*", f"  path: {model}", text)
+    text = re.sub(r"(?m)^  sha256: .*", f"  sha256: {sha}", text)
+    text = re.sub(r"(?m)^  card: .*\n", "", text)
+    text = re.sub(r"(?m)^runtime: .*", f"runtime: {runtime}", text)
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    return path
 
 
 class RunningWorker:

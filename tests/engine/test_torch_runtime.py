@@ -3,9 +3,7 @@ and through TorchScript gives the same result (real nats-server, real worker).""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -64,21 +62,6 @@ def test_a_runtime_that_cannot_load_the_format_is_refused_with_the_reason() -> N
 torch = pytest.importorskip("torch", reason="the torch runtime needs torch (train extra)")
 
 
-def _torch_pipeline(reference_yaml: Path, program: Path, tmp: Path, name: str) -> Path:
-    """A copy of a reference pipeline file that names the TorchScript program."""
-    text = reference_yaml.read_text()
-    sha = hashlib.sha256(program.read_bytes()).hexdigest()
-    text = re.sub(r"(?m)^name: \w+", f"name: {name}", text)
-    text = re.sub(r"(?m)^ae_title: \w+", f"ae_title: {name.upper()[:16]}", text)
-    text = re.sub(r"(?m)^  path: .*", f"  path: {program}", text)
-    text = re.sub(r"(?m)^  sha256: .*", f"  sha256: {sha}", text)
-    text = re.sub(r"(?m)^  card: .*\n", "", text)
-    text = re.sub(r"(?m)^runtime: .*", "runtime: torch", text)
-    path = tmp / f"{name}.yaml"
-    path.write_text(text)
-    return path
-
-
 def _seg_mask(path: Path) -> np.ndarray:
     return pydicom.dcmread(path).pixel_array.astype(bool)
 
@@ -94,11 +77,18 @@ async def test_bts_through_torchscript_equals_onnx_runtime(bus, reference, tmp_p
     from engine.spec import REFERENCE_DIR, load_pipeline
     from engine.worker import EngineWorker, WorkerConfig
     from events.catalogue import InferenceCompleted, Stage
-    from tests.engine.conftest import SECRET, RunningWorker, dciodvfy_errors, has, wait_for
+    from tests.engine.conftest import (
+        SECRET,
+        RunningWorker,
+        dciodvfy_errors,
+        has,
+        model_pipeline,
+        wait_for,
+    )
 
     program, _ = export_reference("bts", tmp_path / "models")
-    torch_bts = load_pipeline(_torch_pipeline(REFERENCE_DIR / "bts.yaml", program, tmp_path,
-                                              "btstorch"))
+    torch_bts = load_pipeline(model_pipeline(REFERENCE_DIR / "bts.yaml", program, tmp_path,
+                                             "btstorch"))
     pipelines = {"bts": reference["bts"], "btstorch": torch_bts}
     config = WorkerConfig(instances_dir=tmp_path / "instances",
                           results_dir=tmp_path / "results", secret=SECRET,
