@@ -4,14 +4,12 @@ steps done by hand with MONAI on the array."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import (
@@ -24,6 +22,7 @@ from monai.transforms import (
 from monai.transforms.utils import generate_spatial_bounding_box
 
 from demo.phantoms import brain_mr_study
+from demo.training.cascade import MARGIN, cascade_pipeline
 from engine.dicom_results import Provenance
 from engine.errors import SpecError
 from engine.feed import feed_study
@@ -31,55 +30,12 @@ from engine.ops.postprocess import dice
 from engine.ops.volume import series_to_volume
 from engine.registry import deployed_event
 from engine.runtimes import OnnxRuntimeCpu, TorchRuntime
-from engine.spec import REFERENCE_DIR, load_pipeline
+from engine.spec import load_pipeline
 from engine.steps import RunContext, run_steps
 from engine.worker import EngineWorker, WorkerConfig
 from events.catalogue import InferenceCompleted, OperatorFinished, Stage
 from events.jetstream import EventBus
 from tests.engine.conftest import SECRET, RunningWorker, dciodvfy_errors, has, wait_for
-
-MARGIN = 4
-
-
-class _BrainLocator(torch.nn.Module):
-    """A locating 'model' with a known answer: brain where the scaled intensity > 0.5."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([0.5 - x, x - 0.5], dim=1) * 20.0
-
-
-def _cascade(tmp: Path) -> tuple[Path, Path]:
-    locator = tmp / "locator.ts"
-    torch.jit.script(_BrainLocator()).save(str(locator))
-    bts = load_pipeline(REFERENCE_DIR / "bts.yaml")
-    data = yaml.safe_load(bts.path.read_text())
-    data["name"] = "bts-cascade"
-    data["model"]["path"] = str(bts.model_path)
-    data["model"]["card"] = str(bts.card_path)
-    data["models"] = {"locator": {"name": "brain-locator", "version": "1",
-                                  "path": str(locator),
-                                  "sha256": hashlib.sha256(locator.read_bytes()).hexdigest(),
-                                  "output": {"values": "logits", "activation": "softmax"}}}
-    data["operators"] = [
-        {"op": "select_series"}, {"op": "load_volume"},
-        # 1. locate, at 6 mm
-        {"op": "Spacing", "params": {"pixdim": [6.0, 6.0, 6.0]}},
-        {"op": "ScaleIntensityRange", "params": {"a_min": 0, "a_max": 720}},
-        {"op": "SimpleInferer", "params": {"model": "locator", "classes": 2}},
-        {"op": "Invert"}, {"op": "argmax"},
-        # 2. crop to the brain's box, segment the lesion inside it
-        {"op": "crop_to_labels", "params": {"labels": [1], "margin": MARGIN}},
-        {"op": "Orientation", "params": {"axcodes": "SPL"}},
-        {"op": "NormalizeIntensity", "params": {"nonzero": True}},
-        {"op": "SlidingWindowInferer", "params": {"roi_size": [32, 64, 64], "sw_batch_size": 2,
-                                                  "overlap": 0.25, "mode": "gaussian",
-                                                  "classes": 2}},
-        {"op": "Invert"}, {"op": "argmax"},
-        {"op": "KeepLargestConnectedComponent", "params": {"applied_labels": [1]}},
-        {"op": "volumes"}, {"op": "write_seg"}, {"op": "write_sr"}]
-    path = tmp / "cascade.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path, locator
 
 
 def _by_hand(array: np.ndarray, spacing: tuple[float, float, float], locator: Path,
@@ -118,7 +74,7 @@ def _by_hand(array: np.ndarray, spacing: tuple[float, float, float], locator: Pa
 
 @pytest.mark.slow
 def test_locate_crop_segment_equals_the_same_steps_by_hand_with_monai(tmp_path: Path) -> None:
-    path, locator = _cascade(tmp_path)
+    path, locator = cascade_pipeline(tmp_path)
     loaded = load_pipeline(path)
     study = brain_mr_study(31)
     ctx = RunContext(pipeline=loaded, runtime=OnnxRuntimeCpu.load(loaded.model_path),
@@ -143,7 +99,7 @@ def test_locate_crop_segment_equals_the_same_steps_by_hand_with_monai(tmp_path: 
 
 
 def test_an_inferer_naming_an_unknown_model_is_refused_at_load(tmp_path: Path) -> None:
-    path, _ = _cascade(tmp_path)
+    path, _ = cascade_pipeline(tmp_path)
     text = path.read_text().replace("model: locator", "model: finder")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -156,7 +112,7 @@ def test_an_inferer_naming_an_unknown_model_is_refused_at_load(tmp_path: Path) -
 @pytest.mark.slow
 async def test_a_worker_runs_a_cascade_with_both_models_and_valid_results(
         bus: EventBus, worker_config: WorkerConfig, tmp_path: Path) -> None:
-    path, _ = _cascade(tmp_path)
+    path, _ = cascade_pipeline(tmp_path)
     loaded = load_pipeline(path)
     await bus.publish(deployed_event(loaded, actor="test", stage=Stage.VALIDATION))
     study = brain_mr_study(32, lesion_radius_mm=15.0)
