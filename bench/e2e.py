@@ -1,12 +1,21 @@
 """`lastmile bench e2e`: per pipeline, study completed -> result published, with the
 per-stage p50/p90 and the platform's overhead; an Orthanc PACS is the peer that receives
-the results when its binary is installed."""
+the results when its binary is installed.
+
+Rows: the reference pipelines (``hfd``, ``bts``, ``lts``), BTS on the ``torch`` runtime
+(``bts-torch``: the reference model exported to TorchScript) and a two-model cascade
+(``bts-cascade``: a locating program crops the image for BTS). For 3D segmentations the
+run's time splits three ways: model compute (inside the runtime's ``run``), MONAI's
+inferer overhead (the inferer operators' time less the model's: windowing, padding,
+Gaussian blending, the conversion to probabilities) and platform overhead (the rest). The
+peer is MONAI's own inferer on the same array with the same model loaded by hand."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -78,20 +87,58 @@ class E2EResult:
         return {"pipelines": self.pipelines, "notes": self.notes}
 
 
-def _bench_pipeline(loaded: LoadedPipeline, tmp: Path, pacs: tuple[str, int] | None
-                    ) -> LoadedPipeline:
-    """The reference file with absolute model paths and, when given, a PACS publisher."""
+#: rows besides the reference pipelines (they need torch, the ``train`` extra)
+TORCH_ROWS = ("bts-torch", "bts-cascade")
+#: the phantom each row runs on (the BTS variants on BTS's phantoms)
+PHANTOM = {"hfd": "hfd", "bts": "bts", "lts": "lts", "bts-torch": "bts", "bts-cascade": "bts"}
+
+
+def _bench_pipeline(loaded: LoadedPipeline, tmp: Path, pacs: tuple[str, int] | None,
+                    model: Path | None = None, **top: Any) -> LoadedPipeline:
+    """The file with absolute model paths and, when given, a PACS publisher; ``model``
+    replaces the model (its hash recomputed, no card), ``top`` the file's top-level keys."""
     data = yaml.safe_load(loaded.path.read_text())
     data["model"]["path"] = str(loaded.model_path)
     if loaded.card_path:
         data["model"]["card"] = str(loaded.card_path)
+    if model is not None:
+        import hashlib
+
+        data["model"]["path"] = str(model)
+        data["model"]["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        data["model"].pop("card", None)
+    data.update(top)
     if pacs is not None:
         data["publishers"] = [{"kind": "store"}, {"kind": "pacs", "ae_title": "ORTHANC",
                                                   "host": "127.0.0.1", "port": pacs[1],
                                                   "retries": 2}]
-    path = tmp / f"{loaded.name}.yaml"
+    path = tmp / f"{data['name']}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_pipeline(path)
+
+
+def _row_pipeline(name: str, tmp: Path, pacs: tuple[str, int] | None) -> LoadedPipeline:
+    """The pipeline of row ``name``: a reference file, or one of ``TORCH_ROWS`` built from
+    BTS's (TorchScript export: ``demo.training.torchscript``; the cascade:
+    ``demo.training.cascade``)."""
+    if name == "bts-torch":
+        from demo.training.torchscript import export_reference
+
+        program, _ = export_reference("bts", tmp / "models")
+        return _bench_pipeline(load_pipeline(REFERENCE_DIR / "bts.yaml"), tmp, pacs, program,
+                               name=name, ae_title="LM_BTS_TORCH", runtime="torch")
+    if name == "bts-cascade":
+        from demo.training.cascade import cascade_pipeline
+
+        path, _ = cascade_pipeline(tmp / "cascade", name=name, ae_title="LM_BTS_CASCADE")
+        return _bench_pipeline(load_pipeline(path), tmp, pacs)
+    return _bench_pipeline(load_pipeline(REFERENCE_DIR / f"{name}.yaml"), tmp, pacs)
+
+
+def _torch_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def _start_orthanc(root: Path) -> tuple[Any, int] | None:
@@ -146,15 +193,21 @@ async def _storescu(port: int, called: str, files: list[Path]) -> None:
         raise EngineError(f"storescu failed: {out.decode(errors='replace')[-500:]}")
 
 
-async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts", "lts"),
-                        via: str = "auto") -> E2EResult:
+ALL_ROWS = ("hfd", "bts", "lts", *TORCH_ROWS)
+
+
+async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ALL_ROWS,
+                        via: str = "auto", peer: bool = True) -> E2EResult:
     """Per pipeline, ``studies`` phantom studies, one at a time, through a worker on a real
     nats-server (and a real Orthanc as the PACS when installed); per-stage p50/p90.
 
     ``via="dicom"``: sent by dcmtk's storescu to the ingest SCP on the pipeline's AE title
     (transfer and completion measured); ``via="feed"``: written to the store and their
     events published by the bench (from "study completed" on); ``auto``: dicom when dcmtk
-    and the ingest package are there.
+    and the ingest package are there. ``peer``: for 3D segmentations, MONAI's own inferer
+    on the same array with the same model (``monai_peer`` in the row). Rows of
+    ``TORCH_ROWS`` are left out, with a note, when torch is not installed; an unknown
+    name raises ``EngineError``.
     """
     from demo import phantoms
     from engine.feed import feed_study
@@ -162,13 +215,30 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
     from events.jetstream import BusSettings
     from events.nats_server import EmbeddedNats, free_port
 
+    unknown = [n for n in names if n not in PHANTOM]
+    if unknown:
+        raise EngineError(f"bench e2e: unknown pipeline rows {unknown} (known: {ALL_ROWS})")
     use_dicom = via == "dicom" or (via == "auto" and _dicom_path_available())
     notes = [
         "total = study completed event -> inference completed event (results stored and "
         "published: the commit of a run); queue = study completed -> worker picked it up",
-        "inference = model compute (sliding windows / 2D batches); platform overhead = "
-        "total - inference",
+        "inference = the inferer operators (MONAI inferers / 2D batches); platform overhead "
+        "= total - inference",
+        "3D split: model compute = inside the runtime's run calls; MONAI inferer overhead = "
+        "inference - model compute (windowing, padding, blending, to probabilities); "
+        "platform = everything else (read, selection, transforms, Invert, postprocess, "
+        "SEG/SR, publish, events)",
     ]
+    if not _torch_importable() and any(n in TORCH_ROWS for n in names):
+        notes.append(f"torch not installed (train extra): rows {TORCH_ROWS} left out")
+        names = tuple(n for n in names if n not in TORCH_ROWS)
+    if peer:
+        notes.append("monai_peer = MONAI's own inferer(s) with the pipeline file's parameters "
+                     "on the array the platform's inferer got (captured from one study), "
+                     "the same model loaded by hand (onnxruntime CPU / torch.jit), repeated "
+                     "per study; no softmax")
+    notes.append(f"machine: {os.cpu_count()} cores, 1-min load {os.getloadavg()[0]:.1f} at "
+                 "start")
     if use_dicom:
         notes.append("via dicom: storescu (TCP_NODELAY=1) -> ingest SCP on the pipeline's AE "
                      "title; transfer = send start -> last instance stored; completion = last "
@@ -177,11 +247,12 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
         notes.append("via feed: instances written to the store and their InstanceStored "
                      "events published by the bench itself; transfer and completion not "
                      "measured")
-    generators = {
+    phantom_of = {
         "bts": lambda i: phantoms.brain_mr_study(9000 + i),
         "lts": lambda i: phantoms.abdomen_ct_study(9100 + i),
         "hfd": lambda i: phantoms.pelvis_study(9200 + i, images=5, size=1024),
     }
+    generators = {n: phantom_of[p] for n, p in PHANTOM.items()}
     results: dict[str, dict[str, Any]] = {}
     secret = b"bench-secret-0123456789abcdef01"
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-e2e-") as tmp_s:
@@ -199,9 +270,9 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
             bus = await EventBus.connect(BusSettings(servers=(server.url,), stream="BENCH"))
             config = WorkerConfig(instances_dir=tmp / "instances", results_dir=tmp / "results",
                                   secret=secret, worker_id="bench", heartbeat_s=5.0)
-            loaded = {n: _bench_pipeline(load_pipeline(REFERENCE_DIR / f"{n}.yaml"), tmp,
-                                         (("ORTHANC", orthanc[1]) if orthanc else None))
+            loaded = {n: _row_pipeline(n, tmp, (("ORTHANC", orthanc[1]) if orthanc else None))
                       for n in names}
+            ae_of = {n: lp.spec.ae_title for n, lp in loaded.items()}
             for lp in loaded.values():
                 await bus.publish(deployed_event(lp, actor="bench", stage=Stage.VALIDATION))
             worker = EngineWorker(loaded, config)
@@ -226,15 +297,18 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ("hfd", "bts
 
                 async def send(name: str, study: Any, i: int) -> None:
                     files = await asyncio.to_thread(study.write, tmp / "send" / f"{name}{i}")
-                    await _storescu(port, f"LM_{name.upper()}", files)
+                    await _storescu(port, ae_of[name], files)
             else:
                 async def send(name: str, study: Any, i: int) -> None:
                     await feed_study(bus, study.datasets, config.instances_dir, secret,
-                                     pipeline=name, called_ae=f"LM_{name.upper()}")
+                                     pipeline=name, called_ae=ae_of[name])
             try:
                 for name in names:
                     results[name] = await _bench_one(bus, worker, name, generators[name],
                                                      studies, send)
+                    if peer and loaded[name].spec.task == "segmentation3d":
+                        results[name]["monai_peer"] = await asyncio.to_thread(
+                            monai_peer, loaded[name], generators[name](1), studies)
             finally:
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -252,6 +326,8 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     overhead_share: list[float] = []
     inference: list[float] = []
+    split: dict[str, list[float]] = {s: [] for s in SPLIT}
+    seg3d = worker.pipelines[name].spec.task == "segmentation3d"
     for i in range(studies + 1):  # study 0 warms up (model load, first calls): not counted
         study = await asyncio.to_thread(make, i)
         sent_at = datetime.now(UTC)
@@ -280,9 +356,11 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
         stage["completion"] = max(0.0, (done.occurred_at - last_stored).total_seconds())
         stage["queue"] = (started - done.occurred_at).total_seconds()
         stage["load"] = outcome.stages.get("read", 0.0) + outcome.stages.get("model_load", 0.0)
+        model_s = 0.0
         for ev in history:
             if isinstance(ev, OperatorFinished):
                 stage[STAGE_OF_OPERATOR.get(ev.operator, "postprocess")] += ev.duration_s
+                model_s += _model_seconds(ev)
         stage["seg_sr_write"] += outcome.stages.get("store", 0.0)
         stage["publish"] = outcome.stages.get("publish", 0.0)
         stage["total"] = (completed.occurred_at - done.occurred_at).total_seconds()
@@ -291,8 +369,15 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
             per_stage[s].append(stage[s])
         inference.append(stage["inference"])
         overhead_share.append(1.0 - stage["inference"] / stage["total"])
+        if seg3d:
+            split["model_compute"].append(model_s)
+            split["monai_inferer_overhead"].append(stage["inference"] - model_s)
+            split["platform_overhead"].append(stage["total"] - stage["inference"])
     return {
         "studies": studies,
+        "runtime": completed.runtime,
+        "split_s": {k: {"p50": round(_pct(v, 50), 4), "p90": round(_pct(v, 90), 4)}
+                    for k, v in split.items()} if seg3d else None,
         "p50_s": {s: round(_pct(v, 50), 4) for s, v in per_stage.items()},
         "p90_s": {s: round(_pct(v, 90), 4) for s, v in per_stage.items()},
         "inference_p50_s": round(_pct(inference, 50), 4),
@@ -301,3 +386,111 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
                                                    strict=True)], 50), 4),
         "platform_overhead_share_p50": round(_pct(overhead_share, 50), 4),
     }
+
+
+#: a 3D segmentation's time, three ways (see the module's docstring)
+SPLIT = ("model_compute", "monai_inferer_overhead", "platform_overhead")
+#: the inferer operator's detail line ends "model 0.123 s of 0.456 s" (engine.steps)
+_MODEL_S = re.compile(r"model (\d+(?:\.\d+)?) s of ")
+
+
+def _model_seconds(ev: OperatorFinished) -> float:
+    """Seconds inside the runtime's ``run`` calls of one inferer operator (0 for others)."""
+    if ev.operator not in _INFERER_OPS:
+        return 0.0
+    m = _MODEL_S.search(ev.detail or "")
+    if m is None:
+        raise EngineError(f"bench: inferer {ev.operator} reported no model time")
+    return float(m.group(1))
+
+
+_INFERER_OPS = frozenset(n for n, s in STAGE_OF_OPERATOR.items()
+                         if s == "inference" and n != "batch_2d")
+
+
+def monai_peer(loaded: LoadedPipeline, study: Any, repeats: int) -> dict[str, Any]:
+    """What a user gets on their own: MONAI's inferer(s) built from the pipeline file's
+    parameters, run on the arrays the platform's inferers got for ``study`` (captured by
+    running its steps in-process once) with the same model files loaded by hand
+    (onnxruntime CPU session or ``torch.jit.load`` on CPU). ``repeats`` timed rounds after
+    one warm-up; seconds p50/p90 of the inferers' time, the model's time inside them, and
+    the difference (MONAI's overhead)."""
+    import monai.inferers
+    import torch
+
+    from engine.dicom_results import Provenance
+    from engine.ops.transforms import INFERERS
+    from engine.runtimes import load_runtime, model_format, probe_host, select_runtime
+    from engine.steps import RunContext, StepTiming, run_steps
+
+    spec, host = loaded.spec, probe_host()
+
+    def runtime(path: Path, sha: str) -> Any:
+        return load_runtime(select_runtime(spec.runtime, host, model_format(path)), path, sha)
+
+    ctx = RunContext(pipeline=loaded, runtime=runtime(loaded.model_path, spec.model.sha256),
+                     runtimes={n: runtime(loaded.model_paths[n], m.sha256)
+                               for n, m in spec.models.items()},
+                     datasets=study.datasets,
+                     provenance=Provenance(spec.model.name, spec.model.version,
+                                           spec.model.sha256, spec.name, spec.version, "peer"))
+    ops = spec.operators
+    captured: list[tuple[str, dict[str, Any], str | None, Any]] = []
+
+    def capture(t: StepTiming) -> None:
+        nxt = t.index + 1
+        if nxt < len(ops) and ops[nxt].op in INFERERS and ctx.image is not None:
+            p: Any = loaded.operator_params[nxt]
+            captured.append((ops[nxt].op, dict(p.kwargs), p.extra.get("model"),
+                             ctx.image.as_tensor().detach().clone()))
+
+    run_steps(ctx, on_step=capture)
+    spent = [0.0]
+
+    def by_hand(key: str | None) -> Any:
+        m = spec.model if key is None else spec.models[key]
+        path = loaded.model_path if key is None else loaded.model_paths[key]
+        if model_format(path) == "onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = session.get_inputs()[0].name
+            names = [o.name for o in session.get_outputs()]
+            index = names.index(m.output.name) if m.output.name in names else 0
+
+            def call(x: Any) -> Any:
+                return torch.from_numpy(session.run(None, {feed: x.numpy()})[index])
+        else:
+            net = torch.jit.load(str(path), map_location="cpu").eval()
+
+            def call(x: Any) -> Any:
+                out = net(x)
+                return out[m.output.name or next(iter(out))] if isinstance(out, dict) else out
+
+        def network(x: Any) -> Any:
+            t0 = time.perf_counter()
+            y = call(x)
+            spent[0] += time.perf_counter() - t0
+            return y
+        return network
+
+    plan = [(getattr(monai.inferers, op)(**kwargs), by_hand(key), image)
+            for op, kwargs, key, image in captured]
+    totals: list[float] = []
+    models: list[float] = []
+    for i in range(repeats + 1):
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for inferer, network, image in plan:
+                inferer(image[None], network)
+        if i:  # the first round warms up
+            totals.append(time.perf_counter() - t0)
+            models.append(spent[0])
+    over = [t - m for t, m in zip(totals, models, strict=True)]
+    return {"inferers": [op for op, *_ in captured],
+            "shapes": [list(image.shape[1:]) for *_, image in captured],
+            "repeats": repeats,
+            **{k: {"p50": round(_pct(v, 50), 4), "p90": round(_pct(v, 90), 4)}
+               for k, v in (("inferer", totals), ("model_compute", models),
+                            ("monai_inferer_overhead", over))}}

@@ -108,21 +108,29 @@ def _print_senders(outcomes: Any) -> None:
 @bench_app.command("e2e")
 def bench_e2e(
     studies: Annotated[int, typer.Option(min=1, help="Studies per pipeline.")] = 10,
-    pipelines: Annotated[str, typer.Option(help="Comma-separated: hfd,bts,lts.")] = "hfd,bts,lts",
+    pipelines: Annotated[str, typer.Option(
+        help="Comma-separated rows: hfd,bts,lts (reference files), bts-torch (BTS on the "
+        "torch runtime), bts-cascade (locator + BTS); the last two need torch."
+    )] = "hfd,bts,lts,bts-torch,bts-cascade",
     via: Annotated[str, typer.Option(help="auto | dicom (storescu -> ingest SCP) | feed.")]
     = "auto",
+    peer: Annotated[bool, typer.Option(
+        help="3D rows: also MONAI's own inferer on the same array with the same model.")]
+    = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """End to end per pipeline: study completed -> result published, per-stage p50/p90."""
+    """End to end per pipeline: study completed -> result published, per-stage p50/p90;
+    3D segmentations split into model compute, MONAI inferer overhead and platform."""
     from bench.e2e import STAGES, run_e2e_bench
 
     result = asyncio.run(run_e2e_bench(studies, tuple(p.strip() for p in pipelines.split(",")),
-                                       via))
+                                       via, peer))
     if as_json:
         print(json.dumps(result.as_dict(), indent=1))
         return
     for name, r in result.pipelines.items():
-        table = Table(title=f"bench e2e {name}: {r['studies']} studies (seconds)")
+        table = Table(title=f"bench e2e {name} on {r['runtime']}: {r['studies']} studies "
+                      "(seconds)")
         table.add_column("stage")
         table.add_column("p50")
         table.add_column("p90")
@@ -131,6 +139,14 @@ def bench_e2e(
         table.add_row("platform overhead (total - inference)",
                       f"{r['platform_overhead_p50_s']:.3f}",
                       f"share {r['platform_overhead_share_p50']:.0%}")
+        for part, v in (r["split_s"] or {}).items():
+            table.add_row(f"split: {part.replace('_', ' ')}", f"{v['p50']:.3f}",
+                          f"{v['p90']:.3f}")
+        peer_row = r.get("monai_peer")
+        if peer_row:
+            for part in ("inferer", "model_compute", "monai_inferer_overhead"):
+                table.add_row(f"peer MONAI by hand: {part.replace('_', ' ')}",
+                              f"{peer_row[part]['p50']:.3f}", f"{peer_row[part]['p90']:.3f}")
         out.print(table)
     for note in result.notes:
         out.print(f"- {note}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 
 from bench.e2e import STAGES, run_e2e_bench
@@ -20,3 +21,29 @@ async def test_bench_e2e_reports_every_stage_for_a_pipeline() -> None:
     assert 0 < r["p50_s"]["inference"] < r["p50_s"]["total"] < r["p50_s"]["end_to_end"]
     assert 0 < r["platform_overhead_share_p50"] < 1
     assert any("storescu" in n for n in result.notes)
+
+
+async def test_bench_e2e_splits_torch_and_cascade_rows_and_runs_the_monai_peer() -> None:
+    pytest.importorskip("torch", reason="the torch rows need torch (train extra)")
+    from bench.e2e import SPLIT
+
+    result = await run_e2e_bench(studies=1, names=("bts-torch", "bts-cascade"), via="feed")
+    assert set(result.pipelines) == {"bts-torch", "bts-cascade"}
+    assert result.pipelines["bts-torch"]["runtime"] == "torch"
+    for name, r in result.pipelines.items():
+        split = {k: v["p50"] for k, v in r["split_s"].items()}
+        assert set(split) == set(SPLIT), name
+        # the three parts are the run: model + MONAI's part = the inferers, the rest platform
+        assert 0 < split["model_compute"] <= r["p50_s"]["inference"], (name, split)
+        assert split["monai_inferer_overhead"] >= 0 and split["platform_overhead"] > 0
+        assert abs(sum(split.values()) - r["p50_s"]["total"]) < 0.01, (name, split)
+        peer = r["monai_peer"]
+        assert peer["repeats"] == 1 and 0 < peer["model_compute"]["p50"] \
+            <= peer["inferer"]["p50"]
+    # the cascade: the locator (SimpleInferer) and BTS (SlidingWindowInferer), both by hand
+    cascade = result.pipelines["bts-cascade"]["monai_peer"]
+    assert cascade["inferers"] == ["SimpleInferer", "SlidingWindowInferer"]
+    bts = result.pipelines["bts-torch"]["monai_peer"]
+    assert bts["inferers"] == ["SlidingWindowInferer"]
+    # the crop made the cascade's window array smaller than the whole brain image
+    assert np.prod(cascade["shapes"][1]) < np.prod(bts["shapes"][0])
