@@ -252,7 +252,9 @@ async def run_e2e_bench(studies: int = 10, names: tuple[str, ...] = ALL_ROWS,
         "lts": lambda i: phantoms.abdomen_ct_study(9100 + i),
         "hfd": lambda i: phantoms.pelvis_study(9200 + i, images=5, size=1024),
     }
-    generators = {n: phantom_of[p] for n, p in PHANTOM.items()}
+    # each row its own studies (phantoms with other seeds): a study UID runs one row
+    generators = {n: (lambda i, make=phantom_of[p], k=k: make(i + 1000 * k))
+                  for k, (n, p) in enumerate(PHANTOM.items())}
     results: dict[str, dict[str, Any]] = {}
     secret = b"bench-secret-0123456789abcdef01"
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-e2e-") as tmp_s:
@@ -335,7 +337,8 @@ async def _bench_one(bus: EventBus, worker: EngineWorker, name: str, make: Any, 
         deadline = time.monotonic() + 120
         outcome: RunOutcome | None = None
         while time.monotonic() < deadline:
-            outcome = next((o for o in worker.outcomes if o.study_uid == study.study_uid), None)
+            outcome = next((o for o in worker.outcomes if o.study_uid == study.study_uid
+                            and o.pipeline == name), None)
             if outcome is not None:
                 break
             await asyncio.sleep(0.02)
