@@ -5,6 +5,7 @@ studies that went in, and the retraining set is loaded by nnU-Net v2 and MONAI."
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import os
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
+from demo.studies import DRIFT_STUDIES
 from events.deidentify import is_standard_uid
 from events.nats_server import free_port
 from tests.engine.conftest import dciodvfy_errors
@@ -222,9 +224,13 @@ def _export(site: Site, out: Path, *args: str) -> dict[str, object]:
 def test_bts_retraining_set_is_deidentified_repeatable_and_loads_for_training(
         site: Site, tmp_path: Path) -> None:
     first = _export(site, tmp_path / "a", "--pipeline", "bts")
-    assert first["cases"] == 3 and first["nifti_cases"] == 3 and not first["skipped_nifti"]
-    root = tmp_path / "a"
     studies = _studies(site, "bts")
+    # the demo's patient has three exams; its later new-scanner batch adds first exams of
+    # DRIFT_STUDIES new patients
+    assert len(studies) == 3 + DRIFT_STUDIES
+    n = len(studies)
+    assert first["cases"] == n and first["nifti_cases"] == n and not first["skipped_nifti"]
+    root = tmp_path / "a"
     assert leaks(root, identifiers(site, studies)) == {}
 
     # the same studies again: the same pseudonymous ids, UIDs, dates and file names
@@ -238,17 +244,19 @@ def test_bts_retraining_set_is_deidentified_repeatable_and_loads_for_training(
         assert a == b
 
     cases = pq.read_table(root / "tables" / "cases.parquet").to_pylist()
-    assert len({c["patient"] for c in cases}) == 1  # one patient, three exams
+    assert len({c["patient"] for c in cases}) == 1 + DRIFT_STUDIES
     edited = [c for c in cases if c["label_source"] != "ai"]
     assert len(edited) == 1 and edited[0]["label_source"].startswith("U-")
 
     # DICOM: standard UIDs kept, references intact, dates shifted as the tables say
+    patient_of = {c["study_uid"]: c["patient"] for c in cases}
     files = list((root / "dicom").rglob("*.dcm"))
     assert len(files) == first["dicom_files"]
     by_uid = {}
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == cases[0]["patient"]
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.PatientID == patient_of[ds.StudyInstanceUID]  # one mapping everywhere
         assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == [
             "113100", "113105", "113107"]
         assert is_standard_uid(ds.SOPClassUID) and is_standard_uid(
@@ -259,7 +267,7 @@ def test_bts_retraining_set_is_deidentified_repeatable_and_loads_for_training(
               .column("body").to_pylist()]
     stored_uids = {e["sop_instance_uid"] for e in events if e["type"] == "ingest.instance.stored"}
     segs = [(f, ds) for f, ds in by_uid.values() if ds.SOPClassUID == SEG]
-    assert len(segs) == 3 + 1  # the AI's three, one reader's correction
+    assert len(segs) == n + 1  # the AI's, one reader's correction
     for _, seg in segs:
         refs = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
                 for r in s.ReferencedInstanceSequence}
@@ -268,10 +276,17 @@ def test_bts_retraining_set_is_deidentified_repeatable_and_loads_for_training(
     for _, ds in by_uid.values():
         if ds.StudyInstanceUID in dated and ds.Modality == "MR":
             assert ds.StudyDate == dated[ds.StudyInstanceUID]
-    original_dates = sorted({str(e["study_date"]) for e in site.log
-                             if e["type"] == "engine.inference.completed"
-                             and e.get("pipeline") == "bts"})
-    shifted = sorted(c["study_date"] for c in cases)
+    # the patient with three exams: its intervals are kept, its dates moved
+    followed = collections.Counter(c["patient"] for c in cases).most_common(1)[0][0]
+    own = {c["study_uid"] for c in cases if c["patient"] == followed}
+    assert len(own) == 3
+    by_patient: dict[str, set[str]] = collections.defaultdict(set)
+    for e in site.log:
+        if e.get("study_uid") in studies and e.get("patient_pseudonym") and e.get(
+                "study_date"):
+            by_patient[str(e["patient_pseudonym"])].add(str(e["study_date"]))
+    original_dates = sorted(max(by_patient.values(), key=len))
+    shifted = sorted(c["study_date"] for c in cases if c["patient"] == followed)
     gaps = [(datetime.strptime(b, "%Y%m%d") - datetime.strptime(a, "%Y%m%d")).days
             for a, b in zip(shifted, shifted[1:], strict=False)]
     want = [(datetime.strptime(b, "%Y%m%d") - datetime.strptime(a, "%Y%m%d")).days
@@ -284,18 +299,18 @@ def test_bts_retraining_set_is_deidentified_repeatable_and_loads_for_training(
     assert set(dciodvfy_errors(seg_path)) - set(dciodvfy_errors(original_seg)) == set()
     assert dciodvfy_errors(seg_path) == []
 
-    _loads_for_training(root, Path(str(first["nnunet"])), Path(str(first["datalist"])))
+    _loads_for_training(root, Path(str(first["nnunet"])), Path(str(first["datalist"])), n)
 
 
-def _loads_for_training(root: Path, nn: Path, datalist: Path) -> None:
+def _loads_for_training(root: Path, nn: Path, datalist: Path, n: int) -> None:
     from monai.data import load_decathlon_datalist
     from monai.transforms import LoadImaged
 
     dataset = json.loads((nn / "dataset.json").read_text())
     assert dataset["labels"] == {"background": 0, "lesion": 1}
-    assert dataset["channel_names"] == {"0": "MR"} and dataset["numTraining"] == 3
+    assert dataset["channel_names"] == {"0": "MR"} and dataset["numTraining"] == n
     items = load_decathlon_datalist(str(datalist), True, "training", str(root))
-    assert len(items) == 3
+    assert len(items) == n
     load = LoadImaged(keys=["image", "label"], image_only=False)
     for item in items:
         data = load(item)
