@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from demo.phantoms import BTS_LABELS, brain_mr_arrays
@@ -42,8 +41,7 @@ from demo.training.train import (
     bts_prep,
     evaluate_seg,
     export_onnx,
-    random_patch,
-    soft_dice_loss,
+    fit_seg,
 )
 
 #: the BTS reference pipeline's sliding-window ROI (engine/pipelines/bts.yaml)
@@ -119,22 +117,7 @@ def train(name: str, steps: int, n_train: int, n_test: int, seed: int,
     data = [(bts_prep(img), lab) for img, lab in data]
     torch.manual_seed(seed)
     net = NETWORKS[name]()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    net.train()
-    for step in range(steps):
-        pairs = [random_patch(rng, *data[int(rng.integers(len(data)))], PATCH)
-                 for _ in range(2)]
-        xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None].copy()).float()
-        yb = torch.from_numpy(np.stack([p[1] for p in pairs]).copy()).long()
-        logits = net(xb)
-        loss = F.cross_entropy(logits, yb) + soft_dice_loss(logits, yb, 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0:
-            print(f"{name} step {step}/{steps} loss {loss.item():.3f}", flush=True)
+    fit_seg(net, data, rng, PATCH, 2, steps, name, flip=False, log_every=25)
     net.eval()
     out.mkdir(parents=True, exist_ok=True)
     path = state_dict_path(name, out)

@@ -143,6 +143,36 @@ class Trained:
     params: int
 
 
+def fit_seg(model: nn.Module, data: list[tuple[np.ndarray, np.ndarray]],
+            rng: np.random.Generator, roi: tuple[int, int, int], classes: int, steps: int,
+            name: str, *, flip: bool, log_every: int) -> None:
+    """Adam + one-cycle schedule for ``steps`` steps of two random ``roi`` crops each
+    (cross-entropy + soft Dice over ``classes``); ``flip`` adds a random flip of the
+    crops' second axis. Trains ``model`` in place (left in train mode)."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        xs, ys = [], []
+        for _ in range(2):
+            img, lab = data[int(rng.integers(len(data)))]
+            x, y = random_patch(rng, img, lab, roi)
+            if flip and rng.random() < 0.5:
+                x, y = x[:, ::-1], y[:, ::-1]
+            xs.append(x.copy())
+            ys.append(y.copy())
+        xb = torch.from_numpy(np.stack(xs)[:, None]).float()
+        yb = torch.from_numpy(np.stack(ys)).long()
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb) + soft_dice_loss(logits, yb, classes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0:
+            print(f"{name} step {step}/{steps} loss {loss.item():.3f}", flush=True)
+
+
 def _train_seg(
     name: str,
     make: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
@@ -161,28 +191,8 @@ def _train_seg(
     train = [(prep(img), lab) for img, lab in train]
     torch.manual_seed(seed)
     model = UNet3D(classes)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    model.train()
-    for step in range(steps):
-        xs, ys = [], []
-        for _ in range(2):
-            img, lab = train[int(rng.integers(len(train)))]
-            x, y = random_patch(rng, img, lab, roi)
-            if rng.random() < 0.5:  # left-right flip is not label-preserving for lobes
-                x, y = x[:, ::-1], y[:, ::-1]
-            xs.append(x.copy())
-            ys.append(y.copy())
-        xb = torch.from_numpy(np.stack(xs)[:, None]).float()
-        yb = torch.from_numpy(np.stack(ys)).long()
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb) + soft_dice_loss(logits, yb, classes)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            print(f"{name} step {step}/{steps} loss {loss.item():.3f}", flush=True)
+    # left-right flip: not label-preserving for lobes, but fine for these phantoms
+    fit_seg(model, train, rng, roi, classes, steps, name, flip=True, log_every=50)
     path = out / f"{name}.onnx"
     sha = export_onnx(model, torch.zeros(1, 1, *roi), path, ["logits"])
     test_rng = np.random.default_rng(seed + 10_000)  # held out: seeds never used in training
